@@ -1,0 +1,33 @@
+# Two commands do all the set-up: `make demo` and `make test`. Both create .venv on first use.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# CPU wheel; GPU users install their CUDA torch first (see README).
+TORCH ?= torch==2.13.0
+DEMO_DIR ?= runs/demo
+
+.PHONY: demo test lint clean
+
+$(VENV)/.core: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH)"
+	$(PIP) install -q -e .
+	touch $@
+
+$(VENV)/.dev: $(VENV)/.core
+	$(PIP) install -q -e ".[dev]"
+	touch $@
+
+demo: $(VENV)/.core
+	$(VENV)/bin/icpo-train demo --output_dir $(DEMO_DIR)
+
+test: $(VENV)/.dev
+	$(PY) -m pytest -q
+
+lint: $(VENV)/.dev
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+clean:
+	rm -rf $(VENV) runs

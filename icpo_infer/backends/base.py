@@ -1,0 +1,128 @@
+"""The one interface every generation engine implements, and the types it speaks.
+
+Prompts are fully rendered strings (chat template already applied by :mod:`icpo_infer.prompts`).
+Every backend and the trainer turn text into token ids with :func:`encode_prompt` and
+:func:`encode_completion`, so inference and training see the same tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+from transformers import PreTrainedTokenizerBase
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to sample; ``n`` completions per prompt. ``top_k=0`` and ``top_p=1`` switch those filters off."""
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 256
+    repetition_penalty: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        for name, ok, fix in [
+            ("n", self.n >= 1, "use n >= 1"),
+            ("temperature", self.temperature >= 0, "use temperature >= 0 (0 = greedy)"),
+            ("top_p", 0 < self.top_p <= 1, "use 0 < top_p <= 1"),
+            ("top_k", self.top_k >= 0, "use top_k >= 0 (0 = off)"),
+            ("max_new_tokens", self.max_new_tokens >= 1, "use max_new_tokens >= 1"),
+            ("repetition_penalty", self.repetition_penalty > 0, "use repetition_penalty > 0 (1 = off)"),
+        ]:
+            if not ok:
+                raise ValueError(f"SamplingParams.{name}={getattr(self, name)!r} is invalid: {fix}")
+
+    def replace(self, **changes) -> SamplingParams:
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass
+class Completion:
+    text: str
+    num_tokens: int
+    finished: bool = True  # False when cut by max_new_tokens
+
+
+@dataclass
+class Generation:
+    """The ``n`` completions of one prompt."""
+
+    prompt_tokens: int
+    completions: list[Completion]
+
+
+@dataclass
+class Usage:
+    """What a backend spent since it was created; ME-ICPO reports it."""
+
+    engine_calls: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+
+    def record(self, generations: list[Generation]) -> None:
+        self.engine_calls += 1
+        for generation in generations:
+            self.prompt_tokens += generation.prompt_tokens
+            self.generated_tokens += sum(c.num_tokens for c in generation.completions)
+
+
+@dataclass
+class Score:
+    """log pi(completion | prompt), summed over the completion's tokens."""
+
+    logprob: float
+    num_tokens: int
+
+
+@runtime_checkable
+class Backend(Protocol):
+    tokenizer: PreTrainedTokenizerBase
+    usage: Usage
+
+    def generate(
+        self,
+        prompts: list[str],
+        params: SamplingParams | list[SamplingParams],
+        adapter: str | None = None,
+    ) -> list[Generation]:
+        """One engine call: sample ``params.n`` completions for each prompt (one params per prompt, or shared)."""
+        ...
+
+    def score(self, prompts: list[str], completions: list[str], adapter: str | None = None) -> list[Score]:
+        """log-probability of each completion (with its end-of-sequence token) given its prompt."""
+        ...
+
+
+@dataclass
+class BackendOptions:
+    """Engine options shared by all backends; each backend uses those that apply to it."""
+
+    model: str
+    adapter: str | None = None
+    dtype: str = "auto"  # auto: bf16 where the device supports it, else fp32
+    device: str = "auto"
+    trust_remote_code: bool = False
+    max_batch_tokens: int = 16384  # hf: generation batches are split to stay under this many tokens
+    tensor_parallel_size: int = 1
+    data_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.9
+    max_lora_rank: int = 64
+    extra: dict = field(default_factory=dict)
+
+
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
+    """Token ids of a rendered prompt. Special tokens are already in the text, so none are added."""
+    return tokenizer(prompt, add_special_tokens=False)["input_ids"]
+
+
+def encode_completion(tokenizer: PreTrainedTokenizerBase, completion: str) -> list[int]:
+    """Token ids of a completion as the model emits it: the text, then end-of-sequence."""
+    ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+    return [*ids, tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else ids

@@ -1,0 +1,83 @@
+"""Recipes: a YAML file parsed into a config dataclass, with command-line flags overriding it.
+
+Every CLI of the framework (``icpo-train lsa``, ``icpo-train train``, ``icpo-infer run`` ...) goes
+through :func:`parse_config`, so all recipes behave the same way: unknown keys are errors that list
+the valid ones, and every field can be overridden as ``--field value`` or ``--field-name value``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from transformers import HfArgumentParser
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """Bad user input (recipe, flag or value); the message names the field and the fix."""
+
+
+def check(condition: bool, message: str) -> None:
+    """Raise :class:`ConfigError` with ``message`` unless ``condition`` holds."""
+    if not condition:
+        raise ConfigError(message)
+
+
+def load_recipe(path: str | Path) -> dict[str, Any]:
+    """Read a YAML recipe into a flat mapping of field names to values."""
+    path = Path(path)
+    check(path.is_file(), f"--config: recipe file '{path}' does not exist; pass the path of a YAML recipe.")
+    data = yaml.safe_load(path.read_text()) or {}
+    check(
+        isinstance(data, dict),
+        f"--config: '{path}' must hold a mapping of field: value, got {type(data).__name__}.",
+    )
+    return data
+
+
+def check_keys(config_cls: type, keys: Sequence[str], source: str) -> None:
+    """Reject keys that are not fields of ``config_cls``, naming the valid ones."""
+    valid = sorted(f.name for f in dataclasses.fields(config_cls) if f.init)
+    for key in keys:
+        if key not in valid:
+            close = difflib.get_close_matches(key, valid, n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"{source}: unknown key '{key}'.{hint} Valid keys: {', '.join(valid)}.")
+
+
+def parse_config(config_cls: type[T], argv: Sequence[str] | None = None, prog: str | None = None) -> T:
+    """Build ``config_cls`` from ``--config recipe.yaml`` (optional) and command-line overrides."""
+    recipe_parser = argparse.ArgumentParser(add_help=False)
+    recipe_parser.add_argument("--config", default=None)
+    known, argv = recipe_parser.parse_known_args(list(argv or []))
+    parser = HfArgumentParser(config_cls, prog=prog)
+    parser.add_argument("--config", default=None, help="YAML recipe; command-line flags override its values.")
+    if known.config:
+        recipe = load_recipe(known.config)
+        check_keys(config_cls, list(recipe), f"recipe '{known.config}'")
+        for action in parser._actions:
+            if action.dest in recipe:
+                action.required = False  # the recipe sets it
+                value = recipe[action.dest]
+                # YAML reads `1e-4` as a string and `2` as an int: convert as the flag would.
+                if action.type is not None and not isinstance(value, (list, dict)) and value is not None:
+                    try:
+                        recipe[action.dest] = action.type(value)
+                    except (TypeError, ValueError) as err:
+                        raise ConfigError(f"recipe '{known.config}': {action.dest}={value!r}: {err}") from err
+        parser.set_defaults(**recipe)
+    return parser.parse_args_into_dataclasses(argv)[0]
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """The resolved config as JSON-serialisable data (for metrics.json and dataset cards)."""
+    if hasattr(config, "to_dict"):
+        return config.to_dict()
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(config).items()}

@@ -1,0 +1,48 @@
+"""Shared fixtures: real benchmark files from ../shared/data and tiny models saved to disk."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def read_benchmark(name: str) -> list[dict]:
+    path = SHARED_DATA / f"{name}.jsonl"
+    if not path.is_file():
+        pytest.fail(f"benchmark file {path} is missing: the tests read ../shared/data beside the checkout")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    return SHARED_DATA
+
+
+def _save_tiny_model(directory: Path, chat_template: bool) -> Path:
+    from icpo_train.tiny_lm import init_tiny_llama, train_tokenizer
+
+    texts = [
+        row["problem"] + " The answer is \\boxed{" + str(row["answer"]) + "}"
+        for row in read_benchmark("math500")
+    ]
+    tokenizer = train_tokenizer(texts, vocab_size=384, chat_template=chat_template)
+    model = init_tiny_llama(tokenizer, hidden_size=32, num_layers=2, num_heads=2, context_length=4096, seed=0)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A randomly initialised tiny Llama + locally trained tokenizer, base model (no chat template)."""
+    return _save_tiny_model(tmp_path_factory.mktemp("tiny-base"), chat_template=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model_dir(tmp_path_factory) -> Path:
+    """The same tiny model with a ChatML chat template, as instruct models have."""
+    return _save_tiny_model(tmp_path_factory.mktemp("tiny-chat"), chat_template=True)
