@@ -1,0 +1,53 @@
+"""`icpo-train SUBCOMMAND ...`: each subcommand is the ``main(argv)`` of one module, imported on use."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Sequence
+
+from icpo_infer.config import ConfigError
+
+SUBCOMMANDS = {
+    "lsa": (
+        "icpo_train.lsa.experiment",
+        "the toy theory: pretrain a linear self-attention model on linear bandits",
+    ),
+    "build-trajectories": (
+        "icpo_train.trajectories",
+        "roll out ICPO histories and reference groups into a dataset",
+    ),
+    "train": ("icpo_train.train", "fine-tune an LLM (LoRA) with the Fisher-weighted ICPO loss"),
+    "pipeline": (
+        "icpo_train.pipeline",
+        "end-to-end CPU proof: pretrain, build trajectories, train, evaluate",
+    ),
+    "demo": ("icpo_train.demo", "the main job of `make demo`"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: icpo-train SUBCOMMAND [--config RECIPE.yaml] [--field value ...]", "", "subcommands:"]
+    lines += [f"  {name:<20} {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in SUBCOMMANDS:
+        print(f"icpo-train: unknown subcommand '{name}'. Valid: {', '.join(SUBCOMMANDS)}.", file=sys.stderr)
+        return 2
+    module = importlib.import_module(SUBCOMMANDS[name][0])
+    try:
+        return module.main(rest) or 0
+    except ConfigError as err:
+        print(f"icpo-train {name}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
