@@ -1,0 +1,67 @@
+"""Generation engines behind one interface (:class:`~icpo_infer.backends.base.Backend`).
+
+``make_backend("hf" | "vllm", options)`` builds one; each engine module is imported only when asked
+for, so vLLM is needed only by those who use it. The helpers below are the option handling both
+engines share.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from icpo_infer.backends.base import Backend, BackendOptions, SamplingParams
+from icpo_infer.config import ConfigError, check
+
+BACKENDS = ("hf", "vllm")
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def make_backend(name: str, options: BackendOptions) -> Backend:
+    """The backend called ``name`` ("hf" or "vllm"), loaded with ``options``."""
+    check(name in BACKENDS, f"--backend: unknown backend '{name}'. Valid backends: {', '.join(BACKENDS)}.")
+    if name == "vllm":
+        from icpo_infer.backends.vllm import VLLMBackend
+
+        return VLLMBackend(options)
+    from icpo_infer.backends.hf import HFBackend
+
+    return HFBackend(options)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` is CUDA when available, else CPU; anything else must be a torch device string."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ConfigError(
+            f"--device: '{name}' is not a device ({err}); use auto, cpu, cuda or cuda:N."
+        ) from err
+    check(
+        device.type != "cuda" or torch.cuda.is_available(),
+        f"--device: '{name}' asks for CUDA but none is available; use --device cpu (or auto).",
+    )
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``auto`` is bfloat16 on a CUDA device that supports it, float32 otherwise."""
+    if name == "auto":
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if bf16 else torch.float32
+    check(name in DTYPES, f"--dtype: unknown dtype '{name}'. Valid dtypes: auto, {', '.join(DTYPES)}.")
+    return DTYPES[name]
+
+
+def params_per_prompt(
+    prompts: list[str], params: SamplingParams | list[SamplingParams]
+) -> list[SamplingParams]:
+    """One :class:`SamplingParams` per prompt: a shared one repeated, or the given list checked for length."""
+    if isinstance(params, SamplingParams):
+        return [params] * len(prompts)
+    if len(params) != len(prompts):
+        raise ValueError(
+            f"got {len(params)} SamplingParams for {len(prompts)} prompts: give one per prompt or one shared"
+        )
+    return list(params)
