@@ -1,0 +1,113 @@
+"""Benchmark problems from a local JSON / JSONL / Parquet file or a Hugging Face dataset, via `datasets`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+from datasets.exceptions import DatasetGenerationError
+
+from icpo_infer.config import ConfigError, check
+
+LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+@dataclass(frozen=True)
+class Problem:
+    id: str
+    problem: str
+    answer: str  # the reference answer, as a string (AMC's float 142.0 becomes "142.0")
+
+
+def _open(source: str, split: str | None) -> datasets.Dataset:
+    """One split of ``source``: a local file (a single split) or anything ``load_dataset`` accepts
+    (a Hub id, a local dataset folder). Without ``split`` the dataset must have exactly one."""
+    builder = LOCAL_FORMATS.get(Path(source).suffix.lower())
+    check(
+        builder is None or Path(source).is_file(),
+        f"--dataset: file '{source}' does not exist; pass an existing .json, .jsonl or .parquet file "
+        "or a Hub dataset id.",
+    )
+    try:
+        if builder:
+            splits = datasets.load_dataset(builder, data_files=source)
+        else:
+            splits = datasets.load_dataset(source, split=split)
+    except DatasetGenerationError as err:
+        raise ConfigError(
+            f"--dataset: could not read '{source}' ({err.__cause__ or err}); fix the file."
+        ) from err
+    except (FileNotFoundError, ConnectionError) as err:
+        raise ConfigError(
+            f"--dataset: '{source}' is not a local .json/.jsonl/.parquet file and could not be loaded "
+            f"as a Hub dataset ({err}); check the path or the dataset id."
+        ) from err
+    except ValueError as err:  # datasets' "Unknown split" error
+        raise ConfigError(f"--split: {err}") from err
+    if isinstance(splits, datasets.Dataset):
+        return splits
+    if split is None:
+        check(len(splits) == 1, f"--split: '{source}' has splits {list(splits)}; choose one with --split.")
+        split = next(iter(splits))
+    check(split in splits, f"--split: '{source}' has no split '{split}'; its splits are {list(splits)}.")
+    return splits[split]
+
+
+def load_problems(
+    source: str | Path,
+    split: str | None = None,
+    problem_field: str = "problem",
+    answer_field: str = "answer",
+    id_field: str = "id",
+    limit: int | None = None,
+    skip_invalid: bool = False,
+) -> tuple[list[Problem], int]:
+    """The first ``limit`` valid problems of ``source`` and the number of invalid rows skipped.
+
+    Ids come from ``id_field`` (stringified), or are the row index when the dataset has no such
+    column; they must be unique, since runs resume by id. A row without a problem or an answer is
+    a ConfigError naming the row, unless ``skip_invalid`` (then it is skipped and counted).
+    """
+    check(limit is None or limit >= 1, f"--limit: {limit} is invalid; use a positive number of problems.")
+    source = str(source)
+    dataset = _open(source, split)
+    columns = dataset.column_names
+    for field, flag in ((problem_field, "--problem-field"), (answer_field, "--answer-field")):
+        check(
+            field in columns,
+            f"{flag}: '{source}' has no column '{field}'; its columns are {columns}. Pass {flag} COLUMN.",
+        )
+    has_ids = id_field in columns
+    fields = [problem_field, answer_field, *([id_field] if has_ids else [])]
+    rows = dataset.select_columns(fields)
+
+    problems: list[Problem] = []
+    row_of_id: dict[str, int] = {}
+    skipped = 0
+    for index, row in enumerate(rows):
+        if limit is not None and len(problems) == limit:
+            break
+        empty = [field for field in fields if _is_empty(row[field])]
+        if empty:
+            if skip_invalid:
+                skipped += 1
+                continue
+            raise ConfigError(
+                f"'{source}': row {index} has no '{empty[0]}'. Map the right columns with "
+                "--problem-field/--answer-field/--id-field, or pass --skip-invalid to skip such rows."
+            )
+        problem_id = str(row[id_field]) if has_ids else str(index)
+        check(
+            problem_id not in row_of_id,
+            f"--id-field: '{source}' rows {row_of_id.get(problem_id)} and {index} share the id '{problem_id}'; "
+            "ids must be unique: choose a column of unique ids with --id-field.",
+        )
+        row_of_id[problem_id] = index
+        problems.append(Problem(problem_id, str(row[problem_field]), str(row[answer_field]).strip()))
+    check(bool(problems), f"--dataset: '{source}' has no valid problems ({skipped} invalid rows skipped).")
+    return problems, skipped
+
+
+def _is_empty(value: object) -> bool:
+    return value is None or (isinstance(value, str) and not value.strip())
