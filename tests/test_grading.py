@@ -1,0 +1,154 @@
+"""Grading on the real benchmark answers and on messy model outputs."""
+
+from __future__ import annotations
+
+import random
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from conftest import read_benchmark
+
+from icpo_infer import grading
+from icpo_infer.grading import equivalence_classes, extract_answer, grade, is_equivalent, majority_vote, vote
+
+BENCHMARKS = ("aime2024", "amc", "math500")
+
+
+@pytest.mark.parametrize("name", BENCHMARKS)
+def test_every_gold_answer_boxed_grades_correct_against_itself(name):
+    golds = [row["answer"] for row in read_benchmark(name)]
+    assert [g for g in golds if not grade(f"So the final result is \\boxed{{{g}}}.", g)] == []
+    # Written differently (inside $...$), so math-verify must parse and verify every gold itself.
+    assert [g for g in golds if not grade(f"Hence \\boxed{{${g}$}}", g)] == []
+
+
+def test_real_golds_that_differ_stay_apart():
+    golds = [row["answer"] for row in read_benchmark("amc")]  # floats written like "142.0"
+    labels = equivalence_classes(golds)
+    value_of_label = {}
+    for gold, label in zip(golds, labels, strict=True):
+        assert value_of_label.setdefault(label, float(gold)) == float(gold)
+    assert len(value_of_label) == len({float(g) for g in golds})
+
+
+def test_reference_formats_of_the_benchmarks():
+    assert grade("\\boxed{142}", "142.0")  # AMC golds are floats
+    assert grade("\\boxed{-4}", "-4.0")
+    assert not grade("\\boxed{143}", "142.0")
+    assert grade("The answer is \\boxed{25}.", "025")  # AIME golds keep leading zeros
+    assert grade("\\boxed{025}", "25")
+    assert not grade("\\boxed{26}", "025")
+    assert grade("\\boxed{(3, \\frac{\\pi}{2})}", "\\left( 3, \\frac{\\pi}{2} \\right)")
+    assert grade("\\boxed{\\text{Evelyn}}", "\\text{Evelyn}")
+    assert not grade("\\boxed{\\text{Bob}}", "\\text{Evelyn}")
+    assert grade("\\boxed{\\dfrac{14}{3}}", "\\frac{14}{3}")
+    assert grade("\\boxed{0.5}", "\\frac{1}{2}")
+
+
+@pytest.mark.parametrize(
+    ("text", "answer"),
+    [
+        ("We get \\boxed{\\frac{1}{2}}.", "\\frac{1}{2}"),  # nested braces
+        ("\\boxed{\\sqrt{\\frac{a}{b}}}", "\\sqrt{\\frac{a}{b}}"),
+        ("First \\boxed{3}, but that is wrong, so \\boxed{5}.", "5"),  # the last box counts
+        ("\\boxed{3} or rather \\boxed{7}", "7"),  # not joined into "3,7"
+        ("The result is \\fbox{12}.", "12"),
+        ("\\boxed {12}", "12"),
+        ("\\boxed{7} then \\boxed{\\frac{1}{2", "7"),  # a truncated box is no answer
+        ("<think>maybe \\boxed{1}</think>So \\boxed{2}", "2"),
+        ("reasoning opened by the template \\boxed{1}</think> final: \\boxed{4}", "4"),
+        ("The final answer is $\\frac{1}{2}$. I hope it is correct.", "\\frac{1}{2}"),  # declared, no box
+        ("Final Answer: 42", "42"),
+    ],
+)
+def test_extract_answer_from_messy_outputs(text, answer):
+    assert extract_answer(text) == answer
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        None,
+        "   ",
+        "We compute 3+4=7 and then 12.",  # numbers, but no declared answer
+        "To find the answer, we compute $x^2$ first. Then",  # truncated mid-solution
+        "\\boxed{}",
+        "\\boxed{\\frac{1}{2}",  # cut inside the box
+        "<think>I am still thinking, \\boxed{5} maybe",  # unfinished reasoning
+    ],
+)
+def test_responses_without_an_answer_are_invalid(text):
+    assert extract_answer(text) is None
+    assert not grade(text, "5")
+    assert majority_vote([text, text]) is None
+
+
+def test_is_equivalent_is_symmetric_and_rejects_missing_answers():
+    for a, b in [("0.5", "\\frac{1}{2}"), ("x=5", "5"), ("10\\%", "10"), ("\\{1,2\\}", "\\{2,1\\}")]:
+        assert is_equivalent(a, b) and is_equivalent(b, a)
+    assert not is_equivalent("\\frac{1}{3}", "0.5")
+    assert not is_equivalent(None, None)
+    assert not is_equivalent("", "")
+
+
+def test_votes_count_equivalence_classes_not_strings():
+    answers = ["3", "0.5", "\\frac{1}{2}", None, "3.0", "\\dfrac12", ""]
+    assert equivalence_classes(answers) == [0, 1, 1, None, 0, 1, None]
+    assert vote(answers) == ("0.5", 3)  # reported as the class's first answer
+    assert vote([None, ""]) is None
+    assert vote([]) is None
+    texts = [
+        "\\boxed{1}",
+        "no answer",
+        "\\boxed{2}",
+        "\\boxed{2.0}",
+        "<think>\\boxed{1}</think>\\boxed{1}",
+        "\\boxed{1}",
+    ]
+    assert majority_vote(texts) == ("1", 3)
+
+
+def test_ties_are_broken_by_the_seeded_generator():
+    answers = ["4", "7", "\\frac{8}{2}", "7.0"]  # two classes of two votes
+    assert vote(answers) == ("4", 2)  # without a generator: the class seen first
+    winners = [vote(answers, random.Random(seed)) for seed in range(20)]
+    assert set(winners) == {("4", 2), ("7", 2)}
+    assert winners == [vote(answers, random.Random(seed)) for seed in range(20)]
+
+
+def test_grouping_compares_each_new_answer_with_one_representative_per_class(monkeypatch):
+    calls = []
+    real_verify = grading.verify
+
+    def counting_verify(gold, target, **kwargs):
+        calls.append(1)
+        return real_verify(gold, target, **kwargs)
+
+    monkeypatch.setattr(grading, "verify", counting_verify)
+    # Strings seen nowhere else, so no verdict is cached yet.
+    answers = ["\\frac{9001}{7}", "\\frac{9002}{7}", "\\frac{18004}{14}", "\\frac{9003}{7}"] * 12
+    assert equivalence_classes(answers) == [0, 1, 1, 2] * 12
+    # 3 new keys after the first, each compared with at most 2 representatives, in 2 directions.
+    assert 0 < len(calls) <= 2 * (1 + 2 + 2)
+
+
+def test_grading_from_worker_threads_matches_the_main_thread():
+    # Fresh strings, so parsing and verification really run inside the worker threads.
+    cases = [
+        (f"so \\boxed{{\\frac{{{3 * i}}}{{{6 * i}}}}}", "0.5" if i % 2 else "\\frac{1}{3}")
+        for i in range(1, 41)
+    ]
+
+    def grade_in_worker(case):
+        assert threading.current_thread() is not threading.main_thread()
+        return grade(*case)
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        in_threads = list(pool.map(grade_in_worker, cases))
+    assert in_threads == [i % 2 == 1 for i in range(1, 41)]
+    assert in_threads == [grade(*case) for case in cases]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        votes = list(pool.map(majority_vote, [[text for text, _ in cases[:8]]] * 4))
+    assert votes == [("\\frac{3}{6}", 8)] * 4
