@@ -1,0 +1,124 @@
+"""Loading problems from the real benchmark files and from malformed or differently shaped files."""
+
+from __future__ import annotations
+
+import json
+
+import datasets
+import pytest
+
+from icpo_infer.config import ConfigError
+from icpo_infer.data import Problem, load_problems
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def test_real_benchmarks(shared_data):
+    aime, skipped = load_problems(shared_data / "aime2024.jsonl")
+    assert skipped == 0 and len(aime) == 30
+    assert aime[1] == Problem(id="1", problem=aime[1].problem, answer="025")
+    amc, _ = load_problems(shared_data / "amc.jsonl")
+    assert len(amc) == 83 and amc[0].answer == "142.0"
+    math500, _ = load_problems(str(shared_data / "math500.jsonl"))
+    assert len(math500) == 500 and len({p.id for p in math500}) == 500
+    assert math500[0].id == "test/precalculus/807.json"
+    assert math500[0].answer == "\\left( 3, \\frac{\\pi}{2} \\right)"
+
+
+def test_limit_keeps_the_first_problems(shared_data):
+    first, _ = load_problems(shared_data / "aime2024.jsonl", limit=3)
+    every, _ = load_problems(shared_data / "aime2024.jsonl")
+    assert first == every[:3]
+    with pytest.raises(ConfigError, match="--limit"):
+        load_problems(shared_data / "aime2024.jsonl", limit=0)
+
+
+def test_parquet_with_field_mapping_and_float_answers(tmp_path):
+    path = tmp_path / "bench.parquet"
+    datasets.Dataset.from_list(
+        [{"question": "What is 71 * 2?", "final": 142.0}, {"question": "What is 1 + 1?", "final": 2.0}]
+    ).to_parquet(path)
+    problems, skipped = load_problems(path, problem_field="question", answer_field="final")
+    assert skipped == 0
+    # No id column: ids are row indices; answers are strings.
+    assert problems == [Problem("0", "What is 71 * 2?", "142.0"), Problem("1", "What is 1 + 1?", "2.0")]
+
+
+def test_json_array_with_mixed_answer_types_and_custom_ids(tmp_path):
+    path = tmp_path / "bench.json"
+    rows = [
+        {"uid": 7, "problem": "p0", "answer": 5},
+        {"uid": 9, "problem": "p1", "answer": "\\frac{1}{2}"},
+        {"uid": 3, "problem": "p2", "answer": 0.25},
+    ]
+    path.write_text(json.dumps(rows))
+    problems, _ = load_problems(path, id_field="uid")
+    assert [(p.id, p.answer) for p in problems] == [("7", "5"), ("9", "\\frac{1}{2}"), ("3", "0.25")]
+
+
+def test_invalid_rows_are_errors_naming_row_and_field_or_are_skipped(tmp_path):
+    path = write_jsonl(
+        tmp_path / "bench.jsonl",
+        [
+            {"id": "a", "problem": "p0", "answer": "1"},
+            {"id": "b", "problem": "p1"},
+            {"id": "c", "problem": "   ", "answer": "3"},
+            {"id": "d", "problem": "p3", "answer": None},
+            {"id": "e", "problem": "p4", "answer": "5"},
+        ],
+    )
+    with pytest.raises(ConfigError, match=r"row 1 has no 'answer'.*--answer-field.*--skip-invalid"):
+        load_problems(path)
+    problems, skipped = load_problems(path, skip_invalid=True)
+    assert [p.id for p in problems] == ["a", "e"] and skipped == 3
+    problems, skipped = load_problems(path, skip_invalid=True, limit=1)
+    assert [p.id for p in problems] == ["a"] and skipped == 0  # rows after the limit are not read
+
+
+def test_problem_field_errors(tmp_path):
+    path = write_jsonl(tmp_path / "bench.jsonl", [{"id": "a", "question": "p0", "answer": "1"}])
+    with pytest.raises(
+        ConfigError, match=r"--problem-field: .* no column 'problem'.*\['id', 'question', 'answer'\]"
+    ):
+        load_problems(path)
+    with pytest.raises(ConfigError, match="row 0 has no 'question'"):
+        load_problems(
+            write_jsonl(tmp_path / "empty.jsonl", [{"question": None, "answer": "1"}]),
+            problem_field="question",
+        )
+    with pytest.raises(ConfigError, match="no valid problems"):
+        load_problems(tmp_path / "empty.jsonl", problem_field="question", skip_invalid=True)
+
+
+def test_duplicate_ids_are_errors(tmp_path):
+    path = write_jsonl(tmp_path / "bench.jsonl", [{"id": 1, "problem": "p", "answer": "1"}] * 2)
+    with pytest.raises(ConfigError, match="rows 0 and 1 share the id '1'"):
+        load_problems(path)
+
+
+def test_missing_and_malformed_files_are_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_problems(tmp_path / "missing.jsonl")
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"id": 1, "problem": "p", "answer": "1"}\n{"id": 2, "problem": \n')
+    with pytest.raises(ConfigError, match="could not read"):
+        load_problems(broken)
+
+
+def test_dataset_folders_go_through_load_dataset_with_splits(tmp_path):
+    """Anything that is not a single local file goes to `datasets.load_dataset` (Hub ids, folders)."""
+    folder = tmp_path / "bench"
+    folder.mkdir()
+    write_jsonl(folder / "train.jsonl", [{"problem": "train p", "answer": "1"}])
+    write_jsonl(folder / "test.jsonl", [{"problem": "test p", "answer": "2"}])
+    problems, _ = load_problems(folder, split="test")
+    assert problems == [Problem("0", "test p", "2")]
+    with pytest.raises(ConfigError, match=r"--split: .*has splits \['train', 'test'\]"):
+        load_problems(folder)
+    with pytest.raises(ConfigError, match="--split"):
+        load_problems(folder, split="validation")
+    with pytest.raises(ConfigError, match="has no split 'test'"):
+        load_problems(folder / "train.jsonl", split="test")
