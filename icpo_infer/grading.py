@@ -38,6 +38,7 @@ _DECLARED_CONFIG = (
 )
 _THINK_BLOCK = re.compile(r"<think>.*?</think>", re.DOTALL)
 _BOX_OPENING = re.compile(r"\\(?:boxed|fbox)\s*\{")
+_DECLARATION = re.compile(r"final answer\s*(?:is|:)[^\n]*", re.IGNORECASE)
 
 
 def _timeout() -> int | None:
@@ -72,25 +73,27 @@ def _last_boxed(text: str) -> str | None:
 
 
 def _declared_answer(text: str) -> str | None:
-    """The answer after the text's last "final answer" phrase, read by math-verify's anchored
-    patterns ("the final answer is $x$", "Final answer: x")."""
-    start = text.lower().rfind("final answer")
-    if start < 0:
+    """The answer declared on the text's last "final answer is ..." / "final answer: ..." line,
+    read by math-verify's anchored patterns."""
+    declarations = _DECLARATION.findall(text)
+    if not declarations:
         return None
     found = parse(
-        text[start:],
+        declarations[-1],
         extraction_config=_DECLARED_CONFIG,
         fallback_mode="first_match",
         parsing_timeout=_timeout(),
     )
-    return next((item.strip() for item in found if isinstance(item, str) and item.strip()), None)
+    # A sentence's closing period can stick to an expression ("... is 3/4.").
+    return next((item.strip().rstrip(".") for item in found if isinstance(item, str) and item.strip()), None)
 
 
 def extract_answer(text: str | None) -> str | None:
     """The final answer of a response, or None when it gives none (an invalid response).
 
     Reasoning blocks are ignored; the last complete ``\\boxed{}``/``\\fbox{}`` counts; without
-    one, an answer the text declares after "final answer" counts; anything else is None.
+    one, an answer the text declares ("The final answer is $x$", "Final answer: x") counts;
+    anything else (a bare last number, a truncated solution) is None.
     """
     if not text:
         return None

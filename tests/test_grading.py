@@ -60,6 +60,8 @@ def test_reference_formats_of_the_benchmarks():
         ("reasoning opened by the template \\boxed{1}</think> final: \\boxed{4}", "4"),
         ("The final answer is $\\frac{1}{2}$. I hope it is correct.", "\\frac{1}{2}"),  # declared, no box
         ("Final Answer: 42", "42"),
+        ("Final Answer: The final answer is $5$. I hope it is correct.", "5"),
+        ("The final answer is 3/4.", "3/4"),
     ],
 )
 def test_extract_answer_from_messy_outputs(text, answer):
@@ -74,6 +76,7 @@ def test_extract_answer_from_messy_outputs(text, answer):
         "   ",
         "We compute 3+4=7 and then 12.",  # numbers, but no declared answer
         "To find the answer, we compute $x^2$ first. Then",  # truncated mid-solution
+        "Let me compute the final answer. First, 3+3=6. Then",  # announced, never given
         "\\boxed{}",
         "\\boxed{\\frac{1}{2}",  # cut inside the box
         "<think>I am still thinking, \\boxed{5} maybe",  # unfinished reasoning
