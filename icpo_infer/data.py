@@ -43,8 +43,10 @@ def _open(source: str, split: str | None) -> datasets.Dataset:
             f"--dataset: '{source}' is not a local .json/.jsonl/.parquet file and could not be loaded "
             f"as a Hub dataset ({err}); check the path or the dataset id."
         ) from err
-    except ValueError as err:  # datasets' "Unknown split" error
-        raise ConfigError(f"--split: {err}") from err
+    except ValueError as err:
+        if split is None:
+            raise
+        raise ConfigError(f"--split: {err}") from err  # datasets' 'Unknown split "x"' error
     if isinstance(splits, datasets.Dataset):
         return splits
     if split is None:
