@@ -8,8 +8,9 @@ engines share.
 from __future__ import annotations
 
 import torch
+from transformers import PreTrainedTokenizerBase
 
-from icpo_infer.backends.base import Backend, BackendOptions, SamplingParams
+from icpo_infer.backends.base import Backend, BackendOptions, SamplingParams, encode_prompt
 from icpo_infer.config import ConfigError, check
 
 BACKENDS = ("hf", "vllm")
@@ -65,3 +66,12 @@ def params_per_prompt(
             f"got {len(params)} SamplingParams for {len(prompts)} prompts: give one per prompt or one shared"
         )
     return list(params)
+
+
+def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[str]) -> list[list[int]]:
+    """:func:`encode_prompt` for each prompt; an empty prompt gives the model nothing to condition on."""
+    prompt_ids = [encode_prompt(tokenizer, p) for p in prompts]
+    empty = [k for k, ids in enumerate(prompt_ids) if not ids]
+    if empty:
+        raise ValueError(f"prompts {empty} are empty: a prompt needs at least one token")
+    return prompt_ids

@@ -16,7 +16,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from icpo_infer.backends import params_per_prompt, resolve_device, resolve_dtype
+from icpo_infer.backends import encode_prompts, params_per_prompt, resolve_device, resolve_dtype
 from icpo_infer.backends.base import (
     BackendOptions,
     Completion,
@@ -25,7 +25,6 @@ from icpo_infer.backends.base import (
     Score,
     Usage,
     encode_completion,
-    encode_prompt,
 )
 from icpo_infer.config import check
 
@@ -74,13 +73,12 @@ class HFBackend:
     ) -> list[Generation]:
         """``n`` completions per prompt, all prompts in one engine call (one ``usage`` record)."""
         per_prompt = params_per_prompt(prompts, params)
-        prompt_ids = self._encode_prompts(prompts)
+        prompt_ids = encode_prompts(self.tokenizer, prompts)
         completions: list[list[Completion | None]] = [[None] * p.n for p in per_prompt]
-        rows = [(i, j) for i, p in enumerate(per_prompt) for j in range(p.n)]
-        # Rows with equal sampling parameters (n aside) share batches.
+        # Rows (prompt i, sample j) with equal sampling parameters, n aside, share batches.
         groups: dict[SamplingParams, list[tuple[int, int]]] = {}
-        for i, j in rows:
-            groups.setdefault(per_prompt[i].replace(n=1), []).append((i, j))
+        for i, p in enumerate(per_prompt):
+            groups.setdefault(p.replace(n=1), []).extend((i, j) for j in range(p.n))
         batch_index = 0
         with self._adapter(adapter), torch.inference_mode():
             for group_params, group_rows in groups.items():
@@ -102,7 +100,7 @@ class HFBackend:
         """Sum of log pi(token | prefix) over each completion's tokens (its EOS included), teacher-forced."""
         if len(prompts) != len(completions):
             raise ValueError(f"score() got {len(prompts)} prompts and {len(completions)} completions")
-        prompt_ids = self._encode_prompts(prompts)
+        prompt_ids = encode_prompts(self.tokenizer, prompts)
         completion_ids = [encode_completion(self.tokenizer, c) for c in completions]
         scores: list[Score | None] = [None] * len(prompts)
         lengths = [len(p) + len(c) for p, c in zip(prompt_ids, completion_ids, strict=True)]
@@ -114,13 +112,6 @@ class HFBackend:
                 for k, logprob in zip(batch, logprobs, strict=True):
                     scores[k] = Score(logprob, len(completion_ids[k]))
         return scores
-
-    def _encode_prompts(self, prompts: list[str]) -> list[list[int]]:
-        prompt_ids = [encode_prompt(self.tokenizer, p) for p in prompts]
-        empty = [k for k, ids in enumerate(prompt_ids) if not ids]
-        if empty:
-            raise ValueError(f"prompts {empty} are empty: a prompt needs at least one token to condition on")
-        return prompt_ids
 
     def _left_padded(self, sequences: list[list[int]]) -> dict[str, torch.Tensor]:
         width = max(len(s) for s in sequences)

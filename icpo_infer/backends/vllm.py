@@ -1,0 +1,160 @@
+"""The vLLM backend: a thin shell over ``vllm.LLM``, imported only when this backend is built.
+
+Prompts go to vLLM as token ids from :func:`encode_prompt`, so the tokens match training exactly.
+The translations between our types and vLLM's are the pure functions at the bottom (no vLLM
+import), tested on vLLM-shaped objects where vLLM cannot run.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import AutoTokenizer
+
+from icpo_infer.backends import encode_prompts, params_per_prompt, resolve_dtype
+from icpo_infer.backends.base import (
+    BackendOptions,
+    Completion,
+    Generation,
+    SamplingParams,
+    Score,
+    Usage,
+    encode_completion,
+)
+from icpo_infer.config import ConfigError, check
+
+
+class VLLMBackend:
+    """``vllm.LLM`` with prefix caching; LoRA adapters as ``LoRARequest``s.
+
+    Adapters: ``adapter=PATH`` on a call runs that adapter (registered once per path); ``adapter=None``
+    runs ``options.adapter`` when one was given, else the base model. LoRA is enabled in the engine
+    when ``options.adapter`` is set, or with ``extra={"enable_lora": True}``. ``options.extra`` is passed
+    to ``vllm.LLM`` as is (e.g. ``max_model_len``, ``enforce_eager``).
+    """
+
+    def __init__(self, options: BackendOptions) -> None:
+        try:
+            import vllm
+        except ImportError as err:
+            raise ConfigError(
+                "--backend vllm: vLLM is not installed. Install it with pip install 'icpo[vllm]' "
+                "(needs a CUDA GPU), or use --backend hf."
+            ) from err
+        check(options.tensor_parallel_size >= 1, "--tensor-parallel-size: use 1 or more GPUs.")
+        check(options.data_parallel_size >= 1, "--data-parallel-size: use 1 or more engine replicas.")
+        self._vllm = vllm
+        self.options = options
+        self.tokenizer = AutoTokenizer.from_pretrained(
+            options.model, trust_remote_code=options.trust_remote_code
+        )
+        self.usage = Usage()
+        dtype = resolve_dtype(options.dtype, torch.device("cuda"))
+        engine_kwargs: dict[str, Any] = {
+            "model": options.model,
+            "dtype": str(dtype).removeprefix("torch."),
+            "trust_remote_code": options.trust_remote_code,
+            "tensor_parallel_size": options.tensor_parallel_size,
+            "gpu_memory_utilization": options.gpu_memory_utilization,
+            "enable_prefix_caching": True,
+            "enable_lora": options.adapter is not None,
+            "max_lora_rank": options.max_lora_rank,
+        }
+        if options.data_parallel_size > 1:
+            # vLLM runs this only with one process per replica (its external launcher); it says so if not.
+            engine_kwargs["data_parallel_size"] = options.data_parallel_size
+        engine_kwargs.update(options.extra)
+        self.lora_enabled = bool(engine_kwargs["enable_lora"])
+        self.llm = vllm.LLM(**engine_kwargs)
+        self._lora_requests: dict[str, Any] = {}
+
+    def generate(
+        self,
+        prompts: list[str],
+        params: SamplingParams | list[SamplingParams],
+        adapter: str | None = None,
+    ) -> list[Generation]:
+        """``n`` completions per prompt, all prompts in one ``LLM.generate`` call."""
+        sampling = [
+            self._vllm.SamplingParams(**to_vllm_sampling_kwargs(p))
+            for p in params_per_prompt(prompts, params)
+        ]
+        requests = [{"prompt_token_ids": ids} for ids in encode_prompts(self.tokenizer, prompts)]
+        outputs = self.llm.generate(
+            requests, sampling, lora_request=self._lora_request(adapter), use_tqdm=False
+        )
+        generations = from_vllm_outputs(outputs)
+        self.usage.record(generations)
+        return generations
+
+    def score(self, prompts: list[str], completions: list[str], adapter: str | None = None) -> list[Score]:
+        """Sum of the completion tokens' log-probs (EOS included), read from vLLM's prompt log-probs."""
+        if len(prompts) != len(completions):
+            raise ValueError(f"score() got {len(prompts)} prompts and {len(completions)} completions")
+        prompt_ids = encode_prompts(self.tokenizer, prompts)
+        requests = [
+            {"prompt_token_ids": ids + encode_completion(self.tokenizer, c)}
+            for ids, c in zip(prompt_ids, completions, strict=True)
+        ]
+        # prompt_logprobs=1 returns the actual token's log-prob at every position (plus the top-1).
+        sampling = self._vllm.SamplingParams(max_tokens=1, prompt_logprobs=1)
+        outputs = self.llm.generate(
+            requests, sampling, lora_request=self._lora_request(adapter), use_tqdm=False
+        )
+        return [score_from_vllm_output(o, len(ids)) for o, ids in zip(outputs, prompt_ids, strict=True)]
+
+    def _lora_request(self, adapter: str | None) -> Any:
+        path = adapter if adapter is not None else self.options.adapter
+        if path is None:
+            return None
+        check(
+            self.lora_enabled,
+            f"adapter '{path}': this vLLM engine was started without LoRA; pass the adapter in "
+            "BackendOptions.adapter (--adapter) or extra={'enable_lora': True}.",
+        )
+        if path not in self._lora_requests:
+            from vllm.lora.request import LoRARequest
+
+            lora_id = len(self._lora_requests) + 1  # vLLM's LoRA ids start at 1
+            self._lora_requests[path] = LoRARequest(f"adapter_{lora_id}", lora_id, path)
+        return self._lora_requests[path]
+
+
+def to_vllm_sampling_kwargs(params: SamplingParams) -> dict[str, Any]:
+    """Keyword arguments of ``vllm.SamplingParams`` that sample as ``params`` says."""
+    return {
+        "n": params.n,
+        "temperature": params.temperature,  # vLLM decodes greedily at 0, as we do
+        "top_p": params.top_p,
+        "top_k": params.top_k or -1,  # -1 switches top-k off in every vLLM version
+        "max_tokens": params.max_new_tokens,
+        "repetition_penalty": params.repetition_penalty,
+        "stop": list(params.stop),
+        "seed": params.seed,
+    }
+
+
+def from_vllm_outputs(outputs: list[Any]) -> list[Generation]:
+    """Our generations from vLLM ``RequestOutput``s (token counts include the EOS vLLM emitted)."""
+    return [
+        Generation(
+            prompt_tokens=len(output.prompt_token_ids),
+            completions=[
+                Completion(text=o.text, num_tokens=len(o.token_ids), finished=o.finish_reason == "stop")
+                for o in output.outputs
+            ],
+        )
+        for output in outputs
+    ]
+
+
+def score_from_vllm_output(output: Any, num_prompt_tokens: int) -> Score:
+    """The score of the tokens after the first ``num_prompt_tokens`` of a request scored as one prompt.
+
+    ``output.prompt_logprobs[t]`` maps token ids to ``Logprob``s for position ``t`` (None at position 0).
+    """
+    token_ids = output.prompt_token_ids
+    positions = range(num_prompt_tokens, len(token_ids))
+    logprob = sum(output.prompt_logprobs[t][token_ids[t]].logprob for t in positions)
+    return Score(logprob=float(logprob), num_tokens=len(positions))

@@ -1,0 +1,345 @@
+"""Backend conformance: every importable backend against the same tiny saved models.
+
+References are computed with a plain transformers model: a token-by-token greedy decode without
+cache or padding, and one unpadded forward pass per scored pair. ``hf`` always runs; ``vllm`` runs
+where it is installed and a CUDA GPU is present.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from icpo_infer.backends import make_backend
+from icpo_infer.backends.base import (
+    Backend,
+    BackendOptions,
+    SamplingParams,
+    encode_completion,
+    encode_prompt,
+)
+from icpo_infer.config import ConfigError
+
+QUESTIONS = [
+    "Find the remainder when 2^10 is divided by 7.",
+    "What is 2+3?",
+    "Let x be 4. Compute x^2 - 1 and give the answer in a box.",
+]
+
+
+def _vllm_skip_reason() -> str | None:
+    if importlib.util.find_spec("vllm") is None:
+        return "vllm is not installed"
+    if not torch.cuda.is_available():
+        return "vllm needs a CUDA GPU"
+    return None
+
+
+BACKENDS = [
+    "hf",
+    pytest.param(
+        "vllm", marks=pytest.mark.skipif(_vllm_skip_reason() is not None, reason=str(_vllm_skip_reason()))
+    ),
+]
+
+
+def _options(name: str, model: Path, **changes) -> BackendOptions:
+    if name == "vllm":
+        extra = {"enable_lora": True, "max_model_len": 512, "enforce_eager": True}
+        return BackendOptions(str(model), dtype="float32", gpu_memory_utilization=0.3, extra=extra, **changes)
+    return BackendOptions(str(model), dtype="float32", **changes)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_chat_model_dir, tmp_path_factory) -> Path:
+    """The tiny chat model with its EOS embedding scaled up: a random tiny model almost never ends a
+    completion, this one ends some early and runs others to max_new_tokens."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_chat_model_dir)
+    with torch.no_grad():
+        model.get_input_embeddings().weight[model.config.eos_token_id] *= 30
+    directory = tmp_path_factory.mktemp("tiny-ending")
+    model.save_pretrained(directory)
+    AutoTokenizer.from_pretrained(tiny_chat_model_dir).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def lora_dir(model_dir, tmp_path_factory) -> Path:
+    """A PEFT LoRA adapter for ``model_dir`` whose B weights are random, so it changes the model."""
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(model_dir),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"]),
+    )
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, weight in model.named_parameters():
+            if "lora_B" in name:
+                weight.copy_(torch.randn(weight.shape, generator=generator))
+    directory = tmp_path_factory.mktemp("tiny-lora")
+    model.save_pretrained(directory)
+    assert (directory / "adapter_model.safetensors").is_file()
+    return directory
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir) -> torch.nn.Module:
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def reference_lora(model_dir, lora_dir) -> torch.nn.Module:
+    return PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), lora_dir
+    ).eval()
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def backend(request, model_dir) -> Backend:
+    return make_backend(request.param, _options(request.param, model_dir))
+
+
+@pytest.fixture(scope="module")
+def prompts(backend) -> list[str]:
+    """Chat-rendered prompts (special tokens in the text) and plain base-model prompts, of different lengths."""
+    tokenizer = backend.tokenizer
+    chat = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True
+        )
+        for q in QUESTIONS
+    ]
+    return chat + [tokenizer.bos_token + q for q in QUESTIONS]
+
+
+@torch.inference_mode()
+def greedy_reference(model, prompt_ids: list[int], max_new_tokens: int, eos_id: int) -> list[int]:
+    """Token-by-token greedy decode over the whole sequence each step (no cache, no padding)."""
+    ids, new = list(prompt_ids), []
+    while len(new) < max_new_tokens and (not new or new[-1] != eos_id):
+        token = int(model(torch.tensor([ids])).logits[0, -1].argmax())
+        ids.append(token)
+        new.append(token)
+    return new
+
+
+@torch.inference_mode()
+def logprob_reference(model, prompt_ids: list[int], completion_ids: list[int]) -> float:
+    logprobs = model(torch.tensor([prompt_ids + completion_ids])).logits[0].float().log_softmax(-1)
+    return sum(logprobs[len(prompt_ids) - 1 + k, token].item() for k, token in enumerate(completion_ids))
+
+
+def texts(generations) -> list[list[str]]:
+    return [[c.text for c in g.completions] for g in generations]
+
+
+@pytest.mark.parametrize("params", [SamplingParams(n=4, max_new_tokens=12, seed=0)])
+def test_n_samples_for_many_prompts_in_one_engine_call(backend, prompts, params):
+    calls, prompt_tokens, generated = (
+        backend.usage.engine_calls,
+        backend.usage.prompt_tokens,
+        backend.usage.generated_tokens,
+    )
+    generations = backend.generate(prompts, params)
+
+    assert [len(g.completions) for g in generations] == [4] * len(prompts)
+    assert [g.prompt_tokens for g in generations] == [
+        len(encode_prompt(backend.tokenizer, p)) for p in prompts
+    ]
+    completions = [c for g in generations for c in g.completions]
+    assert all(1 <= c.num_tokens <= 12 for c in completions)
+    assert all(c.num_tokens == 12 for c in completions if not c.finished)
+    # The model ends some samples early and runs others to the limit: both paths are exercised.
+    assert {c.finished for c in completions} == {True, False}
+    assert all(len(set(t)) > 1 for t in texts(generations)), "samples of a prompt should differ"
+    assert backend.usage.engine_calls == calls + 1
+    assert backend.usage.prompt_tokens == prompt_tokens + sum(g.prompt_tokens for g in generations)
+    assert backend.usage.generated_tokens == generated + sum(c.num_tokens for c in completions)
+
+
+def test_greedy_equals_a_manual_greedy_decode(backend, prompts, reference):
+    tokenizer, eos = backend.tokenizer, backend.tokenizer.eos_token_id
+    generations = backend.generate(prompts, SamplingParams(n=2, temperature=0, max_new_tokens=10))
+
+    finished = set()
+    for prompt, generation in zip(prompts, generations, strict=True):
+        expected = greedy_reference(reference, encode_prompt(tokenizer, prompt), 10, eos)
+        ended = expected[-1] == eos
+        expected_text = tokenizer.decode(expected[:-1] if ended else expected, skip_special_tokens=True)
+        for completion in generation.completions:
+            assert (completion.text, completion.num_tokens, completion.finished) == (
+                expected_text,
+                len(expected),
+                ended,
+            )
+        finished.add(ended)
+    assert finished == {True, False}, "the prompts should cover both an EOS stop and the token limit"
+
+
+def test_token_counts_match_retokenisation_where_the_text_is_canonical(backend, prompts):
+    """Where the decoded text re-encodes to the generated tokens, the counts agree with encode_completion."""
+    generations = backend.generate(prompts, SamplingParams(temperature=0, max_new_tokens=10))
+    checked = 0
+    for generation in generations:
+        completion = generation.completions[0]
+        ids = encode_completion(backend.tokenizer, completion.text)
+        if "\ufffd" not in completion.text:  # byte tokens that decode to no character do not round-trip
+            assert completion.num_tokens == (len(ids) if completion.finished else len(ids) - 1)
+            checked += 1
+    assert checked >= 2
+
+
+def test_max_new_tokens_is_respected(backend, prompts):
+    generations = backend.generate(prompts, SamplingParams(n=3, max_new_tokens=1, seed=1))
+    assert all(c.num_tokens == 1 for g in generations for c in g.completions)
+
+
+def test_per_prompt_params_in_one_call(backend, prompts):
+    params = [
+        SamplingParams(n=2, temperature=0, max_new_tokens=6),
+        SamplingParams(n=3, max_new_tokens=4, seed=0),
+    ]
+    calls = backend.usage.engine_calls
+    greedy, sampled = backend.generate(prompts[:2], params)
+
+    assert backend.usage.engine_calls == calls + 1
+    assert len(greedy.completions) == 2 and len(sampled.completions) == 3
+    assert greedy.completions[0] == greedy.completions[1]
+    assert all(c.num_tokens <= 4 for c in sampled.completions)
+
+
+def test_seeded_sampling_is_reproducible(backend, prompts):
+    params = SamplingParams(
+        n=3, temperature=1.0, top_p=0.9, top_k=50, repetition_penalty=1.1, max_new_tokens=8
+    )
+    first = texts(backend.generate(prompts, params.replace(seed=7)))
+    again = texts(backend.generate(prompts, params.replace(seed=7)))
+    other = texts(backend.generate(prompts, params.replace(seed=8)))
+    assert first == again
+    assert first != other
+
+
+def test_stop_strings_cut_each_sample_before_the_first_one(backend, prompts):
+    params = SamplingParams(n=1, max_new_tokens=16, seed=3)
+    full = [g.completions[0].text for g in backend.generate(prompts, params)]
+    # Stop strings taken from inside two samples: the same seeded call must end each sample where one first appears.
+    stops = tuple(text[4:6] for text in full if len(text) > 6 and text[4:6].isprintable())[:2]
+    assert len(stops) == 2
+    stopped = [g.completions[0] for g in backend.generate(prompts, params.replace(stop=stops))]
+
+    cut = 0
+    for text, completion in zip(full, stopped, strict=True):
+        ends = [text.index(s) for s in stops if s in text]
+        assert completion.text == (text[: min(ends)] if ends else text)
+        if ends:
+            assert completion.finished
+            cut += 1
+    assert cut >= 2
+
+
+def test_score_equals_a_manual_forward_pass(backend, prompts, reference):
+    tokenizer = backend.tokenizer
+    completions = [" The answer is \\boxed{5}.", "", "x^2 = 16", "\n\n", "7", " so 15"]
+    scores = backend.score(prompts, completions)
+    for prompt, completion, score in zip(prompts, completions, scores, strict=True):
+        completion_ids = encode_completion(tokenizer, completion)
+        assert score.num_tokens == len(completion_ids)
+        expected = logprob_reference(reference, encode_prompt(tokenizer, prompt), completion_ids)
+        assert score.logprob == pytest.approx(expected, rel=1e-4, abs=1e-4)
+
+
+def test_score_of_a_greedy_completion_is_the_sum_of_its_chosen_log_probs(backend, prompts, reference):
+    tokenizer, eos = backend.tokenizer, backend.tokenizer.eos_token_id
+    generations = backend.generate(prompts, SamplingParams(temperature=0, max_new_tokens=10))
+    ended = [
+        (p, g.completions[0]) for p, g in zip(prompts, generations, strict=True) if g.completions[0].finished
+    ]
+    assert ended
+    for prompt, completion in ended:
+        prompt_ids = encode_prompt(tokenizer, prompt)
+        chosen = greedy_reference(reference, prompt_ids, 10, eos)
+        assert encode_completion(tokenizer, completion.text) == chosen
+        [score] = backend.score([prompt], [completion.text])
+        assert score.logprob == pytest.approx(
+            logprob_reference(reference, prompt_ids, chosen), rel=1e-4, abs=1e-4
+        )
+        assert score.num_tokens == completion.num_tokens
+
+
+def test_lora_adapter_changes_outputs_and_scores_and_leaves_the_base_alone(
+    backend, prompts, reference, reference_lora, lora_dir
+):
+    tokenizer, eos = backend.tokenizer, backend.tokenizer.eos_token_id
+    greedy = SamplingParams(temperature=0, max_new_tokens=8)
+    completions = [" The answer is \\boxed{5}."] * len(prompts)
+    base_scores = backend.score(prompts, completions)
+    base_texts = texts(backend.generate(prompts, greedy))
+
+    adapted_scores = backend.score(prompts, completions, adapter=str(lora_dir))
+    adapted = backend.generate(prompts, greedy, adapter=str(lora_dir))
+
+    for prompt, completion, score in zip(prompts, completions, adapted_scores, strict=True):
+        expected = logprob_reference(
+            reference_lora, encode_prompt(tokenizer, prompt), encode_completion(tokenizer, completion)
+        )
+        assert score.logprob == pytest.approx(expected, rel=1e-4, abs=1e-4)
+    assert all(abs(a.logprob - b.logprob) > 0.1 for a, b in zip(adapted_scores, base_scores, strict=True))
+    for prompt, generation in zip(prompts, adapted, strict=True):
+        expected = greedy_reference(reference_lora, encode_prompt(tokenizer, prompt), 8, eos)
+        assert generation.completions[0].num_tokens == len(expected)
+    assert texts(adapted) != base_texts
+    # Without the adapter the backend is the base model again.
+    assert backend.score(prompts, completions) == base_scores
+    assert texts(backend.generate(prompts, greedy)) == base_texts
+
+
+# The options below are the transformers backend's own.
+
+
+def test_hf_batches_under_a_token_budget_give_the_same_results(tiny_model_dir):
+    big = make_backend("hf", BackendOptions(str(tiny_model_dir), dtype="float32"))
+    small = make_backend("hf", BackendOptions(str(tiny_model_dir), dtype="float32", max_batch_tokens=1))
+    prompts = [big.tokenizer.bos_token + q for q in QUESTIONS]
+    greedy = SamplingParams(n=2, temperature=0, max_new_tokens=6)
+    assert texts(small.generate(prompts, greedy)) == texts(big.generate(prompts, greedy))
+    completions = ["4", " The answer is 25", ""]
+    for a, b in zip(small.score(prompts, completions), big.score(prompts, completions), strict=True):
+        assert a.logprob == pytest.approx(b.logprob, rel=1e-5, abs=1e-5)
+
+
+def test_hf_default_adapter_is_used_when_none_is_named(model_dir, lora_dir):
+    with_adapter = make_backend("hf", BackendOptions(str(model_dir), dtype="float32", adapter=str(lora_dir)))
+    prompts = [with_adapter.tokenizer.bos_token + q for q in QUESTIONS]
+    completions = ["4", " The answer is 25", ""]
+    assert with_adapter.score(prompts, completions) == with_adapter.score(
+        prompts, completions, adapter=str(lora_dir)
+    )
+    plain = make_backend("hf", BackendOptions(str(model_dir), dtype="float32"))
+    assert with_adapter.score(prompts, completions) != plain.score(prompts, completions)
+
+
+def test_hf_seeded_generation_leaves_the_global_rng_alone(tiny_model_dir):
+    backend = make_backend("hf", BackendOptions(str(tiny_model_dir), dtype="float32"))
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    backend.generate([backend.tokenizer.bos_token + "1+1"], SamplingParams(n=2, max_new_tokens=3, seed=5))
+    assert torch.equal(torch.rand(3), expected)
+
+
+@pytest.mark.parametrize(
+    ("name", "changes", "message"),
+    [
+        ("tgi", {}, "Valid backends: hf, vllm"),
+        ("hf", {"dtype": "fp8"}, "--dtype"),
+        ("hf", {"device": "tpu-ish"}, "--device"),
+        ("hf", {"max_batch_tokens": 0}, "--max-batch-tokens"),
+    ],
+)
+def test_bad_options_are_config_errors(tiny_model_dir, name, changes, message):
+    with pytest.raises(ConfigError, match=message):
+        make_backend(name, BackendOptions(str(tiny_model_dir), **changes))
