@@ -34,7 +34,8 @@ class HFBackend:
 
     Adapters: ``adapter=PATH`` on a call runs that adapter (loaded once, cached by path, so save new
     weights under a new path); ``adapter=None`` runs ``options.adapter`` when one was given, else the
-    base model. Same semantics as the vLLM backend.
+    base model. Same semantics as the vLLM backend. ``options.extra`` goes to ``from_pretrained``
+    (e.g. ``attn_implementation``).
     """
 
     def __init__(self, options: BackendOptions) -> None:
