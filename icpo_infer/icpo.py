@@ -199,8 +199,8 @@ class RoundRecord:
     samples: Samples
     pseudo_label: str | None  # what rewards compare to: the majority (reward self) or the gold (gt)
     rewards: list[int | None]  # per sample; None: no valid answer, so not a candidate
-    summaries: list[str | None] = field(default_factory=list)  # per sample: its history text
-    entropies: list[float | None] = field(default_factory=list)  # per sample: probe score (None: not probed)
+    summaries: list[str | None]  # per sample: its history text (None: not a candidate)
+    entropies: list[float | None]  # per sample: probe score (None: not probed)
     chosen: int | None = None  # index of the sample appended to the history
     chosen_summary: str | None = None
     evicted: Attempt | None = None
@@ -375,7 +375,8 @@ class _Run:
                 None if answer is None else int(label is not None and is_equivalent(answer, label))
                 for answer in samples.answers
             ]
-            q.rounds.append(RoundRecord(r, list(q.history), samples, label, rewards))
+            none = [None] * len(rewards)
+            q.rounds.append(RoundRecord(r, list(q.history), samples, label, rewards, list(none), list(none)))
 
     def summarise(self, questions: list[_Question], phase: str) -> None:
         """The history text of every candidate: a summary of its response, or the truncated response."""
@@ -414,7 +415,6 @@ class _Run:
         requests, owners = [], []
         for q in questions:
             record = q.rounds[-1]
-            record.entropies = [None] * len(record.rewards)
             candidates = record.candidates()
             if probe and len(candidates) >= 2:
                 for j in candidates:

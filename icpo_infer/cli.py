@@ -1,0 +1,123 @@
+"""`icpo-infer run ...` (one method on one dataset) and `icpo-infer compare DIR_A DIR_B ...`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from icpo_infer.backends import make_backend
+from icpo_infer.backends.base import Backend, BackendOptions, Usage
+from icpo_infer.config import ConfigError, check, parse_config
+from icpo_infer.data import load_problems
+from icpo_infer.icpo import InferConfig, run_method
+from icpo_infer.report import compare_table, load_metrics, plot_accuracy, plot_comparison, run_labels
+from icpo_infer.results import PLOT_FILE, RunDirectory
+
+USAGE = """usage: icpo-infer run [--config recipes/infer/NAME.yaml] --model M --dataset D --output-dir DIR [--field value ...]
+       icpo-infer compare DIR_A DIR_B ... [--output compare.png]
+
+  run      ME-ICPO or a baseline (single, majority, random-icpo) on a dataset; `run --help` lists the options
+  compare  accuracy and self-improvement of finished runs, with differences against the first"""
+
+
+def run(config: InferConfig, backend: Backend | None = None) -> dict[str, Any]:
+    """The whole `icpo-infer run`: load the questions, resume the output dir, run, write metrics and plot.
+
+    Pass ``backend`` to reuse a loaded model (its usage is counted from this call on).
+    """
+    problems, skipped = load_problems(
+        config.dataset,
+        split=config.split,
+        problem_field=config.problem_field,
+        answer_field=config.answer_field,
+        id_field=config.id_field,
+        limit=config.limit,
+        skip_invalid=config.skip_invalid,
+    )
+    check(bool(problems), f"dataset '{config.dataset}' has no questions to run; check --dataset and --split.")
+    directory = RunDirectory(config)
+    done = directory.open()
+    if backend is None:
+        backend = make_backend(
+            config.backend,
+            BackendOptions(
+                model=config.model,
+                adapter=config.adapter,
+                dtype=config.dtype,
+                device=config.device,
+                trust_remote_code=config.trust_remote_code,
+                max_batch_tokens=config.max_batch_tokens,
+                tensor_parallel_size=config.tensor_parallel_size,
+                data_parallel_size=config.data_parallel_size,
+                gpu_memory_utilization=config.gpu_memory_utilization,
+            ),
+        )
+    usage_before = Usage(**vars(backend.usage))
+    start = time.perf_counter()
+
+    def write_metrics() -> dict[str, Any]:
+        now = backend.usage
+        spent = Usage(
+            engine_calls=now.engine_calls - usage_before.engine_calls,
+            prompt_tokens=now.prompt_tokens - usage_before.prompt_tokens,
+            generated_tokens=now.generated_tokens - usage_before.generated_tokens,
+        )
+        return directory.write_metrics(spent, time.perf_counter() - start, skipped)
+
+    def on_result(result) -> None:
+        directory.add(result)
+        write_metrics()
+
+    run_method(backend, problems, config, done_ids=done, on_result=on_result)
+    metrics = write_metrics()
+    plot_accuracy(metrics, directory.path / PLOT_FILE)
+    return metrics
+
+
+def compare(argv: Sequence[str]) -> None:
+    parser = argparse.ArgumentParser(prog="icpo-infer compare", description="Compare finished runs.")
+    parser.add_argument(
+        "dirs", nargs="+", help="Output directories of `icpo-infer run`; the first is the baseline."
+    )
+    parser.add_argument("--output", default="compare.png", help="Where to save the comparison plot.")
+    args = parser.parse_args(argv)
+    runs = load_metrics(args.dirs)
+    labels = run_labels(args.dirs)
+    print(compare_table(labels, runs))
+    plot_comparison(labels, runs, args.output)
+    print(f"plot: {args.output}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    try:
+        if command == "run":
+            metrics = run(parse_config(InferConfig, rest, prog="icpo-infer run"))
+            k = metrics["k"]
+            print(
+                f"{metrics['num_questions']} questions: mean@{k} {metrics['mean@k']:.3f}, "
+                f"maj@{k} {metrics['maj@k']:.3f}, pass@{k} {metrics['pass@k']:.3f}, "
+                f"self-improvement {metrics['self_improvement']:+.3f} -> {metrics['config']['output_dir']}"
+            )
+        elif command == "compare":
+            compare(rest)
+        else:
+            print(
+                f"icpo-infer: unknown command '{command}'. Valid: run, compare.\n\n{USAGE}", file=sys.stderr
+            )
+            return 2
+    except ConfigError as err:
+        print(f"icpo-infer {command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,154 @@
+"""The output directory of `icpo-infer run`: results.jsonl, metrics.json and config.json.
+
+results.jsonl gets one line per finished question (appended and fsynced as questions finish);
+config.json pins what the results measure, so a rerun into the same directory resumes only when
+nothing result-changing differs; metrics.json is rewritten atomically after every question.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from icpo_infer.backends.base import Usage
+from icpo_infer.config import check, to_dict
+from icpo_infer.icpo import RUN_ONLY_FIELDS, InferConfig, QuestionResult
+
+logger = logging.getLogger(__name__)
+
+RESULTS_FILE = "results.jsonl"
+METRICS_FILE = "metrics.json"
+CONFIG_FILE = "config.json"
+PLOT_FILE = "accuracy_vs_round.png"
+SPEND_KEYS = ("prompt_tokens", "generated_tokens", "engine_calls", "wall_time_s")
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON to a temporary file beside ``path`` and rename it over ``path``."""
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
+        json.dump(data, tmp, indent=2)
+        tmp.flush()
+        os.fsync(tmp.fileno())
+    os.replace(tmp.name, path)
+
+
+def append_line(path: Path, row: dict[str, Any]) -> None:
+    """Append one JSON line and make it durable before returning."""
+    with path.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_results(path: Path) -> list[dict[str, Any]]:
+    """The rows of results.jsonl; a last line cut short by a crash is dropped from the file."""
+    if not path.is_file():
+        return []
+    lines = path.read_text().splitlines(keepends=True)
+    rows = []
+    for number, line in enumerate(lines, 1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            check(
+                number == len(lines),
+                f"{path} line {number} is not valid JSON; fix or delete the file, or pass --overwrite.",
+            )
+            logger.warning(
+                "%s: dropping an incomplete last line (the run was interrupted while writing)", path
+            )
+            path.write_text("".join(lines[:-1]))
+    return rows
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Accuracy over questions: mean@k, maj@k, pass@k of the final samples, per-round curves and
+    self-improvement (final mean@k minus round-1 mean@k)."""
+    n = max(len(rows), 1)
+    per_question = [row["metrics"] for row in rows]
+
+    def average(key: str) -> float:
+        return sum(m[key] for m in per_question) / n
+
+    def per_round(key: str) -> list[float]:
+        return [sum(values) / n for values in zip(*(m[key] for m in per_question), strict=True)]
+
+    mean_per_round = per_round("mean_per_round")
+    return {
+        "mean@k": average("mean"),
+        "maj@k": average("maj"),
+        "pass@k": average("pass"),
+        "mean_per_round": mean_per_round,
+        "maj_per_round": per_round("maj_per_round"),
+        "self_improvement": average("mean") - mean_per_round[0] if mean_per_round else 0.0,
+    }
+
+
+class RunDirectory:
+    """One run's output directory; :meth:`open` resumes it (or starts over with ``overwrite``)."""
+
+    def __init__(self, config: InferConfig) -> None:
+        self.config = config
+        self.path = Path(config.output_dir)
+        self.rows: list[dict[str, Any]] = []
+        self.spent_before = dict.fromkeys(SPEND_KEYS, 0)  # what earlier, interrupted runs spent
+
+    def open(self) -> set[str]:
+        """Prepare the directory and return the ids of the questions already finished."""
+        config = to_dict(self.config)
+        self.path.mkdir(parents=True, exist_ok=True)
+        results, stored = self.path / RESULTS_FILE, self.path / CONFIG_FILE
+        if self.config.overwrite:
+            for name in (RESULTS_FILE, METRICS_FILE, CONFIG_FILE, PLOT_FILE):
+                (self.path / name).unlink(missing_ok=True)
+        elif stored.is_file():
+            self.check_same_measurement(json.loads(stored.read_text()), config)
+            self.rows = read_results(results)
+            metrics = self.path / METRICS_FILE
+            if metrics.is_file():
+                previous = json.loads(metrics.read_text())
+                self.spent_before = {key: previous.get(key, 0) for key in SPEND_KEYS}
+        else:
+            check(
+                not results.is_file(),
+                f"{results} exists without {CONFIG_FILE}, so it cannot be resumed safely; "
+                "pass --overwrite or choose another --output-dir.",
+            )
+        write_json_atomic(stored, config)
+        return {row["id"] for row in self.rows}
+
+    def check_same_measurement(self, stored: dict[str, Any], config: dict[str, Any]) -> None:
+        changed = [
+            f"{key} ({stored.get(key)!r} there, {config.get(key)!r} now)"
+            for key in sorted(set(stored) | set(config))
+            if key not in RUN_ONLY_FIELDS and stored.get(key) != config.get(key)
+        ]
+        check(
+            not changed,
+            f"{self.path} holds a run with other settings: {'; '.join(changed)}. "
+            "Use the same values to resume, another --output-dir, or --overwrite to start over.",
+        )
+
+    def add(self, result: QuestionResult) -> None:
+        row = dataclasses.asdict(result)
+        append_line(self.path / RESULTS_FILE, row)
+        self.rows.append(row)
+
+    def write_metrics(self, usage: Usage, wall_time_s: float, skipped: int) -> dict[str, Any]:
+        """metrics.json over every finished question, with the spend of this and earlier runs."""
+        spent_now = {**dataclasses.asdict(usage), "wall_time_s": wall_time_s}
+        metrics = {
+            "k": self.config.eval_k,
+            **summarize(self.rows),
+            **{key: self.spent_before[key] + spent_now[key] for key in SPEND_KEYS},
+            "num_questions": len(self.rows),
+            "skipped": skipped,
+            "config": to_dict(self.config),
+        }
+        write_json_atomic(self.path / METRICS_FILE, metrics)
+        return metrics

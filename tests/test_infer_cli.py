@@ -1,0 +1,139 @@
+"""`icpo-infer run` and `icpo-infer compare` end to end: real hf backend, tiny model, AIME questions."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from boxed_model import teach_boxed_answers
+from conftest import read_benchmark
+
+from icpo_infer.cli import main
+
+RECIPE = str(Path(__file__).resolve().parents[1] / "recipes" / "infer" / "tiny.yaml")
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def boxed_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    questions = [row["problem"] for row in read_benchmark("aime2024")[:3]]
+    return teach_boxed_answers(tiny_model_dir, tmp_path_factory.mktemp("boxed"), questions)
+
+
+@pytest.fixture
+def infer(boxed_model_dir, shared_data):
+    def run(output_dir, *args: str) -> int:
+        dataset = str(shared_data / "aime2024.jsonl")
+        argv = ["run", "--config", RECIPE, "--model", str(boxed_model_dir), "--dataset", dataset]
+        return main([*argv, "--output-dir", str(output_dir), *args])
+
+    return run
+
+
+def rows(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "results.jsonl").read_text().splitlines()]
+
+
+def metrics(output_dir: Path) -> dict:
+    return json.loads((output_dir / "metrics.json").read_text())
+
+
+def test_me_icpo_run_writes_results_metrics_and_plot(infer, tmp_path):
+    out = tmp_path / "me-icpo"
+    assert infer(out, "--limit", "3") == 0
+    results = rows(out)
+    assert [r["id"] for r in results] == [str(row["id"]) for row in read_benchmark("aime2024")[:3]]
+    for result in results:
+        assert len(result["rounds"]) == 2 and len(result["final"]["texts"]) == 2
+        assert result["rounds"][0]["history"] == []
+        for record in result["rounds"]:
+            assert len(record["samples"]["texts"]) == len(record["rewards"]) == 2
+            assert all(
+                (reward is None) == (answer is None)
+                for reward, answer in zip(record["rewards"], record["samples"]["answers"], strict=True)
+            )
+    records = [record for result in results for record in result["rounds"]]
+    # The taught model answers, so every phase ran through the real backend.
+    assert any(r["chosen_summary"] for r in records)
+    assert any(e is not None for r in records for e in r["entropies"])
+    assert any(r["eviction_entropies"] for r in records)
+    m = metrics(out)
+    assert m["num_questions"] == 3 and m["skipped"] == 0 and m["k"] == 2
+    assert len(m["mean_per_round"]) == len(m["maj_per_round"]) == 2
+    assert m["self_improvement"] == pytest.approx(m["mean@k"] - m["mean_per_round"][0])
+    assert 1 <= m["engine_calls"] <= 9 and m["prompt_tokens"] > 0 and m["generated_tokens"] > 0
+    assert m["wall_time_s"] > 0 and m["config"]["method"] == "me-icpo"
+    assert (out / "accuracy_vs_round.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_rerun_resumes_refuses_other_settings_and_overwrite_starts_over(infer, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert infer(out, "--limit", "2") == 0
+    first = rows(out)
+    calls = metrics(out)["engine_calls"]
+
+    assert infer(out, "--limit", "3") == 0  # resumes: only the third question is new
+    resumed = rows(out)
+    assert resumed[:2] == first and len(resumed) == 3
+    assert metrics(out)["num_questions"] == 3
+    calls = metrics(out)["engine_calls"]
+    assert infer(out, "--limit", "3") == 0  # all done: no engine call
+    assert rows(out) == resumed and metrics(out)["engine_calls"] == calls
+
+    capsys.readouterr()
+    assert infer(out, "--limit", "3", "--k", "3") == 2
+    assert "k (2 there, 3 now)" in capsys.readouterr().err
+    assert rows(out) == resumed
+
+    assert infer(out, "--limit", "2", "--overwrite") == 0
+    assert rows(out) == first  # seeded end to end: the same questions give the same results
+
+
+def test_an_interrupted_write_is_dropped_and_redone(infer, tmp_path):
+    out = tmp_path / "run"
+    assert infer(out, "--limit", "2", "--method", "single") == 0
+    complete = (out / "results.jsonl").read_text()
+    lines = complete.splitlines(keepends=True)
+    (out / "results.jsonl").write_text(lines[0] + lines[1][: len(lines[1]) // 2])
+    assert infer(out, "--limit", "2", "--method", "single") == 0
+    assert [r["id"] for r in rows(out)] == [json.loads(line)["id"] for line in lines]
+
+
+def test_compare_prints_differences_and_saves_a_plot(infer, tmp_path, capsys):
+    assert infer(tmp_path / "single", "--limit", "3", "--method", "single") == 0
+    assert infer(tmp_path / "me-icpo", "--limit", "3") == 0
+    plot = tmp_path / "compare.png"
+    capsys.readouterr()
+    assert main(["compare", str(tmp_path / "single"), str(tmp_path / "me-icpo"), "--output", str(plot)]) == 0
+    table = capsys.readouterr().out
+    base, icpo = metrics(tmp_path / "single"), metrics(tmp_path / "me-icpo")
+    single_line, icpo_line = table.splitlines()[2:4]
+    assert single_line.split()[:3] == ["single", "single", f"{100 * base['mean@k']:.1f}"]
+    assert icpo_line.split()[:4] == [
+        "me-icpo",
+        "me-icpo",
+        f"{100 * icpo['mean@k']:.1f}",
+        f"{100 * (icpo['mean@k'] - base['mean@k']):+.1f}",
+    ]
+    assert plot.read_bytes().startswith(PNG_MAGIC)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--method", "beam"], "use one of single, majority, random-icpo, me-icpo"),
+        (["--backend", "tgi"], "use one of hf, vllm"),
+        (["--problem-field", "question"], "--problem-field"),
+    ],
+)
+def test_bad_input_is_a_clean_error(infer, tmp_path, capsys, args, message):
+    assert infer(tmp_path / "run", *args) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "results.jsonl").exists()
+
+
+def test_compare_needs_finished_runs(tmp_path, capsys):
+    assert main(["compare", str(tmp_path)]) == 2
+    assert "metrics.json does not exist" in capsys.readouterr().err
