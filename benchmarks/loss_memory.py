@@ -1,0 +1,235 @@
+"""Time and peak memory of the token-level FW-LM loss against cross-entropy and TRL's generalized JSD.
+
+For each vocabulary size V and number of tokens N, every loss runs forward + backward on ``N x V`` student
+logits in a fresh subprocess, so one measurement never inherits another's allocator state or peak:
+
+- ``ce``: ``F.cross_entropy`` against sampled labels (the baseline every ratio is taken against);
+- ``fw``: dense ``fisher_weighted_logit_matching`` against full ``N x V`` teacher logits;
+- ``fw-topk``: ``sparse_fisher_weighted_logit_matching`` against the teacher's top-k logits and its
+  log-normaliser (what a trajectory dataset stores);
+- ``jsd``: TRL's ``GKDTrainer.generalized_jsd_loss`` (beta 0.5) against full teacher logits.
+
+Time is the median of ``--repeats`` timed runs after one warm-up run. Peak memory includes the inputs
+(student logits, their gradient, the teacher) and is measured on CUDA with ``torch.cuda.max_memory_allocated``
+and on CPU as the growth of the process's peak resident set (``ru_maxrss``) over its resident set before
+the inputs were created. Configurations whose estimated peak (from the same loss's smaller runs) exceeds
+``--memory-limit-gb`` are skipped and reported as such.
+
+    python benchmarks/loss_memory.py                 # V in {32000, 151936}, N in {2048, 4096, 8192}
+    python benchmarks/loss_memory.py --quick         # V 32000, N 2048, 2 repeats
+    python benchmarks/loss_memory.py --vocab 151936 --tokens 2048 --losses ce fw-topk
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from icpo_train.losses import fisher_weighted_logit_matching, sparse_fisher_weighted_logit_matching
+
+LOSSES = ("ce", "fw", "fw-topk", "jsd")
+# Rows of the teacher generated at a time, so building the sparse teacher never holds an N x V tensor.
+TEACHER_CHUNK = 256
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _make_loss(
+    name: str, logits: torch.Tensor, top_k: int, generator: torch.Generator
+) -> Callable[[], torch.Tensor]:
+    """The loss as a closure over its inputs (created here, so they count towards the peak)."""
+    n, vocab = logits.shape
+    device, dtype = logits.device, logits.dtype
+    if name == "ce":
+        labels = torch.randint(vocab, (n,), generator=generator, device=device)
+        return lambda: F.cross_entropy(logits, labels)
+    if name == "fw-topk":
+        values, indices, normalizer = [], [], []
+        for start in range(0, n, TEACHER_CHUNK):
+            rows = min(TEACHER_CHUNK, n - start)
+            teacher = 2 * torch.randn(rows, vocab, generator=generator, device=device, dtype=dtype)
+            top = teacher.topk(top_k, dim=-1)
+            values.append(top.values)
+            indices.append(top.indices)
+            normalizer.append(teacher.logsumexp(-1))
+            del teacher
+        values, indices, normalizer = torch.cat(values), torch.cat(indices), torch.cat(normalizer)
+        return lambda: sparse_fisher_weighted_logit_matching(
+            logits, indices, values, target_log_normalizer=normalizer
+        )
+    teacher = 2 * torch.randn(n, vocab, generator=generator, device=device, dtype=dtype)
+    if name == "fw":
+        return lambda: fisher_weighted_logit_matching(logits, teacher)
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    from trl.experimental.gkd import GKDTrainer
+
+    return lambda: GKDTrainer.generalized_jsd_loss(logits, teacher, beta=0.5)
+
+
+def measure(name: str, vocab: int, tokens: int, top_k: int, dtype: str, device: str, repeats: int) -> dict:
+    """Forward + backward of one loss on one shape; run in its own process (see module docstring)."""
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    generator = torch.Generator(device).manual_seed(0)
+    torch.ones(2, 2, device=device, requires_grad=True).logsumexp(-1).sum().backward()  # load kernels
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        baseline = torch.cuda.memory_allocated()
+    else:
+        baseline = _rss_bytes()
+
+    logits = 2 * torch.randn(tokens, vocab, generator=generator, device=device, dtype=getattr(torch, dtype))
+    logits.requires_grad_(True)
+    loss_fn = _make_loss(name, logits, top_k, generator)
+
+    # CPU time of this process, not wall time: on a shared CPU machine it does not count other tenants' load.
+    clock = time.perf_counter if cuda else time.process_time
+
+    def step() -> float:
+        logits.grad = None
+        if cuda:
+            torch.cuda.synchronize()
+        start = clock()
+        loss_fn().backward()
+        if cuda:
+            torch.cuda.synchronize()
+        return clock() - start
+
+    step()  # warm-up
+    times = [step() for _ in range(repeats)]
+    peak = torch.cuda.max_memory_allocated() if cuda else _peak_rss_bytes()
+    return {"time_s": statistics.median(times), "peak_bytes": peak - baseline}
+
+
+def _run_isolated(name: str, vocab: int, tokens: int, args: argparse.Namespace) -> dict:
+    command = [sys.executable, __file__, "--worker", name, str(vocab), str(tokens)]
+    command += ["--top-k", str(args.top_k), "--dtype", args.dtype, "--device", args.device]
+    command += ["--repeats", str(args.repeats)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        return {
+            "error": done.stderr.strip().splitlines()[-1]
+            if done.stderr.strip()
+            else f"exit {done.returncode}"
+        }
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _default_memory_limit_gb(device: str) -> float:
+    if device.startswith("cuda"):
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        return 0.9 * free / 2**30
+    with open("/proc/meminfo") as meminfo:
+        available_kib = next(int(line.split()[1]) for line in meminfo if line.startswith("MemAvailable"))
+    return 0.6 * available_kib / 2**20
+
+
+def run_grid(args: argparse.Namespace) -> list[dict]:
+    """Every (V, N, loss), smallest shapes first, skipping those estimated to exceed the memory limit."""
+    results, bytes_per_element = [], {}
+    for vocab, tokens in sorted(((v, n) for v in args.vocab for n in args.tokens), key=lambda s: s[0] * s[1]):
+        for name in args.losses:
+            row = {"vocab": vocab, "tokens": tokens, "loss": name}
+            estimate = bytes_per_element.get(name, 0.0) * vocab * tokens
+            if estimate > args.memory_limit_gb * 2**30:
+                row["skipped"] = (
+                    f"estimated peak {estimate / 2**30:.1f} GiB > --memory-limit-gb {args.memory_limit_gb:.1f}"
+                )
+            else:
+                row.update(_run_isolated(name, vocab, tokens, args))
+                if "peak_bytes" in row:
+                    bytes_per_element[name] = max(
+                        bytes_per_element.get(name, 0.0), row["peak_bytes"] / (vocab * tokens)
+                    )
+            print(json.dumps(row), file=sys.stderr, flush=True)
+            results.append(row)
+    return results
+
+
+def format_table(results: list[dict]) -> str:
+    """Markdown table with time and peak memory, each also as a ratio to cross-entropy on the same shape."""
+    baseline = {(r["vocab"], r["tokens"]): r for r in results if r["loss"] == "ce" and "time_s" in r}
+    lines = [
+        "| vocab | tokens | loss | time (ms) | time / CE | peak (MiB) | peak / CE |",
+        "|---:|---:|---|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        head = f"| {r['vocab']} | {r['tokens']} | {r['loss']} |"
+        if "time_s" not in r:
+            lines.append(f"{head} {r.get('skipped') or r.get('error')} | | | |")
+            continue
+        ce = baseline.get((r["vocab"], r["tokens"]))
+        time_ratio = f"{r['time_s'] / ce['time_s']:.2f}x" if ce else "n/a"
+        peak_ratio = f"{r['peak_bytes'] / ce['peak_bytes']:.2f}x" if ce else "n/a"
+        lines.append(
+            f"{head} {1000 * r['time_s']:.0f} | {time_ratio} | {r['peak_bytes'] / 2**20:.0f} | {peak_ratio} |"
+        )
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--vocab", type=int, nargs="+", default=[32000, 151936])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[2048, 4096, 8192])
+    parser.add_argument("--losses", nargs="+", choices=LOSSES, default=list(LOSSES))
+    parser.add_argument("--top-k", type=int, default=64, help="teacher logits stored per token by fw-topk")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--memory-limit-gb", type=float, default=None, help="default: 60%% of available RAM")
+    parser.add_argument("--quick", action="store_true", help="V 32000, N 2048, 2 repeats: a smoke run")
+    parser.add_argument("--json", default=None, help="also write the raw results to this file")
+    parser.add_argument("--worker", nargs=3, metavar=("LOSS", "VOCAB", "TOKENS"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.vocab, args.tokens, args.repeats = [32000], [2048], 2
+    if args.memory_limit_gb is None and not args.worker:
+        args.memory_limit_gb = _default_memory_limit_gb(args.device)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        name, vocab, tokens = args.worker
+        print(
+            json.dumps(
+                measure(name, int(vocab), int(tokens), args.top_k, args.dtype, args.device, args.repeats)
+            )
+        )
+        return 0
+    print(
+        f"device {args.device}, dtype {args.dtype}, top-k {args.top_k}, {args.repeats} repeats (median), "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads",
+        flush=True,
+    )
+    results = run_grid(args)
+    print(format_table(results))
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump(results, out, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
