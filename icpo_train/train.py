@@ -1,0 +1,68 @@
+"""`icpo-train train`: fine-tune a model (LoRA) on reflection trajectories with the ICPO loss.
+
+One process::
+
+    icpo-train train --config recipes/icpo/NAME.yaml [--field value ...]
+
+Several processes (DDP on GPUs or CPUs, DeepSpeed ZeRO)::
+
+    accelerate launch --config_file recipes/accelerate/NAME.yaml -m icpo_train train --config ...
+
+The output directory receives ``checkpoint-N`` folders (safetensors LoRA adapters that icpo-infer
+loads with ``--adapter``), the final adapter, ``icpo_config.json`` (the resolved config) and the
+Trainer's ``trainer_state.json`` / ``train_results.json``. ``--resume_from_checkpoint last`` (or a
+checkpoint path) continues an interrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from transformers.trainer_utils import get_last_checkpoint
+
+from icpo_infer.config import check, parse_config, to_dict
+from icpo_infer.results import write_json_atomic
+from icpo_train.trainer import ICPOConfig, ICPOTrainer
+
+CONFIG_FILE = "icpo_config.json"
+
+
+def resolve_checkpoint(config: ICPOConfig) -> str | None:
+    """``resume_from_checkpoint``: a checkpoint path, ``last`` (the newest in output_dir) or None."""
+    if config.resume_from_checkpoint != "last":
+        return config.resume_from_checkpoint
+    last = get_last_checkpoint(config.output_dir) if Path(config.output_dir).is_dir() else None
+    check(
+        last is not None,
+        f"resume_from_checkpoint: no checkpoint-N folder in output_dir '{config.output_dir}' to resume from.",
+    )
+    return last
+
+
+def trainable_checksum(model: torch.nn.Module) -> float:
+    """Sum of all trainable weights: equal on every process when the replicas stayed in sync."""
+    return sum(p.detach().double().sum().item() for p in model.parameters() if p.requires_grad)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    config = parse_config(ICPOConfig, argv, prog="icpo-train train")
+    checkpoint = resolve_checkpoint(config)
+    trainer = ICPOTrainer(config)
+    if trainer.is_world_process_zero():
+        Path(config.output_dir).mkdir(parents=True, exist_ok=True)
+        write_json_atomic(Path(config.output_dir) / CONFIG_FILE, to_dict(config))
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    trainer.save_model()
+    metrics = {**result.metrics, **dataclasses.asdict(trainer.trajectory_stats)}
+    trainer.log_metrics("train", metrics)
+    trainer.save_metrics("train", metrics)
+    trainer.save_state()
+    print(
+        f"icpo-train train: process {config.process_index} of {config.world_size} finished at step "
+        f"{trainer.state.global_step}; trainable-weight checksum {trainable_checksum(trainer.model)!r}",
+        flush=True,
+    )
+    return 0

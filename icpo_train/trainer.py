@@ -1,0 +1,675 @@
+"""The ICPO trainer: fine-tune an LLM (LoRA) so that its answer distribution given a round's history
+moves where one Fisher-weighted policy-optimization step from pi_ref would move it.
+
+Response level (default). One example is one trajectory row: the prompt of round t
+(:func:`icpo_train.trajectory_data.trajectory_prompt`, the exact inference prompt) and a group of
+responses y_j sampled from pi_ref given the bare question. Student logits are
+``z_j = log pi_theta(y_j | prompt_t)`` (sum over the response tokens, or their mean); targets are
+``z*_j = ref_logps_j + eta * R_j`` with ``R_j = icl_rewards_j + gt_coef / eta * gold_rewards_j``;
+the loss is :func:`icpo_train.losses.group_fisher_weighted_loss`.
+
+Token level. Every completion token is one FW-LM problem over the vocabulary: the student's
+next-token logits given prompt_t against a teacher's, computed by ``teacher_model`` on the same
+sequence or stored sparsely (top-k) in the dataset by :func:`add_teacher_topk`.
+
+Memory-lean mode (response level). The loss depends on theta only through the G scalars z_j, so
+``dL/dtheta = sum_j (dL/dz_j) dz_j/dtheta``: the group's z values are computed first without a
+graph, the loss and its G coefficients ``dL/dz_j`` (``w_j (d_j - dbar)`` for FW) follow from them,
+and each member is then re-run and back-propagated alone with its coefficient. Peak memory is that
+of one response, whatever G.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+from datasets import Dataset
+from peft import LoraConfig, get_peft_model
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    set_seed,
+)
+from transformers.pytorch_utils import Conv1D
+from trl.trainer.utils import selective_log_softmax
+
+from icpo_infer.backends.base import encode_completion, encode_prompt
+from icpo_infer.config import ConfigError, check
+from icpo_infer.prompts import PromptTemplates
+from icpo_train.losses import (
+    fisher_weighted_logit_matching,
+    group_fisher_weighted_loss,
+    group_weights,
+    sparse_fisher_weighted_logit_matching,
+)
+from icpo_train.trajectory_data import (
+    GROUP_COLUMNS,
+    TEACHER_COLUMNS,
+    load_trajectories,
+    trajectory_prompt,
+    validate_trajectories,
+)
+
+logger = logging.getLogger(__name__)
+
+LOSS_LEVELS = ("response", "token")
+LOSS_TYPES = ("fw", "kl", "mse", "sft")
+QWEN_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Module types LoRA can wrap (PEFT's own list is longer; these are the ones causal LMs use).
+LORA_MODULE_TYPES = (torch.nn.Linear, torch.nn.Embedding, Conv1D)
+
+
+def _help(default, text: str):
+    return field(default=default, metadata={"help": text})
+
+
+def _deepspeed_requested(config: TrainingArguments) -> bool:
+    """DeepSpeed comes from ``--deepspeed`` or from ``accelerate launch`` with a DeepSpeed config."""
+    return bool(config.deepspeed) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+@dataclass
+class ICPOConfig(TrainingArguments):
+    """All options of `icpo-train train`: transformers' TrainingArguments plus the ICPO fields."""
+
+    model_name_or_path: str | None = _help(None, "Base model to train: a local directory or a Hub id.")
+    trajectories: str | None = _help(
+        None, "Trajectory dataset from `icpo-train build-trajectories`: a save_to_disk directory or Parquet."
+    )
+    templates: str | None = _help(
+        None, "YAML file overriding the prompt wording: the one the trajectories were built with."
+    )
+    loss_level: str = _help("response", f"One of {', '.join(LOSS_LEVELS)}.")
+    loss_type: str = _help(
+        "fw",
+        "fw: Fisher-weighted logit matching; kl: KL between the group softmaxes (pi_ref divided out); "
+        "mse: unweighted, 1/2 mean_j (d_j - mean d)^2; sft: cross-entropy on members with positive reward.",
+    )
+    eta: float = _help(1.0, "Step size of the in-context policy update: z* = log pi_ref + eta * R.")
+    gt_coef: float = _help(0.0, "Weight of the gold reward in the target: z* += gt_coef * gold_reward.")
+    logprob_reduction: str = _help("sum", "z_j = sum (default) or mean of the response's token log-probs.")
+    memory_lean: bool = _help(
+        False, "Back-propagate one group member at a time: peak memory independent of the group size."
+    )
+    teacher_model: str | None = _help(
+        None, "Token level: teacher model scored on the same sequences (else the dataset's top-k columns)."
+    )
+    max_length: int | None = _help(
+        None, "Leave out group members whose prompt + response exceed this many tokens."
+    )
+    use_peft: bool = _help(True, "Train a LoRA adapter (false: full fine-tuning).")
+    lora_r: int = _help(16, "LoRA rank.")
+    lora_alpha: int = _help(32, "LoRA alpha (scale alpha / r).")
+    lora_dropout: float = _help(0.05, "Dropout on the LoRA input.")
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: list(QWEN_LORA_TARGETS),
+        metadata={"help": "Module names LoRA adapts (suffixes of the model's module names)."},
+    )
+    trust_remote_code: bool = _help(False, "Run the model repository's own code (only for repos you trust).")
+    # TrainingArguments defaults that do not suit this trainer.
+    bf16: bool | None = _help(None, "bf16 mixed precision; default: where the device supports it.")
+    remove_unused_columns: bool = _help(
+        False, "Keep the tokenised trajectory columns (the collator needs them)."
+    )
+    ddp_find_unused_parameters: bool | None = _help(False, "Every trainable parameter gets a gradient.")
+    logging_steps: float = _help(10, "Log every this many optimizer steps.")
+
+    def __post_init__(self) -> None:
+        check(
+            self.model_name_or_path is not None,
+            "model_name_or_path is required: name the base model (a local directory or a Hub id).",
+        )
+        check(
+            self.trajectories is not None,
+            "trajectories is required: pass the output directory of `icpo-train build-trajectories`.",
+        )
+        for name, value, valid in [
+            ("loss_level", self.loss_level, LOSS_LEVELS),
+            ("loss_type", self.loss_type, LOSS_TYPES),
+            ("logprob_reduction", self.logprob_reduction, ("sum", "mean")),
+        ]:
+            check(value in valid, f"{name}='{value}' is unknown; use one of {', '.join(valid)}.")
+        check(self.eta > 0, f"eta={self.eta} is invalid; use eta > 0.")
+        check(
+            self.gt_coef >= 0,
+            f"gt_coef={self.gt_coef} is invalid; use gt_coef >= 0 (0: history rewards only).",
+        )
+        check(
+            self.max_length is None or self.max_length >= 2,
+            f"max_length={self.max_length} is invalid; use max_length >= 2 or leave it out.",
+        )
+        check(self.lora_r >= 1, f"lora_r={self.lora_r} is invalid; use lora_r >= 1.")
+        check(self.lora_alpha > 0, f"lora_alpha={self.lora_alpha} is invalid; use lora_alpha > 0.")
+        check(0 <= self.lora_dropout < 1, f"lora_dropout={self.lora_dropout} is invalid; use 0 <= it < 1.")
+        check(bool(self.lora_target_modules), "lora_target_modules is empty; name the modules LoRA adapts.")
+        if self.loss_level == "token":
+            check(
+                self.loss_type == "fw",
+                f"loss_type='{self.loss_type}' is a response-level ablation; use loss_type: fw with loss_level: token.",
+            )
+            check(
+                not self.memory_lean, "memory_lean applies to loss_level: response; set memory_lean: false."
+            )
+        else:
+            check(self.teacher_model is None, "teacher_model is used by loss_level: token only; remove it.")
+        check(
+            not (self.memory_lean and _deepspeed_requested(self)),
+            "memory_lean runs one backward per group member, which DeepSpeed's engine (one backward per "
+            "step) cannot accumulate; launch with recipes/accelerate/ddp.yaml or set memory_lean: false.",
+        )
+        if self.bf16 is None:
+            self.bf16 = not self.fp16 and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        if not torch.accelerator.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # Processes started by torchrun / accelerate on a machine without accelerators: DDP runs as
+            # MULTI_CPU only with use_cpu, DeepSpeed initialises its own process group and needs the backend.
+            self.ddp_backend = self.ddp_backend or "gloo"
+            self.use_cpu = self.use_cpu or not _deepspeed_requested(self)
+        super().__post_init__()
+
+    def lora_config(self) -> LoraConfig:
+        targets = list(self.lora_target_modules)
+        return LoraConfig(
+            r=self.lora_r,
+            lora_alpha=self.lora_alpha,
+            lora_dropout=self.lora_dropout,
+            target_modules="all-linear" if targets == ["all-linear"] else targets,  # PEFT's keyword is a str
+            task_type="CAUSAL_LM",
+        )
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN or infinite loss; the message names the step and the example."""
+
+
+def check_lora_targets(model: torch.nn.Module, targets: list[str]) -> None:
+    """Every target must name at least one module LoRA can adapt (PEFT only fails when none matches)."""
+    adaptable = [name for name, module in model.named_modules() if isinstance(module, LORA_MODULE_TYPES)]
+    if targets == ["all-linear"]:
+        return
+    for target in targets:
+        if not any(name == target or name.endswith("." + target) for name in adaptable):
+            choices = sorted({name.rsplit(".", 1)[-1] for name in adaptable})
+            raise ConfigError(
+                f"lora_target_modules: '{target}' is not a linear or embedding module of "
+                f"{type(model).__name__}; choose among {', '.join(choices)} (or all-linear)."
+            )
+
+
+def load_policy(config: ICPOConfig) -> PreTrainedModel:
+    """The model to train, wrapped in a fresh LoRA adapter when ``use_peft``.
+
+    A LoRA base is loaded in bf16 when training in bf16 (it stays frozen); a fully fine-tuned model
+    keeps fp32 master weights and runs in bf16 through autocast.
+    """
+    dtype = torch.bfloat16 if config.bf16 and config.use_peft else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(
+        config.model_name_or_path, dtype=dtype, trust_remote_code=config.trust_remote_code
+    )
+    if not config.use_peft:
+        return model
+    check_lora_targets(model, list(config.lora_target_modules))
+    return get_peft_model(model, config.lora_config())
+
+
+def _tokenize_row(
+    row: dict,
+    tokenizer: PreTrainedTokenizerBase,
+    templates: PromptTemplates | None,
+    max_length: int | None,
+    teacher_columns: list[str],
+) -> dict:
+    """Prompt and response token ids of one row, keeping the valid members of its group.
+
+    A member is valid when its ref_logp and rewards are finite and prompt + response fits
+    ``max_length``. A response that does not encode to ``ref_num_tokens`` tokens means the ref_logps
+    score other tokens than the ones trained on: an error, never a silent bias.
+    """
+    where = f"question_id={row['question_id']} round={row['round']}"
+    size = len(row["responses"])
+    for column in GROUP_COLUMNS:
+        check(
+            len(row[column]) == size,
+            f"--trajectories: row {where}: '{column}' has {len(row[column])} entries for {size} responses; "
+            "rebuild the trajectories.",
+        )
+    prompt_ids = encode_prompt(tokenizer, trajectory_prompt(row, tokenizer, templates))
+    members, completions = [], []
+    for j, response in enumerate(row["responses"]):
+        ids = encode_completion(tokenizer, response)
+        check(
+            len(ids) == row["ref_num_tokens"][j],
+            f"--trajectories: row {where}, response {j} encodes to {len(ids)} tokens but ref_num_tokens "
+            f"says {row['ref_num_tokens'][j]}: its ref_logp scores other tokens. Rebuild the trajectories.",
+        )
+        finite = all(math.isfinite(row[c][j]) for c in ("ref_logps", "icl_rewards", "gold_rewards"))
+        if finite and (max_length is None or len(prompt_ids) + len(ids) <= max_length):
+            members.append(j)
+            completions.append(ids)
+    return {
+        "prompt_ids": prompt_ids,
+        "completion_ids": completions,
+        "num_responses": size,
+        "num_members": len(members),
+        **{
+            c: [row[c][j] for j in members]
+            for c in ("ref_logps", "icl_rewards", "gold_rewards", *teacher_columns)
+        },
+    }
+
+
+@dataclass
+class TrajectoryStats:
+    rows: int  # rows in the dataset
+    skipped_groups: int  # rows left out: fewer than 2 valid members
+    skipped_members: int  # members left out of their group (non-finite or too long)
+
+
+def tokenize_trajectories(
+    dataset: Dataset,
+    tokenizer: PreTrainedTokenizerBase,
+    templates: PromptTemplates | None = None,
+    max_length: int | None = None,
+) -> tuple[Dataset, TrajectoryStats]:
+    """Token ids of every row and the valid members of its group; groups under 2 members are dropped."""
+    teacher_columns = [c for c in TEACHER_COLUMNS if c in dataset.column_names]
+    tokenized = dataset.map(
+        _tokenize_row,
+        fn_kwargs={
+            "tokenizer": tokenizer,
+            "templates": templates,
+            "max_length": max_length,
+            "teacher_columns": teacher_columns,
+        },
+        remove_columns=[c for c in dataset.column_names if c not in ("question_id", "round")],
+        desc="tokenising trajectories",
+    )
+    sizes = tokenized["num_members"]
+    stats = TrajectoryStats(
+        rows=len(sizes),
+        skipped_groups=sum(size < 2 for size in sizes),
+        skipped_members=sum(tokenized["num_responses"]) - sum(sizes),
+    )
+    kept = tokenized.select([i for i, size in enumerate(sizes) if size >= 2])
+    return kept.remove_columns(["num_responses", "num_members"]), stats
+
+
+@dataclass
+class TrajectoryCollator:
+    """Batches trajectory rows: every group member becomes one sequence ``prompt + response``.
+
+    Sequences are left-padded, as the inference backend scores them, so every response ends at the
+    last column and ``completion_mask`` (right-aligned) marks its tokens. Per-member values come as
+    ``(rows, G)`` tensors with ``group_mask`` marking the real members of each row.
+    """
+
+    pad_token_id: int
+
+    def __call__(self, rows: list[dict]) -> dict:
+        sequences = [row["prompt_ids"] + ids for row in rows for ids in row["completion_ids"]]
+        completions = [ids for row in rows for ids in row["completion_ids"]]
+        width, span = max(map(len, sequences)), max(map(len, completions))
+        input_ids = torch.full((len(sequences), width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+        completion_mask = torch.zeros((len(sequences), span), dtype=torch.bool)
+        for n, (sequence, completion) in enumerate(zip(sequences, completions, strict=True)):
+            input_ids[n, width - len(sequence) :] = torch.tensor(sequence)
+            attention_mask[n, width - len(sequence) :] = 1
+            completion_mask[n, span - len(completion) :] = True
+        sizes = torch.tensor([len(row["completion_ids"]) for row in rows])
+        group_mask = torch.arange(int(sizes.max())) < sizes.unsqueeze(-1)
+
+        def per_member(column: str) -> torch.Tensor:
+            values = torch.tensor([v for row in rows for v in row[column]], dtype=torch.float32)
+            return torch.zeros(group_mask.shape).masked_scatter(group_mask, values)
+
+        batch = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "completion_mask": completion_mask,
+            "group_mask": group_mask,
+            "ref_logps": per_member("ref_logps"),
+            "icl_rewards": per_member("icl_rewards"),
+            "gold_rewards": per_member("gold_rewards"),
+            "question_id": [row["question_id"] for row in rows],
+            "round": [row["round"] for row in rows],
+        }
+        if "teacher_topk_ids" in rows[0]:
+            batch.update(self._teacher_topk(rows, completions, span))
+        return batch
+
+    @staticmethod
+    def _teacher_topk(rows: list[dict], completions: list[list[int]], span: int) -> dict:
+        """The stored teacher columns, right-aligned like ``completion_mask``."""
+        top_k = len(rows[0]["teacher_topk_ids"][0][0])
+        ids = torch.zeros((len(completions), span, top_k), dtype=torch.long)
+        logits = torch.zeros((len(completions), span, top_k))
+        has_normalizer = "teacher_logsumexp" in rows[0]
+        normalizer = torch.zeros((len(completions), span))
+        members = [(row, j) for row in rows for j in range(len(row["completion_ids"]))]
+        for n, ((row, j), completion) in enumerate(zip(members, completions, strict=True)):
+            ids[n, span - len(completion) :] = torch.tensor(row["teacher_topk_ids"][j])
+            logits[n, span - len(completion) :] = torch.tensor(row["teacher_topk_logits"][j])
+            if has_normalizer:
+                normalizer[n, span - len(completion) :] = torch.tensor(row["teacher_logsumexp"][j])
+        columns = {"teacher_topk_ids": ids, "teacher_topk_logits": logits}
+        return {**columns, "teacher_logsumexp": normalizer} if has_normalizer else columns
+
+
+def completion_logits(
+    model: torch.nn.Module, batch: dict, rows: slice = slice(None)
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logits that predict each response token ``(n, C, V)``, the tokens ``(n, C)`` and their mask.
+
+    ``rows`` selects members of the batch; padding columns that no selected member uses are cut off,
+    and only the last C + 1 positions go through the output layer (``logits_to_keep``).
+    """
+    attention_mask, completion_mask = batch["attention_mask"][rows], batch["completion_mask"][rows]
+    width, span = int(attention_mask.sum(-1).max()), int(completion_mask.sum(-1).max())
+    input_ids, attention_mask = batch["input_ids"][rows, -width:], attention_mask[:, -width:]
+    # Left padding: positions come from the mask, as in generate() and Backend.score.
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        logits_to_keep=span + 1,
+        use_cache=False,
+    ).logits[:, :-1]
+    return logits, input_ids[:, -span:], completion_mask[:, -span:]
+
+
+def response_losses(
+    loss_type: str,
+    policy_logps: torch.Tensor,
+    ref_logps: torch.Tensor,
+    rewards: torch.Tensor,
+    eta: float,
+    group_mask: torch.Tensor,
+) -> torch.Tensor:
+    """Per-group loss ``(B,)`` of the group logits ``z = policy_logps`` against ``z* = ref + eta R``.
+
+    - fw: ``1/2 sum_j w_j (d_j - dbar)^2`` with ``w = softmax(eta R)`` (importance weights p*/pi_ref);
+    - kl: ``KL(softmax(z* - ref) || softmax(z - ref))`` over the group: the group-restricted softmaxes
+      with pi_ref divided out, as the group was sampled from it; fw is its second-order expansion;
+    - mse: fw with uniform weights, ``1/2 mean_j (d_j - mean d)^2`` (shift-invariant like fw);
+    - sft: ``-mean log pi_theta(y_j)`` over the members with positive reward R_j > 0 (0 if none).
+    """
+    if loss_type == "fw":
+        return group_fisher_weighted_loss(policy_logps, ref_logps, rewards, eta, group_mask, reduction="none")
+    if loss_type == "mse":
+        target = ref_logps + eta * rewards
+        uniform = torch.zeros_like(rewards)
+        return group_fisher_weighted_loss(policy_logps, target, uniform, eta, group_mask, reduction="none")
+    if loss_type == "kl":
+        log_w = (eta * rewards).masked_fill(~group_mask, float("-inf")).log_softmax(-1)
+        log_q = (policy_logps - ref_logps).masked_fill(~group_mask, float("-inf")).log_softmax(-1)
+        return (log_w.exp() * torch.where(group_mask, log_w - log_q, 0.0)).sum(-1)
+    if loss_type == "sft":
+        chosen = group_mask & (rewards > 0)
+        return -(policy_logps * chosen).sum(-1) / chosen.sum(-1).clamp(min=1)
+    raise ValueError(f"unknown loss_type {loss_type!r}")
+
+
+@torch.no_grad()
+def group_statistics(
+    policy_logps: torch.Tensor,
+    ref_logps: torch.Tensor,
+    rewards: torch.Tensor,
+    eta: float,
+    group_mask: torch.Tensor,
+) -> dict[str, torch.Tensor]:
+    """Batch means of the FW terms: E_w[d], Var_w[d] (= 2 L_FW), the weights' effective sample size."""
+    weights = group_weights(rewards, eta, group_mask)
+    d = torch.where(group_mask, policy_logps - ref_logps - eta * rewards, 0.0)
+    mean = (weights * d).sum(-1, keepdim=True)
+    return {
+        "d_weighted_mean": mean.mean(),
+        "d_weighted_var": (weights * (d - mean) ** 2).sum(-1).mean(),
+        "ess": (1 / (weights**2).sum(-1)).mean(),
+        "group_size": group_mask.sum(-1).float().mean(),
+    }
+
+
+class ICPOTrainer(Trainer):
+    """transformers' Trainer with the ICPO losses; see the module docstring.
+
+    ``model``, ``processing_class`` and ``train_dataset`` default to ``args.model_name_or_path``
+    (with a LoRA adapter when ``args.use_peft``), its tokenizer and ``args.trajectories``. Bad input
+    (missing columns, another tokenizer, LoRA targets the model lacks, no usable group) raises
+    :class:`~icpo_infer.config.ConfigError` before training starts.
+    """
+
+    loss_is_scaled_for_ga = False  # losses are batch means: the Trainer divides by the accumulation steps
+
+    def __init__(
+        self,
+        args: ICPOConfig,
+        model: PreTrainedModel | None = None,
+        processing_class: PreTrainedTokenizerBase | None = None,
+        train_dataset: Dataset | None = None,
+        callbacks: list[TrainerCallback] | None = None,
+    ) -> None:
+        tokenizer = processing_class or AutoTokenizer.from_pretrained(
+            args.model_name_or_path, trust_remote_code=args.trust_remote_code
+        )
+        trajectories = train_dataset if train_dataset is not None else load_trajectories(args.trajectories)
+        validate_trajectories(trajectories, tokenizer)
+        check(
+            args.loss_level != "token"
+            or args.teacher_model is not None
+            or "teacher_topk_ids" in trajectories.column_names,
+            "loss_level: token needs a teacher: set teacher_model, or add top-k teacher columns to the "
+            "trajectories with icpo_train.trainer.add_teacher_topk.",
+        )
+        templates = PromptTemplates.from_yaml(args.templates) if args.templates else None
+        set_seed(args.seed)  # the LoRA initialisation is part of the run
+        model = model if model is not None else load_policy(args)
+        with args.main_process_first(desc="tokenising trajectories"):
+            dataset, self.trajectory_stats = tokenize_trajectories(
+                trajectories, tokenizer, templates, args.max_length
+            )
+        stats = self.trajectory_stats
+        if stats.skipped_groups or stats.skipped_members:
+            logger.warning(
+                "trajectories: skipped %d of %d groups with fewer than 2 valid members; left out %d members "
+                "(non-finite ref_logp or reward, or longer than max_length=%s)",
+                stats.skipped_groups,
+                stats.rows,
+                stats.skipped_members,
+                args.max_length,
+            )
+        check(
+            len(dataset) > 0,
+            f"--trajectories: none of the {stats.rows} groups has 2 valid members (finite ref_logps and "
+            f"rewards, prompt + response within max_length={args.max_length}); raise max_length or rebuild.",
+        )
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=TrajectoryCollator(pad),
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            callbacks=callbacks,
+        )
+        self.teacher = None
+        if args.loss_level == "token" and args.teacher_model is not None:
+            self.teacher = AutoModelForCausalLM.from_pretrained(
+                args.teacher_model,
+                dtype=torch.bfloat16 if args.bf16 else torch.float32,
+                trust_remote_code=args.trust_remote_code,
+            )
+            self.teacher.requires_grad_(False).eval().to(self.accelerator.device)
+        self._metrics: dict[str, list[torch.Tensor]] = defaultdict(list)
+
+    # -- losses ---------------------------------------------------------------------------------
+
+    def _policy_logps(self, model: torch.nn.Module, inputs: dict, rows: slice = slice(None)) -> torch.Tensor:
+        """z = log pi_theta(response | prompt_t) of the selected members, flat ``(n,)``."""
+        logits, targets, mask = completion_logits(model, inputs, rows)
+        token_logps = selective_log_softmax(logits.float(), targets).masked_fill(~mask, 0.0)
+        if self.args.logprob_reduction == "mean":
+            return token_logps.sum(-1) / mask.sum(-1)
+        return token_logps.sum(-1)
+
+    def _group_loss(self, flat_logps: torch.Tensor, inputs: dict) -> torch.Tensor:
+        """The batch's response-level loss from its members' z values (flat, in collator order)."""
+        group_mask = inputs["group_mask"]
+        policy_logps = torch.zeros(group_mask.shape, dtype=flat_logps.dtype, device=flat_logps.device)
+        policy_logps = policy_logps.masked_scatter(group_mask, flat_logps)
+        args = self.args
+        rewards = inputs["icl_rewards"] + args.gt_coef / args.eta * inputs["gold_rewards"]
+        losses = response_losses(
+            args.loss_type, policy_logps, inputs["ref_logps"], rewards, args.eta, group_mask
+        )
+        self._raise_if_not_finite(losses, inputs)
+        for key, value in group_statistics(
+            policy_logps, inputs["ref_logps"], rewards, args.eta, group_mask
+        ).items():
+            self._metrics[key].append(value)
+        return losses.mean()
+
+    def _token_loss(self, model: torch.nn.Module, inputs: dict) -> torch.Tensor:
+        """Mean per-token FW-LM over all response tokens of the batch."""
+        logits, _, mask = completion_logits(model, inputs)
+        span = mask.shape[1]
+        if self.teacher is not None:
+            with torch.no_grad():
+                teacher_logits, _, _ = completion_logits(self.teacher, inputs)
+            vocab = min(
+                logits.shape[-1], teacher_logits.shape[-1]
+            )  # embedding rows past the tokenizer differ
+            per_token = fisher_weighted_logit_matching(
+                logits[..., :vocab], teacher_logits[..., :vocab], mask, reduction="none"
+            )
+        else:
+            normalizer = inputs.get("teacher_logsumexp")
+            per_token = sparse_fisher_weighted_logit_matching(
+                logits,
+                inputs["teacher_topk_ids"][:, -span:],
+                inputs["teacher_topk_logits"][:, -span:],
+                mask,
+                reduction="none",
+                target_log_normalizer=None if normalizer is None else normalizer[:, -span:],
+            )
+        group_mask = inputs["group_mask"]
+        member_rows = group_mask.nonzero()[:, 0]
+        per_row = torch.zeros(group_mask.shape[0], device=per_token.device, dtype=per_token.dtype)
+        self._raise_if_not_finite(per_row.index_add(0, member_rows, per_token.sum(-1)), inputs)
+        self._metrics["tokens"].append(mask.sum().float())
+        return per_token.sum() / mask.sum()
+
+    def _raise_if_not_finite(self, per_row_losses: torch.Tensor, inputs: dict) -> None:
+        bad = (~torch.isfinite(per_row_losses)).nonzero()
+        if len(bad):
+            row = int(bad[0])
+            raise NonFiniteLossError(
+                f"non-finite loss ({per_row_losses[row].item()}) at step {self.state.global_step + 1} on "
+                f"question_id={inputs['question_id'][row]} round={inputs['round'][row]}: training stopped. "
+                "Check that example's ref_logps and rewards, or lower learning_rate / eta."
+            )
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.args.loss_level == "token":
+            return self._token_loss(model, inputs)
+        return self._group_loss(self._policy_logps(model, inputs), inputs)
+
+    # -- memory-lean step -----------------------------------------------------------------------
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if not self.args.memory_lean:
+            return super().training_step(model, inputs, num_items_in_batch)
+        model.train()
+        inputs = self._prepare_inputs(inputs)
+        members = [slice(n, n + 1) for n in range(inputs["input_ids"].shape[0])]
+        device = self.accelerator.device
+        # Pass 1 runs in a forked RNG, so pass 2 replays the same dropout masks member by member.
+        with (
+            torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
+            torch.no_grad(),
+            self.compute_loss_context_manager(),
+        ):
+            flat_logps = torch.cat([self._policy_logps(model, inputs, member) for member in members])
+        flat_logps.requires_grad_()
+        loss = self._group_loss(flat_logps, inputs) / self.current_gradient_accumulation_steps
+        (coefficients,) = torch.autograd.grad(loss, flat_logps)  # dL/dz_j, e.g. w_j (d_j - dbar) for fw
+        for n, member in enumerate(members):
+            # DDP all-reduces the accumulated gradients once, in the last member's backward.
+            last = n == len(members) - 1
+            sync = contextlib.nullcontext() if last else self.accelerator.no_sync(model)
+            with sync, self.compute_loss_context_manager():
+                logp = self._policy_logps(model, inputs, member)
+                self.accelerator.backward((coefficients[n] * logp).sum())
+        return loss.detach()
+
+    # -- logging --------------------------------------------------------------------------------
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Add the means of the ICPO metrics since the last log (averaged over processes)."""
+        if "loss" in logs and self._metrics:
+            keys = sorted(self._metrics)
+            means = torch.stack([torch.stack(self._metrics[key]).mean() for key in keys])
+            means = self.accelerator.reduce(means, reduction="mean")
+            logs.update({key: value.item() for key, value in zip(keys, means, strict=True)})
+            self._metrics.clear()
+        super().log(logs, start_time)
+
+
+@torch.no_grad()
+def add_teacher_topk(
+    dataset: Dataset,
+    teacher: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    top_k: int,
+    templates: PromptTemplates | None = None,
+    batch_size: int = 4,
+) -> Dataset:
+    """The trajectories with the teacher's sparse token-level targets for every response.
+
+    For each response token given the round's prompt: the teacher's ``top_k`` token ids and logits
+    and its full-vocabulary logsumexp, the target of the token-level loss when no teacher model is
+    loaded during training.
+    """
+    check(top_k >= 1, f"top_k={top_k} is invalid; use top_k >= 1.")
+    collate = TrajectoryCollator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+    device = next(teacher.parameters()).device
+
+    def annotate(batch: dict) -> dict:
+        rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
+        features = [
+            {
+                "prompt_ids": encode_prompt(tokenizer, trajectory_prompt(row, tokenizer, templates)),
+                "completion_ids": [encode_completion(tokenizer, r) for r in row["responses"]],
+                **{c: row[c] for c in ("ref_logps", "icl_rewards", "gold_rewards", "question_id", "round")},
+            }
+            for row in rows
+        ]
+        inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate(features).items()}
+        logits, _, _ = completion_logits(teacher, inputs)
+        top = logits.float().topk(top_k, dim=-1)
+        normalizer = logits.float().logsumexp(-1)
+        columns: dict[str, list] = {c: [] for c in TEACHER_COLUMNS}
+        n = 0
+        for feature in features:
+            for column in columns.values():
+                column.append([])
+            for ids in feature["completion_ids"]:
+                span = slice(logits.shape[1] - len(ids), None)
+                columns["teacher_topk_ids"][-1].append(top.indices[n, span].tolist())
+                columns["teacher_topk_logits"][-1].append(top.values[n, span].tolist())
+                columns["teacher_logsumexp"][-1].append(normalizer[n, span].tolist())
+                n += 1
+        return columns
+
+    return dataset.map(annotate, batched=True, batch_size=batch_size, desc="teacher top-k")
