@@ -1,0 +1,347 @@
+"""The ICPO trainer on the tiny model: learning, memory-lean equivalence, prompts, resume, adapters, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from trajectory_fixtures import build_trajectories
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+
+from icpo_infer.backends.base import BackendOptions, encode_completion, encode_prompt
+from icpo_infer.backends.hf import HFBackend
+from icpo_infer.config import ConfigError, parse_config
+from icpo_infer.prompts import Attempt, render_prompt
+from icpo_train import train
+from icpo_train.tiny_lm import init_tiny_llama
+from icpo_train.trainer import (
+    ICPOConfig,
+    ICPOTrainer,
+    NonFiniteLossError,
+    add_teacher_topk,
+    response_losses,
+)
+from icpo_train.trajectory_data import load_trajectories, tokenizer_fingerprint, trajectory_prompt
+
+TINY_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "icpo" / "tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def trajectories(tiny_model_dir):
+    return build_trajectories(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def trajectories_dir(trajectories, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("trajectories")
+    trajectories.save_to_disk(str(path))
+    return path
+
+
+def recipe_args(model_dir: Path, trajectories_dir: Path, output_dir: Path, *overrides: str) -> list[str]:
+    """The command line of `icpo-train train` on the tiny recipe."""
+    return [
+        "--config",
+        str(TINY_RECIPE),
+        "--model_name_or_path",
+        str(model_dir),
+        "--trajectories",
+        str(trajectories_dir),
+        "--output_dir",
+        str(output_dir),
+        *overrides,
+    ]
+
+
+def make_config(*args, **kwargs) -> ICPOConfig:
+    return parse_config(ICPOConfig, recipe_args(*args, **kwargs))
+
+
+def logged(history: list[dict], key: str = "loss") -> list[float]:
+    return [entry[key] for entry in history if key in entry and "train_runtime" not in entry]
+
+
+def test_response_losses_on_known_groups():
+    torch.manual_seed(0)
+    ref, rewards = torch.randn(3, 5, dtype=torch.float64) * 50, torch.randint(-2, 3, (3, 5)).double()
+    mask = torch.ones(3, 5, dtype=torch.bool)
+    mask[0, 3:] = False
+    eta = 0.7
+    small = torch.randn(3, 5, dtype=torch.float64) * 1e-2
+    policy = ref + eta * rewards + small
+    fw = response_losses("fw", policy, ref, rewards, eta, mask)
+    # KL between the group softmaxes agrees with FW to second order and is shift invariant, as FW is.
+    kl = response_losses("kl", policy, ref, rewards, eta, mask)
+    torch.testing.assert_close(kl, fw, rtol=2e-2, atol=0)
+    for loss_type in ("fw", "kl", "mse"):
+        shifted = response_losses(loss_type, policy + 3.0, ref, rewards, eta, mask)
+        torch.testing.assert_close(shifted, response_losses(loss_type, policy, ref, rewards, eta, mask))
+    # mse: the same variance with uniform weights over the valid members.
+    d = (policy - ref - eta * rewards)[1]
+    assert response_losses("mse", policy, ref, rewards, eta, mask)[1] == pytest.approx(
+        0.5 * ((d - d.mean()) ** 2).mean().item(), rel=1e-5
+    )
+    # sft: mean negative log-likelihood of the positively rewarded valid members, 0 without any.
+    chosen = mask[1] & (rewards[1] > 0)
+    sft = response_losses("sft", policy, ref, rewards, eta, mask)
+    assert sft[1].item() == pytest.approx(-policy[1][chosen].mean().item(), rel=1e-6)
+    assert response_losses("sft", policy, ref, torch.zeros_like(rewards), eta, mask).eq(0).all()
+
+
+def test_fingerprint_is_stable_and_tells_tokenizers_apart(tiny_model_dir, tiny_chat_model_dir):
+    base = tokenizer_fingerprint(AutoTokenizer.from_pretrained(tiny_model_dir))
+    assert base == tokenizer_fingerprint(AutoTokenizer.from_pretrained(tiny_model_dir))
+    # Same vocabulary, different chat template: different prompts, so a different fingerprint.
+    assert base != tokenizer_fingerprint(AutoTokenizer.from_pretrained(tiny_chat_model_dir))
+
+
+def test_trajectories_load_from_disk_and_parquet(trajectories, trajectories_dir, tmp_path):
+    trajectories.to_parquet(str(tmp_path / "trajectories.parquet"))
+    for source in (trajectories_dir, tmp_path / "trajectories.parquet", tmp_path):
+        assert load_trajectories(source).to_list() == trajectories.to_list()
+    with pytest.raises(ConfigError, match="neither a dataset saved with save_to_disk nor Parquet"):
+        load_trajectories(tmp_path / "missing")
+
+
+def test_training_prompt_is_the_inference_prompt(tiny_model_dir, trajectories, trajectories_dir, tmp_path):
+    trainer = ICPOTrainer(make_config(tiny_model_dir, trajectories_dir, tmp_path, "--memory_lean", "false"))
+    tokenizer = trainer.processing_class
+    row = trajectories[2]  # round 3: both history buckets
+    history = [Attempt(h["text"], h["answer"], h["reward"]) for h in row["history"]]
+    assert {a.reward for a in history} == {0, 1}
+    inference_prompt = render_prompt(tokenizer, row["question"], history, row["answer_type"])
+    assert trajectory_prompt(row, tokenizer) == inference_prompt
+    batch = trainer.data_collator([trainer.train_dataset[2]])
+    for n, response in enumerate(row["responses"]):
+        sequence = batch["input_ids"][n][batch["attention_mask"][n].bool()].tolist()
+        assert sequence == encode_prompt(tokenizer, inference_prompt) + encode_completion(tokenizer, response)
+    # Round 1 (empty history) is the prompt pi_ref was scored on: the untrained adapter reproduces the
+    # backend's ref_logps, so tokens, padding and positions match inference exactly.
+    first_rounds = [i for i, r in enumerate(trainer.train_dataset["round"]) if r == 1]
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in first_rounds])
+    with torch.no_grad():
+        policy = trainer._policy_logps(trainer.model, batch)
+    torch.testing.assert_close(policy, batch["ref_logps"][batch["group_mask"]], rtol=0, atol=1e-3)
+
+
+def test_loss_decreases_and_logs_the_fw_terms(tiny_model_dir, trajectories_dir, tmp_path):
+    config = make_config(
+        tiny_model_dir,
+        trajectories_dir,
+        tmp_path,
+        "--per_device_train_batch_size",
+        "9",
+        "--memory_lean",
+        "false",
+    )
+    trainer = ICPOTrainer(config)
+    trainer.train()
+    history = trainer.state.log_history
+    losses = logged(history)
+    assert len(losses) == config.max_steps
+    assert losses[-1] < 0.5 * losses[0]
+    for entry in history[:-1]:  # FW loss = 1/2 Var_w[d]; ESS between 1 and the group size
+        assert entry["d_weighted_var"] == pytest.approx(2 * entry["loss"], rel=1e-4)
+        assert 1 <= entry["ess"] <= entry["group_size"] <= 4
+
+
+def test_memory_lean_gives_the_plain_gradient(tiny_model_dir, trajectories_dir, tmp_path):
+    """One SGD step (lr 1, two accumulated batches of mixed group sizes): weights move by -gradient."""
+    updated = {}
+    for lean in ("false", "true"):
+        config = make_config(
+            tiny_model_dir,
+            trajectories_dir,
+            tmp_path / lean,
+            *("--memory_lean", lean, "--optim", "sgd", "--learning_rate", "1", "--max_grad_norm", "0"),
+            *("--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2", "--max_steps", "1"),
+            *("--save_strategy", "no"),
+        )
+        trainer = ICPOTrainer(config)
+        initial = {k: v.detach().clone() for k, v in trainer.model.named_parameters() if v.requires_grad}
+        trainer.train()
+        updated[lean] = {
+            k: v.detach() - initial[k] for k, v in trainer.model.named_parameters() if k in initial
+        }
+    assert any(delta.abs().max() > 1e-3 for delta in updated["false"].values())
+    for name, delta in updated["false"].items():
+        torch.testing.assert_close(updated["true"][name], delta, rtol=1e-4, atol=1e-6)
+
+
+class StopAt(TrainerCallback):
+    """Interrupts a run after ``step`` optimizer steps, as a crash right after a checkpoint would."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        control.should_training_stop = state.global_step >= self.step
+
+
+@pytest.fixture(scope="module")
+def resumed_run(tiny_model_dir, trajectories_dir, tmp_path_factory):
+    """An uninterrupted 6-step run, and the same run interrupted at step 3 then resumed by the CLI."""
+    overrides = ("--max_steps", "6", "--save_steps", "3", "--per_device_train_batch_size", "2")
+    reference = tmp_path_factory.mktemp("uninterrupted")
+    trainer = ICPOTrainer(make_config(tiny_model_dir, trajectories_dir, reference, *overrides))
+    trainer.train()
+    interrupted = tmp_path_factory.mktemp("interrupted")
+    config = make_config(tiny_model_dir, trajectories_dir, interrupted, *overrides)
+    ICPOTrainer(config, callbacks=[StopAt(3)]).train()
+    assert sorted(p.name for p in interrupted.glob("checkpoint-*")) == ["checkpoint-3"]
+    args = recipe_args(tiny_model_dir, trajectories_dir, interrupted, *overrides)
+    assert train.main([*args, "--resume_from_checkpoint", "last"]) == 0
+    resumed = json.loads((interrupted / "trainer_state.json").read_text())["log_history"]
+    return trainer.state.log_history, resumed, interrupted
+
+
+def test_resume_reproduces_the_uninterrupted_run(resumed_run):
+    reference, resumed, _ = resumed_run
+    assert len(logged(resumed)) == 6
+    assert logged(resumed) == pytest.approx(logged(reference), rel=1e-5)
+
+
+def test_saved_adapter_loads_in_the_hf_backend_and_changes_outputs(tiny_model_dir, trajectories, resumed_run):
+    _, _, run_dir = resumed_run
+    checkpoint = run_dir / "checkpoint-6"
+    with safe_open(checkpoint / "adapter_model.safetensors", "pt") as weights:
+        assert any("lora_B" in key for key in weights.keys())  # noqa: SIM118 (safe_open has no __iter__)
+    assert json.loads((run_dir / train.CONFIG_FILE).read_text())["loss_type"] == "fw"
+    backend = HFBackend(BackendOptions(model=str(tiny_model_dir), device="cpu", dtype="float32"))
+    row = trajectories[1]
+    prompts = [trajectory_prompt(row, backend.tokenizer)] * len(row["responses"])
+    base = [s.logprob for s in backend.score(prompts, row["responses"])]
+    for adapter in (checkpoint, run_dir):  # a checkpoint and the final adapter
+        tuned = [s.logprob for s in backend.score(prompts, row["responses"], adapter=str(adapter))]
+        assert all(abs(t - b) > 1e-3 for t, b in zip(tuned, base, strict=True))
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """Another tiny model with the same tokenizer (a different initialisation)."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    path = tmp_path_factory.mktemp("teacher")
+    init_tiny_llama(tokenizer, hidden_size=32, num_layers=2, num_heads=2, seed=1).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_token_level_learns_from_a_teacher_dense_or_top_k(
+    tiny_model_dir, trajectories, teacher_dir, tmp_path
+):
+    rows = trajectories.select(range(3))  # one question, three rounds: one full batch
+    token_level = ("--loss_level", "token", "--memory_lean", "false", "--per_device_train_batch_size", "3")
+    token_level += ("--max_steps", "6", "--save_strategy", "no")
+    dense_config = make_config(
+        tiny_model_dir, "unused", tmp_path / "dense", *token_level, "--teacher_model", str(teacher_dir)
+    )
+    dense = ICPOTrainer(dense_config, train_dataset=rows)
+    dense.train()
+    # All of the vocabulary but one token as top-k, that one as the tail bucket: exactly the dense loss.
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir)
+    with_topk = add_teacher_topk(rows, teacher, tokenizer, top_k=teacher.config.vocab_size - 1)
+    sparse = ICPOTrainer(
+        make_config(tiny_model_dir, "unused", tmp_path / "sparse", *token_level), train_dataset=with_topk
+    )
+    sparse.train()
+    dense_losses, sparse_losses = logged(dense.state.log_history), logged(sparse.state.log_history)
+    assert dense_losses == sorted(dense_losses, reverse=True)
+    assert sparse_losses == pytest.approx(dense_losses, rel=1e-3)
+
+
+# -- bad input ---------------------------------------------------------------------------------
+
+
+def test_missing_column_is_named(tiny_model_dir, trajectories, tmp_path):
+    config = make_config(tiny_model_dir, "unused", tmp_path)
+    with pytest.raises(ConfigError, match="lacks the column\\(s\\) icl_rewards, tokenizer_fingerprint"):
+        ICPOTrainer(
+            config, train_dataset=trajectories.remove_columns(["icl_rewards", "tokenizer_fingerprint"])
+        )
+
+
+def test_lora_target_the_model_lacks(tiny_model_dir, trajectories_dir, tmp_path):
+    config = make_config(
+        tiny_model_dir, trajectories_dir, tmp_path, "--lora_target_modules", "q_proj", "qkv_proj"
+    )
+    with pytest.raises(ConfigError, match=r"'qkv_proj' is not a linear or embedding module.*down_proj"):
+        ICPOTrainer(config)
+
+
+def test_another_tokenizer_than_the_trajectories(tiny_chat_model_dir, trajectories_dir, tmp_path):
+    with pytest.raises(ConfigError, match=r"tokenizer_fingerprint .* differs"):
+        ICPOTrainer(make_config(tiny_chat_model_dir, trajectories_dir, tmp_path))
+
+
+def test_response_that_scores_other_tokens(tiny_model_dir, trajectories, tmp_path):
+    def corrupt(row):
+        return {"ref_num_tokens": [n + 1 for n in row["ref_num_tokens"]]}
+
+    with pytest.raises(ConfigError, match=r"encodes to .* tokens but ref_num_tokens says"):
+        ICPOTrainer(make_config(tiny_model_dir, "unused", tmp_path), train_dataset=trajectories.map(corrupt))
+
+
+def test_groups_under_two_valid_members_are_counted_and_skipped(tiny_model_dir, trajectories, tmp_path):
+    def invalidate(row, index):
+        if index in (0, 4):  # one member left with a finite ref_logp
+            return {"ref_logps": [row["ref_logps"][0]] + [-math.inf] * (len(row["ref_logps"]) - 1)}
+        if index == 5:  # one member fewer: still a group
+            return {"ref_logps": [math.nan, *row["ref_logps"][1:]]}
+        return {}
+
+    config = make_config(tiny_model_dir, "unused", tmp_path, "--max_steps", "2", "--save_strategy", "no")
+    trainer = ICPOTrainer(config, train_dataset=trajectories.map(invalidate, with_indices=True))
+    stats = trainer.trajectory_stats
+    assert (stats.rows, stats.skipped_groups) == (9, 2)
+    assert stats.skipped_members == (2 + 3 + 1)  # row 0 has 3 members, row 4 has 4
+    assert len(trainer.train_dataset) == 7
+    trainer.train()
+    assert all(math.isfinite(loss) for loss in logged(trainer.state.log_history))
+    with pytest.raises(ConfigError, match="none of the 9 groups has 2 valid members"):
+        ICPOTrainer(
+            make_config(tiny_model_dir, "unused", tmp_path, "--max_length", "20"), train_dataset=trajectories
+        )
+
+
+def test_non_finite_loss_stops_training_naming_the_example(tiny_model_dir, trajectories, tmp_path):
+    def overflow(row, index):  # finite, but its squared deviation overflows float32
+        return {"ref_logps": [-3e38, *row["ref_logps"][1:]]} if index == 7 else {}
+
+    config = make_config(tiny_model_dir, "unused", tmp_path, "--per_device_train_batch_size", "9")
+    trainer = ICPOTrainer(config, train_dataset=trajectories.map(overflow, with_indices=True))
+    row = trajectories[7]
+    with pytest.raises(NonFiniteLossError, match=f"at step 1 on question_id={row['question_id']} round=2"):
+        trainer.train()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (("--loss_type", "ppo"), "loss_type='ppo' is unknown"),
+        (("--eta", "0"), "eta=0.0 is invalid"),
+        (("--loss_level", "token", "--loss_type", "kl", "--memory_lean", "false"), "use loss_type: fw"),
+        (("--teacher_model", "somewhere"), "teacher_model is used by loss_level: token only"),
+    ],
+)
+def test_bad_config_values(tiny_model_dir, trajectories_dir, tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        make_config(tiny_model_dir, trajectories_dir, tmp_path, *overrides)
+
+
+def test_memory_lean_under_deepspeed_is_refused(tiny_model_dir, trajectories_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # what `accelerate launch` with zero2.yaml sets
+    with pytest.raises(ConfigError, match=r"memory_lean .* DeepSpeed"):
+        make_config(tiny_model_dir, trajectories_dir, tmp_path, "--memory_lean", "true")
+
+
+def test_token_level_without_a_teacher(tiny_model_dir, trajectories_dir, tmp_path):
+    config = make_config(
+        tiny_model_dir, trajectories_dir, tmp_path, "--loss_level", "token", "--memory_lean", "false"
+    )
+    with pytest.raises(ConfigError, match="loss_level: token needs a teacher"):
+        ICPOTrainer(config)
