@@ -1,0 +1,379 @@
+"""`icpo-train build-trajectories`: reflection trajectories for the ICPO trainer.
+
+For every training question:
+
+1. icpo_infer's ICPO loop (``random-icpo`` or ``me-icpo``; history rewards from the gold answer or
+   the majority vote) gives the history H_t shown before each round t = 1..R (H_1 is empty). Only
+   R - 1 rounds run: the history the loop ends with is H_R.
+2. ONE group of G responses is sampled from pi_ref(. | question) with an EMPTY history, and each
+   response is scored under pi_ref (sum of token log-probs, EOS included, as ``Backend.score``
+   returns it), its answer extracted and graded against the gold answer.
+3. Each round t gives one row (schema: :mod:`icpo_train.trajectory_data`), with the in-context reward
+   of every group member R_t(y_j) = sum over s in H_t of (2 r_s - 1) [answer(y_j) equivalent to answer(s)].
+
+Questions go through in chunks of ``batch_questions``: per chunk one generate and one score call for
+the groups, then the ICPO loop (one call per phase). Each finished question is appended to
+``progress.jsonl`` in the output directory and skipped when the command is rerun; at the end the
+dataset is materialised from that file: ``save_to_disk`` in the output directory (what the trainer's
+``--trajectories DIR`` reads), ``trajectories.parquet`` and a dataset card (README.md) with the
+generating config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from datasets import Dataset, Features, List, Value
+from huggingface_hub import DatasetCard, DatasetCardData
+
+from icpo_infer.backends import make_backend
+from icpo_infer.backends.base import Backend, BackendOptions, SamplingParams, encode_prompt
+from icpo_infer.config import ConfigError, check, parse_config, to_dict
+from icpo_infer.data import Problem, load_problems
+from icpo_infer.grading import extract_answer, is_equivalent
+from icpo_infer.icpo import RUN_ONLY_FIELDS, InferConfig, derive_seed, run_method
+from icpo_infer.prompts import Attempt, PromptTemplates, answer_type_of, render_prompt
+from icpo_infer.results import append_line, read_results, write_json_atomic
+from icpo_train import trajectory_data
+from icpo_train.trajectory_data import tokenizer_fingerprint
+
+PROGRESS_FILE = "progress.jsonl"
+CONFIG_FILE = "build_config.json"
+PARQUET_FILE = "trajectories.parquet"
+CARD_FILE = "README.md"
+HISTORY_REWARDS = ("gt", "self")
+SELECTIONS = {"random": "random-icpo", "me-icpo": "me-icpo"}  # --selection -> icpo_infer method
+# Options that change how the command runs but not the trajectories it writes: a rerun may change them.
+RUN_ONLY = RUN_ONLY_FIELDS | {"output"}
+
+FEATURES = Features(
+    {
+        "question_id": Value("string"),
+        "question": Value("string"),
+        "answer": Value("string"),
+        "answer_type": Value("string"),
+        "round": Value("int32"),
+        "history": List({"text": Value("string"), "answer": Value("string"), "reward": Value("int32")}),
+        "responses": List(Value("string")),
+        "ref_logps": List(Value("float64")),
+        "ref_num_tokens": List(Value("int32")),
+        "response_answers": List(Value("string")),
+        "gold_rewards": List(Value("int32")),
+        "icl_rewards": List(Value("float64")),
+        "tokenizer_fingerprint": Value("string"),
+    }
+)
+
+_INFER_FIELDS = {f.name: f for f in dataclasses.fields(InferConfig)}
+
+
+def _as_in_infer(name: str) -> Any:
+    """A field with the default and help of `icpo-infer run`'s option ``name``."""
+    source = _INFER_FIELDS[name]
+    return field(default=source.default, metadata=source.metadata)
+
+
+def _option(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrajectoryConfig:
+    """Everything `icpo-train build-trajectories` takes. The data, ICPO-loop and engine options mean
+    what they mean for `icpo-infer run` (same names, defaults and help)."""
+
+    model: str = field(metadata={"help": "Reference model pi_ref (path or Hub id): histories and groups."})
+    dataset: str = _as_in_infer("dataset")
+    output: str = field(metadata={"help": "Output directory: the dataset, its card and the progress file."})
+    rounds: int = _option(3, "Rounds R: rows per question, with the histories H_1 (empty) .. H_R.")
+    group_size: int = _option(8, "G: responses sampled from pi_ref(. | question) per question.")
+    history_reward: str = _option("gt", "Rewards in the history: gt (gold answer) or self (majority vote).")
+    selection: str = _option("me-icpo", "Which candidate enters the history: random or me-icpo.")
+    group_temperature: float = _option(
+        1.0, "Sampling temperature of the group; 1 samples pi_ref itself, as the FW weights assume."
+    )
+    backend: str = _as_in_infer("backend")
+    split: str | None = _as_in_infer("split")
+    limit: int | None = _as_in_infer("limit")
+    problem_field: str = _as_in_infer("problem_field")
+    answer_field: str = _as_in_infer("answer_field")
+    id_field: str = _as_in_infer("id_field")
+    skip_invalid: bool = _as_in_infer("skip_invalid")
+    k: int = _as_in_infer("k")
+    entropy_k: int = _as_in_infer("entropy_k")
+    temperature: float = _as_in_infer("temperature")
+    top_p: float = _as_in_infer("top_p")
+    top_k: int = _as_in_infer("top_k")
+    repetition_penalty: float = _as_in_infer("repetition_penalty")
+    max_new_tokens: int = _as_in_infer("max_new_tokens")
+    context_length: int = _as_in_infer("context_length")
+    summary: bool = _as_in_infer("summary")
+    summary_max_tokens: int = _as_in_infer("summary_max_tokens")
+    summary_temperature: float = _as_in_infer("summary_temperature")
+    entropy_penalty: bool = _as_in_infer("entropy_penalty")
+    epsilon: float = _as_in_infer("epsilon")
+    max_keep: int = _as_in_infer("max_keep")
+    templates: str | None = _as_in_infer("templates")
+    seed: int = _as_in_infer("seed")
+    dtype: str = _as_in_infer("dtype")
+    device: str = _as_in_infer("device")
+    max_batch_tokens: int = _as_in_infer("max_batch_tokens")
+    tensor_parallel_size: int = _as_in_infer("tensor_parallel_size")
+    data_parallel_size: int = _as_in_infer("data_parallel_size")
+    gpu_memory_utilization: float = _as_in_infer("gpu_memory_utilization")
+    trust_remote_code: bool = _as_in_infer("trust_remote_code")
+    batch_questions: int = _as_in_infer("batch_questions")
+    overwrite: bool = _option(False, "Start over in an output directory that holds trajectories.")
+
+    def __post_init__(self) -> None:
+        check(self.rounds >= 1, f"rounds={self.rounds} is invalid; use rounds >= 1.")
+        check(
+            self.group_size >= 2,
+            f"group_size={self.group_size}: the FW loss needs at least 2 group members; use group_size >= 2.",
+        )
+        check(
+            self.history_reward in HISTORY_REWARDS,
+            f"history_reward '{self.history_reward}' is unknown; use one of {', '.join(HISTORY_REWARDS)}.",
+        )
+        check(
+            self.selection in SELECTIONS,
+            f"selection '{self.selection}' is unknown; use one of {', '.join(SELECTIONS)}.",
+        )
+        self.group_sampling(max_new_tokens=1, seed=0)  # validates group_temperature
+        self.infer_config()  # validates the options shared with icpo-infer
+
+    def infer_config(self) -> InferConfig:
+        """The ICPO loop that yields H_2 .. H_R: R - 1 rounds (its one final sample is not used)."""
+        shared = {name: getattr(self, name) for name in _INFER_FIELDS if hasattr(self, name)}
+        shared.update(
+            output_dir=self.output,
+            method=SELECTIONS[self.selection],
+            reward=self.history_reward,
+            rounds=max(self.rounds - 1, 1),
+            final_k=1,
+        )
+        return InferConfig(**shared)
+
+    def group_sampling(self, max_new_tokens: int, seed: int) -> SamplingParams:
+        """G samples from pi_ref: no top-p, top-k or repetition penalty, which would change the policy."""
+        try:
+            return SamplingParams(
+                n=self.group_size,
+                temperature=self.group_temperature,
+                max_new_tokens=max_new_tokens,
+                seed=seed,
+            )
+        except ValueError as err:
+            raise ConfigError(f"{err} (set by --group-temperature)") from err
+
+
+def icl_rewards(answers: Sequence[str | None], history: Sequence[Attempt]) -> list[float]:
+    """R_t(y_j) = sum over history entries s of (2 r_s - 1) [answer(y_j) equivalent to answer(s)]."""
+    return [
+        float(sum(2 * s.reward - 1 for s in history if is_equivalent(answer, s.answer))) for answer in answers
+    ]
+
+
+def sample_groups(
+    backend: Backend, problems: Sequence[Problem], config: TrajectoryConfig, templates: PromptTemplates | None
+) -> list[dict[str, list]]:
+    """Per problem, the group columns: G responses to the empty-history prompt, scored under pi_ref.
+
+    One generate call and one score call for all ``problems``.
+    """
+    tokenizer = backend.tokenizer
+    prompts = [render_prompt(tokenizer, p.problem, [], answer_type_of(p.answer), templates) for p in problems]
+    seed = derive_seed(config.seed, "group", *(p.id for p in problems))
+    params = [
+        config.group_sampling(
+            min(config.max_new_tokens, config.context_length - len(encode_prompt(tokenizer, q))), seed
+        )
+        for q in prompts
+    ]
+    responses = [[c.text for c in g.completions] for g in backend.generate(prompts, params)]
+    flat_prompts = [prompt for prompt, group in zip(prompts, responses, strict=True) for _ in group]
+    scores = iter(backend.score(flat_prompts, [text for group in responses for text in group]))
+    groups = []
+    for problem, texts in zip(problems, responses, strict=True):
+        group_scores = [next(scores) for _ in texts]
+        answers = [extract_answer(text) for text in texts]
+        groups.append(
+            {
+                "responses": texts,
+                "ref_logps": [s.logprob for s in group_scores],
+                "ref_num_tokens": [s.num_tokens for s in group_scores],
+                "response_answers": answers,
+                "gold_rewards": [int(is_equivalent(answer, problem.answer)) for answer in answers],
+            }
+        )
+    return groups
+
+
+def icpo_histories(
+    backend: Backend, problems: Sequence[Problem], config: TrajectoryConfig
+) -> list[list[list[Attempt]]]:
+    """Per problem, the histories H_1 .. H_R from icpo_infer's ICPO loop."""
+    if config.rounds == 1:
+        return [[[]] for _ in problems]
+    results = run_method(backend, problems, config.infer_config())
+    return [[record.history for record in result.rounds] + [result.history] for result in results]
+
+
+def question_rows(
+    problem: Problem, histories: Sequence[Sequence[Attempt]], group: dict[str, list], fingerprint: str
+) -> list[dict[str, Any]]:
+    """The rows of one question, one per round."""
+    return [
+        {
+            "question_id": problem.id,
+            "question": problem.problem,
+            "answer": problem.answer,
+            "answer_type": answer_type_of(problem.answer),
+            "round": t,
+            "history": [dataclasses.asdict(attempt) for attempt in history],
+            **group,
+            "icl_rewards": icl_rewards(group["response_answers"], history),
+            "tokenizer_fingerprint": fingerprint,
+        }
+        for t, history in enumerate(histories, 1)
+    ]
+
+
+def open_output(config: TrajectoryConfig) -> dict[str, list[dict[str, Any]]]:
+    """Prepare the output directory and return the rows of the questions already finished there."""
+    output = Path(config.output)
+    output.mkdir(parents=True, exist_ok=True)
+    progress, stored = output / PROGRESS_FILE, output / CONFIG_FILE
+    settings = to_dict(config)
+    if config.overwrite:
+        progress.unlink(missing_ok=True)
+    elif stored.is_file():
+        previous = json.loads(stored.read_text())
+        changed = [
+            f"{key} ({previous.get(key)!r} there, {settings.get(key)!r} now)"
+            for key in sorted(set(previous) | set(settings))
+            if key not in RUN_ONLY and previous.get(key) != settings.get(key)
+        ]
+        check(
+            not changed,
+            f"{output} holds trajectories built with other settings: {'; '.join(changed)}. "
+            "Use the same values to resume, another --output, or --overwrite to start over.",
+        )
+    else:
+        check(
+            not progress.is_file(),
+            f"{progress} exists without {CONFIG_FILE}, so it cannot be resumed safely; "
+            "pass --overwrite or choose another --output.",
+        )
+    write_json_atomic(stored, settings)
+    return {line["question_id"]: line["rows"] for line in read_results(progress)}
+
+
+def dataset_card(config: TrajectoryConfig, dataset: Dataset, skipped: int) -> DatasetCard:
+    """README.md of the dataset: what it holds, its schema and the config that generated it."""
+    data = DatasetCardData(
+        pretty_name="ICPO reflection trajectories",
+        tags=["icpo", "reflection-trajectories", "math"],
+        configs=[{"config_name": "default", "data_files": PARQUET_FILE}],
+    )
+    questions = len(set(dataset["question_id"]))
+    recipe = {key: value for key, value in to_dict(config).items() if key not in ("output", "overwrite")}
+    sections = [
+        "# ICPO reflection trajectories",
+        f"Built by `icpo-train build-trajectories` with the reference model `{config.model}` from "
+        f"`{config.dataset}`: {questions} questions ({skipped} invalid rows skipped), {len(dataset)} rows "
+        f"({config.rounds} rounds per question), groups of {config.group_size} responses, histories from "
+        f"{SELECTIONS[config.selection]} with {config.history_reward} rewards.",
+        "## Schema",
+        trajectory_data.__doc__.strip(),
+        "## Generating config",
+        "Save this block as `recipe.yaml` and run "
+        "`icpo-train build-trajectories --config recipe.yaml --output DIR` to rebuild the dataset.",
+        "```yaml\n" + yaml.safe_dump(recipe, sort_keys=False).strip() + "\n```",
+    ]
+    return DatasetCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n\n".join(sections) + "\n")
+
+
+def write_dataset(config: TrajectoryConfig, rows: list[dict[str, Any]], skipped: int) -> Dataset:
+    """The rows as a dataset: ``save_to_disk`` in the output directory, Parquet and card beside it."""
+    output = Path(config.output)
+    dataset = Dataset.from_list(rows, features=FEATURES)
+    dataset.save_to_disk(str(output))
+    partial = output / f".{PARQUET_FILE}.partial"
+    dataset.to_parquet(str(partial))
+    os.replace(partial, output / PARQUET_FILE)
+    dataset_card(config, dataset, skipped).save(output / CARD_FILE)
+    return dataset
+
+
+def build_trajectories(config: TrajectoryConfig, backend: Backend | None = None) -> Path:
+    """Build (or resume) the trajectory dataset of ``config`` and return its directory.
+
+    Pass ``backend`` to reuse a loaded reference model.
+    """
+    problems, skipped = load_problems(
+        config.dataset,
+        split=config.split,
+        problem_field=config.problem_field,
+        answer_field=config.answer_field,
+        id_field=config.id_field,
+        limit=config.limit,
+        skip_invalid=config.skip_invalid,
+    )
+    check(bool(problems), f"dataset '{config.dataset}' has no questions; check --dataset and --split.")
+    done = open_output(config)
+    if any(p.id not in done for p in problems):
+        if backend is None:
+            backend = make_backend(
+                config.backend,
+                BackendOptions(
+                    model=config.model,
+                    dtype=config.dtype,
+                    device=config.device,
+                    trust_remote_code=config.trust_remote_code,
+                    max_batch_tokens=config.max_batch_tokens,
+                    tensor_parallel_size=config.tensor_parallel_size,
+                    data_parallel_size=config.data_parallel_size,
+                    gpu_memory_utilization=config.gpu_memory_utilization,
+                ),
+            )
+        templates = PromptTemplates.from_yaml(config.templates) if config.templates else None
+        for p in problems:  # refuse before any work when a bare question cannot fit the context
+            prompt = render_prompt(backend.tokenizer, p.problem, [], answer_type_of(p.answer), templates)
+            check(
+                len(encode_prompt(backend.tokenizer, prompt)) < config.context_length,
+                f"question {p.id} alone fills context_length={config.context_length}; raise --context-length.",
+            )
+        fingerprint = tokenizer_fingerprint(backend.tokenizer)
+        # Chunks are cut from the full list, so that a resumed run meets the same chunks.
+        for start in range(0, len(problems), config.batch_questions):
+            todo = [p for p in problems[start : start + config.batch_questions] if p.id not in done]
+            if not todo:
+                continue
+            groups = sample_groups(backend, todo, config, templates)
+            histories = icpo_histories(backend, todo, config)
+            for problem, group, question_histories in zip(todo, groups, histories, strict=True):
+                rows = question_rows(problem, question_histories, group, fingerprint)
+                append_line(Path(config.output) / PROGRESS_FILE, {"question_id": problem.id, "rows": rows})
+                done[problem.id] = rows
+    write_dataset(config, [row for p in problems for row in done[p.id]], skipped)
+    return Path(config.output)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    config = parse_config(TrajectoryConfig, argv, prog="icpo-train build-trajectories")
+    output = build_trajectories(config)
+    print(f"trajectories: {output} (load with datasets.load_from_disk, or {output / PARQUET_FILE})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,261 @@
+"""`icpo-train build-trajectories` end to end: real hf backend, tiny model taught to answer in \\boxed{}."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+from boxed_model import teach_boxed_answers
+from conftest import read_benchmark
+from datasets import Dataset, load_from_disk
+from huggingface_hub import DatasetCard
+from transformers import AutoTokenizer
+
+from icpo_infer.backends import make_backend
+from icpo_infer.backends.base import BackendOptions
+from icpo_infer.config import ConfigError, parse_config
+from icpo_infer.data import load_problems
+from icpo_infer.grading import extract_answer, is_equivalent
+from icpo_infer.icpo import run_method
+from icpo_train.cli import main as icpo_train_main
+from icpo_train.trajectories import (
+    FEATURES,
+    PARQUET_FILE,
+    PROGRESS_FILE,
+    TrajectoryConfig,
+    build_trajectories,
+)
+from icpo_train.trajectory_data import (
+    REQUIRED_COLUMNS,
+    load_trajectories,
+    tokenizer_fingerprint,
+    validate_trajectories,
+)
+
+QUESTIONS = 3
+ROUNDS = 3
+GROUP = 4
+# A few seconds on CPU: short answers, small samples, one kept entry per bucket.
+FAST = {
+    "k": 3,
+    "entropy_k": 2,
+    "temperature": 1.0,
+    "top_p": 1.0,
+    "repetition_penalty": 1.0,
+    "max_new_tokens": 8,
+    "summary_max_tokens": 8,
+    "context_length": 2048,
+    "max_keep": 1,
+    "device": "cpu",
+    "seed": 0,
+}
+
+
+# Short MATH-500 questions (short prompts keep the tiny model fast); the taught model mostly answers 5,
+# so the first question's group has correct members and the others' have wrong ones.
+QUESTION_IDS = ("test/prealgebra/1555.json", "test/algebra/1255.json", "test/algebra/1214.json")
+
+
+@pytest.fixture(scope="module")
+def questions() -> list[dict]:
+    by_id = {row["id"]: row for row in read_benchmark("math500")}
+    return [by_id[qid] for qid in QUESTION_IDS]
+
+
+@pytest.fixture(scope="module")
+def dataset_file(questions, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "questions.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in questions))
+    return path
+
+
+@pytest.fixture(scope="module")
+def boxed_model_dir(tiny_model_dir, questions, tmp_path_factory) -> Path:
+    prompts = [row["problem"] for row in questions]
+    return teach_boxed_answers(tiny_model_dir, tmp_path_factory.mktemp("boxed"), prompts, steps=60)
+
+
+def make_config(model_dir: Path, dataset: Path, output: Path, **overrides) -> TrajectoryConfig:
+    options = {"rounds": ROUNDS, "group_size": GROUP, "limit": QUESTIONS, **FAST, **overrides}
+    return TrajectoryConfig(model=str(model_dir), dataset=str(dataset), output=str(output), **options)
+
+
+@pytest.fixture(scope="module")
+def built(boxed_model_dir, dataset_file, tmp_path_factory) -> tuple[TrajectoryConfig, Dataset]:
+    config = make_config(boxed_model_dir, dataset_file, tmp_path_factory.mktemp("traj"))
+    output = build_trajectories(config)
+    return config, load_trajectories(output)
+
+
+def test_features_are_the_schema_columns():
+    assert tuple(FEATURES) == REQUIRED_COLUMNS
+
+
+def test_rows_follow_the_schema_and_validate(built, boxed_model_dir):
+    _, dataset = built
+    tokenizer = AutoTokenizer.from_pretrained(boxed_model_dir)
+    validate_trajectories(dataset, tokenizer)
+    assert dataset["question_id"] == [qid for qid in QUESTION_IDS for _ in range(ROUNDS)]
+    assert dataset["round"] == list(range(1, ROUNDS + 1)) * QUESTIONS
+    assert set(dataset["tokenizer_fingerprint"]) == {tokenizer_fingerprint(tokenizer)}
+    for row in dataset:
+        for column in (
+            "responses",
+            "ref_logps",
+            "ref_num_tokens",
+            "response_answers",
+            "gold_rewards",
+            "icl_rewards",
+        ):
+            assert len(row[column]) == GROUP, column
+        assert all(lp < 0 for lp in row["ref_logps"]) and all(n >= 1 for n in row["ref_num_tokens"])
+        assert row["response_answers"] == [extract_answer(text) for text in row["responses"]]
+        assert row["gold_rewards"] == [int(is_equivalent(a, row["answer"])) for a in row["response_answers"]]
+    # The taught model answers, so the checks above are not vacuous.
+    assert any(a is not None for a in dataset["response_answers"][0])
+    assert any(1 in row["gold_rewards"] for row in dataset) and any(
+        0 in row["gold_rewards"] for row in dataset
+    )
+
+
+def test_history_grows_from_empty_and_the_group_is_shared_by_the_rounds(built):
+    _, dataset = built
+    for q in range(QUESTIONS):
+        rows = [dataset[q * ROUNDS + t] for t in range(ROUNDS)]
+        assert rows[0]["history"] == []
+        assert all(row["responses"] == rows[0]["responses"] for row in rows)
+        assert all(row["ref_logps"] == rows[0]["ref_logps"] for row in rows)
+        for row in rows:
+            assert all(entry["reward"] in (0, 1) and entry["answer"] is not None for entry in row["history"])
+
+
+def test_icl_rewards_match_a_hand_computation(built):
+    _, dataset = built
+    nonzero = 0
+    for row in dataset:
+        for answer, reward in zip(row["response_answers"], row["icl_rewards"], strict=True):
+            by_hand = 0
+            for entry in row["history"]:
+                if answer is not None and is_equivalent(answer, entry["answer"]):
+                    by_hand += 1 if entry["reward"] == 1 else -1
+            assert reward == by_hand
+            nonzero += reward != 0
+    assert nonzero > 0  # the check above is not vacuous
+
+
+def test_histories_are_those_of_the_icpo_loop_with_gold_rewards(built, boxed_model_dir):
+    """H_1..H_{R-1} are the histories icpo-infer's loop shows before its rounds, H_R the one it ends with."""
+    config, dataset = built
+    infer = config.infer_config()
+    assert (infer.method, infer.reward, infer.rounds, infer.final_k) == ("me-icpo", "gt", ROUNDS - 1, 1)
+    problems, _ = load_problems(config.dataset, limit=QUESTIONS)
+    backend = make_backend("hf", BackendOptions(model=str(boxed_model_dir), device="cpu"))
+    for q, result in enumerate(run_method(backend, problems, infer)):
+        expected = [record.history for record in result.rounds] + [result.history]
+        stored = dataset.select(range(q * ROUNDS, (q + 1) * ROUNDS))["history"]
+        assert stored == [[dataclasses.asdict(a) for a in history] for history in expected]
+        for entry in stored[-1]:  # gt: reward 1 exactly for correct answers
+            assert entry["reward"] == int(is_equivalent(entry["answer"], result.answer))
+
+
+def test_dataset_is_saved_to_disk_as_parquet_with_a_card(built):
+    config, dataset = built
+    output = Path(config.output)
+    assert load_from_disk(str(output))["question_id"] == dataset["question_id"]
+    parquet = Dataset.from_parquet(str(output / PARQUET_FILE))
+    assert parquet.to_list() == dataset.to_list()
+    card = DatasetCard.load(output / "README.md")
+    assert card.data.configs == [{"config_name": "default", "data_files": PARQUET_FILE}]
+    assert f"group_size: {GROUP}" in card.text and "history_reward: gt" in card.text
+    assert f"{QUESTIONS} questions" in card.text
+
+
+def test_rerun_skips_finished_questions_and_extends(
+    boxed_model_dir, dataset_file, questions, tmp_path, monkeypatch
+):
+    dataset = dataset_file
+    first = make_config(boxed_model_dir, dataset, tmp_path, rounds=2, limit=2, selection="random")
+    build_trajectories(first)
+    before = load_trajectories(tmp_path).to_list()
+
+    generated = []
+    from icpo_infer.backends.hf import HFBackend
+
+    original = HFBackend.generate
+
+    def spy(self, prompts, params, adapter=None):
+        generated.extend(prompts)
+        return original(self, prompts, params, adapter)
+
+    monkeypatch.setattr(HFBackend, "generate", spy)
+    build_trajectories(make_config(boxed_model_dir, dataset, tmp_path, rounds=2, limit=2, selection="random"))
+    assert generated == []  # nothing left to do: the model is not even asked
+    assert load_trajectories(tmp_path).to_list() == before
+
+    build_trajectories(make_config(boxed_model_dir, dataset, tmp_path, rounds=2, limit=3, selection="random"))
+    after = load_trajectories(tmp_path).to_list()
+    assert after[: len(before)] == before and len(after) == 3 * 2
+    third = questions[2]["problem"]
+    assert generated and all(third in prompt for prompt in generated)  # only the new question ran
+    lines = (tmp_path / PROGRESS_FILE).read_text().splitlines()
+    assert [json.loads(line)["question_id"] for line in lines] == list(QUESTION_IDS)
+
+
+def test_rerun_with_other_settings_is_refused(boxed_model_dir, dataset_file, tmp_path):
+    dataset = dataset_file
+    build_trajectories(make_config(boxed_model_dir, dataset, tmp_path, rounds=1, limit=1))
+    with pytest.raises(ConfigError, match="group_size"):
+        build_trajectories(make_config(boxed_model_dir, dataset, tmp_path, rounds=1, limit=1, group_size=3))
+
+
+def test_one_round_has_only_empty_histories(boxed_model_dir, dataset_file, tmp_path):
+    build_trajectories(make_config(boxed_model_dir, dataset_file, tmp_path, rounds=1, limit=2))
+    dataset = load_trajectories(tmp_path)
+    assert dataset["round"] == [1, 1] and dataset["history"] == [[], []]
+    assert all(r == [0.0] * GROUP for r in dataset["icl_rewards"])
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--group-size", "1", "group_size"),
+        ("--history-reward", "oracle", "history_reward"),
+        ("--selection", "best", "selection"),
+        ("--rounds", "0", "rounds"),
+        ("--group-temperature", "-1", "group-temperature"),
+        ("--entropy-k", "1", "entropy_k"),
+    ],
+)
+def test_bad_options_are_config_errors(flag, value, message):
+    argv = ["--model", "m", "--dataset", "d.jsonl", "--output", "out", flag, value]
+    with pytest.raises(ConfigError, match=message):
+        parse_config(TrajectoryConfig, argv)
+
+
+def test_cli_builds_from_flags(boxed_model_dir, shared_data, tmp_path, capsys):
+    argv = [
+        "build-trajectories",
+        "--model",
+        str(boxed_model_dir),
+        "--dataset",
+        str(shared_data / "amc.jsonl"),
+    ]
+    argv += [
+        "--output",
+        str(tmp_path),
+        "--rounds",
+        "1",
+        "--group-size",
+        "2",
+        "--limit",
+        "1",
+        "--backend",
+        "hf",
+    ]
+    argv += [f"--{key.replace('_', '-')}={value}" for key, value in FAST.items()]
+    assert icpo_train_main(argv) == 0
+    assert len(load_trajectories(tmp_path)) == 1
+    assert str(tmp_path) in capsys.readouterr().out
+    assert icpo_train_main([*argv[:-1], "--history-reward", "oracle"]) == 2
