@@ -15,6 +15,7 @@ from transformers import AutoTokenizer
 
 from icpo_infer.backends import make_backend
 from icpo_infer.backends.base import BackendOptions
+from icpo_infer.backends.hf import HFBackend
 from icpo_infer.config import ConfigError, parse_config
 from icpo_infer.data import load_problems
 from icpo_infer.grading import extract_answer, is_equivalent
@@ -175,39 +176,35 @@ def test_dataset_is_saved_to_disk_as_parquet_with_a_card(built):
 def test_rerun_skips_finished_questions_and_extends(
     boxed_model_dir, dataset_file, questions, tmp_path, monkeypatch
 ):
-    dataset = dataset_file
-    first = make_config(boxed_model_dir, dataset, tmp_path, rounds=2, limit=2, selection="random")
-    build_trajectories(first)
-    before = load_trajectories(tmp_path).to_list()
+    def build(limit: int) -> list[dict]:
+        build_trajectories(make_config(boxed_model_dir, dataset_file, tmp_path, rounds=1, limit=limit))
+        return load_trajectories(tmp_path).to_list()
 
-    generated = []
-    from icpo_infer.backends.hf import HFBackend
+    before = build(limit=2)
+    prompts = []
+    generate = HFBackend.generate
 
-    original = HFBackend.generate
+    def recording_generate(self, batch, params, adapter=None):
+        prompts.extend(batch)
+        return generate(self, batch, params, adapter)
 
-    def spy(self, prompts, params, adapter=None):
-        generated.extend(prompts)
-        return original(self, prompts, params, adapter)
+    monkeypatch.setattr(HFBackend, "generate", recording_generate)
+    assert build(limit=2) == before
+    assert prompts == []  # nothing left to do: the model is not even asked
 
-    monkeypatch.setattr(HFBackend, "generate", spy)
-    build_trajectories(make_config(boxed_model_dir, dataset, tmp_path, rounds=2, limit=2, selection="random"))
-    assert generated == []  # nothing left to do: the model is not even asked
-    assert load_trajectories(tmp_path).to_list() == before
-
-    build_trajectories(make_config(boxed_model_dir, dataset, tmp_path, rounds=2, limit=3, selection="random"))
-    after = load_trajectories(tmp_path).to_list()
-    assert after[: len(before)] == before and len(after) == 3 * 2
-    third = questions[2]["problem"]
-    assert generated and all(third in prompt for prompt in generated)  # only the new question ran
+    after = build(limit=3)
+    assert after[:2] == before and len(after) == 3
+    assert prompts and all(questions[2]["problem"] in prompt for prompt in prompts)  # only the new question
     lines = (tmp_path / PROGRESS_FILE).read_text().splitlines()
     assert [json.loads(line)["question_id"] for line in lines] == list(QUESTION_IDS)
 
 
 def test_rerun_with_other_settings_is_refused(boxed_model_dir, dataset_file, tmp_path):
-    dataset = dataset_file
-    build_trajectories(make_config(boxed_model_dir, dataset, tmp_path, rounds=1, limit=1))
+    build_trajectories(make_config(boxed_model_dir, dataset_file, tmp_path, rounds=1, limit=1))
     with pytest.raises(ConfigError, match="group_size"):
-        build_trajectories(make_config(boxed_model_dir, dataset, tmp_path, rounds=1, limit=1, group_size=3))
+        build_trajectories(
+            make_config(boxed_model_dir, dataset_file, tmp_path, rounds=1, limit=1, group_size=3)
+        )
 
 
 def test_one_round_has_only_empty_histories(boxed_model_dir, dataset_file, tmp_path):

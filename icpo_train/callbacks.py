@@ -1,0 +1,199 @@
+"""Evaluation of a training run's saved models with icpo-infer, as they appear.
+
+:class:`CheckpointEvaluator` runs `icpo-infer run` (the same code path) once per saved model of a run
+directory: the base model as step 0, every ``checkpoint-N`` once it is complete, and the final model
+when the run saved it without a checkpoint of the same step. Each evaluation gets its own
+`icpo-infer` output directory under the evaluation directory (``InferConfig.output_dir``), so an
+interrupted evaluation resumes; a row is appended to ``results.jsonl`` there and two plots are redrawn:
+accuracy against round for every evaluated model (the self-improvement curves) and accuracy and
+self-improvement against training step.
+
+Two ways to drive it: ``scripts/eval_checkpoints.py`` (after or beside training, ``--watch`` to follow
+a live run) and :class:`CheckpointEvalCallback` (inside the Trainer, at each save).
+
+When is a save complete? The Trainer writes a checkpoint's ``trainer_state.json`` after its weights,
+and ``icpo-train train`` writes the run directory's ``trainer_state.json`` after the final model: a
+``checkpoint-N`` folder counts once it holds ``trainer_state.json``, and the run is finished once its
+root does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from matplotlib.figure import Figure
+from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from icpo_infer.cli import run as icpo_infer_run
+from icpo_infer.icpo import InferConfig
+from icpo_infer.report import ACCURACY_RANGE, load_metrics, plot_comparison
+from icpo_infer.results import append_line, read_results
+
+RESULTS_FILE = "results.jsonl"
+ROUND_PLOT = "accuracy_vs_round.png"
+STEP_PLOT = "accuracy_vs_step.png"
+STATE_FILE = "trainer_state.json"  # written last: see the module docstring
+ADAPTER_CONFIG = "adapter_config.json"
+CHECKPOINT_NAME = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+SUMMARY_KEYS = (
+    "k",
+    "num_questions",
+    "mean@k",
+    "maj@k",
+    "pass@k",
+    "self_improvement",
+    "mean_per_round",
+    "maj_per_round",
+)
+
+
+@dataclass(frozen=True)
+class SavedModel:
+    """One model of a run: the base (``path`` None), a checkpoint, or the final save (the run dir)."""
+
+    step: int
+    name: str
+    path: Path | None = None
+
+
+def completed_checkpoints(run_dir: str | Path) -> list[SavedModel]:
+    """The run's complete ``checkpoint-N`` folders, by step."""
+    found = []
+    for path in Path(run_dir).iterdir():
+        match = CHECKPOINT_NAME.match(path.name)
+        if match and (path / STATE_FILE).is_file():
+            found.append(SavedModel(int(match.group(1)), path.name, path))
+    return sorted(found, key=lambda saved: saved.step)
+
+
+def final_step(run_dir: str | Path) -> int | None:
+    """The last step of a finished run; None while it is still running."""
+    state = Path(run_dir) / STATE_FILE
+    return json.loads(state.read_text())["global_step"] if state.is_file() else None
+
+
+def base_model_of(run_dir: str | Path) -> str | None:
+    """The model a run trained: from icpo-train's resolved config, else from a checkpoint's adapter config."""
+    run_dir = Path(run_dir)
+    config = run_dir / "icpo_config.json"
+    if config.is_file():
+        return json.loads(config.read_text()).get("model_name_or_path")
+    for saved in completed_checkpoints(run_dir):
+        if (saved.path / ADAPTER_CONFIG).is_file():
+            return json.loads((saved.path / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+    return None
+
+
+class CheckpointEvaluator:
+    """Evaluates the saved models of ``run_dir`` with ``config`` (its ``model`` is the base model, its
+    ``output_dir`` the evaluation directory), each once."""
+
+    def __init__(self, run_dir: str | Path, config: InferConfig) -> None:
+        self.run_dir = Path(run_dir)
+        self.config = config
+        self.eval_dir = Path(config.output_dir)
+        self.rows = read_results(self.eval_dir / RESULTS_FILE)
+
+    @property
+    def evaluated_steps(self) -> set[int]:
+        return {row["step"] for row in self.rows}
+
+    def pending(self, include_base: bool = True) -> list[SavedModel]:
+        """What has not been evaluated yet: the base, complete checkpoints, the final save of a finished run."""
+        candidates = [SavedModel(0, "base")] if include_base else []
+        candidates += completed_checkpoints(self.run_dir)
+        last = final_step(self.run_dir)
+        if last is not None:
+            candidates.append(SavedModel(last, "final", self.run_dir))
+        done = set(self.evaluated_steps)
+        pending = []
+        for saved in candidates:
+            if saved.step not in done:
+                pending.append(saved)
+                done.add(saved.step)  # the final save of a step that has a checkpoint is that checkpoint
+        return pending
+
+    def evaluate(self, saved: SavedModel) -> dict[str, Any]:
+        """Run icpo-infer on one saved model, append its row to the results table and redraw the plots."""
+        if saved.path is None:
+            model, adapter = self.config.model, None
+        elif (saved.path / ADAPTER_CONFIG).is_file():
+            model, adapter = self.config.model, str(saved.path)
+        else:  # full fine-tuning saves whole models
+            model, adapter = str(saved.path), None
+        output_dir = self.eval_dir / saved.name
+        metrics = icpo_infer_run(
+            dataclasses.replace(self.config, model=model, adapter=adapter, output_dir=str(output_dir))
+        )
+        row = {
+            "step": saved.step,
+            "name": saved.name,
+            "model": model,
+            "adapter": adapter,
+            "output_dir": str(output_dir),
+            **{key: metrics[key] for key in SUMMARY_KEYS},
+        }
+        append_line(self.eval_dir / RESULTS_FILE, row)
+        self.rows.append(row)
+        self.plot()
+        return row
+
+    def evaluate_pending(self, include_base: bool = True) -> list[dict[str, Any]]:
+        return [self.evaluate(saved) for saved in self.pending(include_base)]
+
+    def plot(self) -> None:
+        """accuracy_vs_round.png (one curve per evaluated model) and accuracy_vs_step.png."""
+        rows = sorted(self.rows, key=lambda row: row["step"])
+        runs = load_metrics([row["output_dir"] for row in rows])
+        plot_comparison([f"step {row['step']}" for row in rows], runs, self.eval_dir / ROUND_PLOT)
+
+        steps = [row["step"] for row in rows]
+        k = rows[0]["k"]
+        figure = Figure(figsize=(9, 3.5), layout="constrained")
+        accuracy, improvement = figure.subplots(1, 2)
+        accuracy.plot(steps, [row["mean@k"] for row in rows], marker="o", label=f"mean@{k}")
+        accuracy.plot(steps, [row["maj@k"] for row in rows], marker="s", linestyle="--", label=f"maj@{k}")
+        accuracy.set(xlabel="training step", ylabel="accuracy (final round)", ylim=ACCURACY_RANGE)
+        accuracy.legend()
+        improvement.plot(steps, [row["self_improvement"] for row in rows], marker="o", color="C2")
+        improvement.axhline(0.0, color="grey", linewidth=0.8)
+        improvement.set(xlabel="training step", ylabel=f"self-improvement (mean@{k}, final - round 1)")
+        figure.suptitle(f"{self.config.method} on {Path(self.config.dataset).name}: {self.run_dir.name}")
+        figure.savefig(self.eval_dir / STEP_PLOT, dpi=120)
+
+
+class CheckpointEvalCallback(TrainerCallback):
+    """Evaluates each checkpoint when the Trainer saves it (and the base model when training begins).
+
+    ``config`` is a small `icpo-infer run` config: ``model`` the base model, ``output_dir`` the
+    evaluation directory. Runs on the main process only, with the RNG state of training restored
+    afterwards, so the evaluation does not change the run. The other processes wait at their next
+    collective: keep the evaluation small (or use scripts/eval_checkpoints.py on another device).
+    """
+
+    def __init__(self, config: InferConfig, evaluate_base: bool = True) -> None:
+        self.config = config
+        self.evaluate_base = evaluate_base
+
+    def _evaluate(self, args, saved: SavedModel) -> None:
+        evaluator = CheckpointEvaluator(args.output_dir, self.config)
+        if saved.step in evaluator.evaluated_steps:
+            return
+        with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
+            evaluator.evaluate(saved)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.evaluate_base and state.is_world_process_zero:
+            self._evaluate(args, SavedModel(0, "base"))
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            name = f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+            self._evaluate(args, SavedModel(state.global_step, name, Path(args.output_dir) / name))
