@@ -9,8 +9,10 @@ sampled from the final prompt.
 
 Each phase is ONE backend call over all questions of a chunk and all their candidates, so the
 number of engine calls per round does not grow with the number of questions or with ``k``.
-Randomness on our side comes from a per-question generator derived from the seed and the question
-id, and every request carries a seed derived the same way, so a resumed run reproduces the results.
+Randomness on our side comes from a per-question generator seeded by the run seed and the question
+id; each engine call carries a seed derived from the run seed, the phase and the questions in it.
+Chunks are cut from the full question list, so a resumed run redoes the same chunks with the same
+seeds and reproduces the results.
 """
 
 from __future__ import annotations
@@ -128,6 +130,8 @@ class InferConfig:
         check(0 <= self.epsilon <= 1, f"epsilon={self.epsilon} is invalid; use 0 <= epsilon <= 1.")
         for summary in (False, True):  # SamplingParams validates the sampling fields
             self.sampling(n=1, max_new_tokens=1, seed=0, summary=summary)
+        if self.templates is not None:  # a bad templates file fails now, not after the model loads
+            PromptTemplates.from_yaml(self.templates)
 
     @property
     def iterative(self) -> bool:
@@ -350,7 +354,7 @@ class _Run:
         for r in range(1, config.rounds + 1):
             phase = f"round {r}/{config.rounds}"
             self.sample_round(questions, r, phase)
-            with_candidates = [q for q in questions if any(x is not None for x in q.rounds[-1].rewards)]
+            with_candidates = [q for q in questions if q.rounds[-1].candidates()]
             self.summarise(with_candidates, phase)
             self.select(with_candidates, phase)
             self.evict([q for q in with_candidates if self.overfull(q)], phase)
@@ -375,8 +379,8 @@ class _Run:
                 None if answer is None else int(label is not None and is_equivalent(answer, label))
                 for answer in samples.answers
             ]
-            none = [None] * len(rewards)
-            q.rounds.append(RoundRecord(r, list(q.history), samples, label, rewards, list(none), list(none)))
+            unset = [None] * len(rewards)
+            q.rounds.append(RoundRecord(r, list(q.history), samples, label, rewards, unset, unset.copy()))
 
     def summarise(self, questions: list[_Question], phase: str) -> None:
         """The history text of every candidate: a summary of its response, or the truncated response."""
@@ -390,9 +394,8 @@ class _Run:
             ]
             if not self.config.summary:
                 continue
-            for j, text in enumerate(record.samples.texts):
-                if record.rewards[j] is None:
-                    continue
+            for j in record.candidates():
+                text = record.samples.texts[j]
                 prompt = render_summary_prompt(self.tokenizer, q.problem.problem, text, self.templates)
                 room = self.config.context_length - self.prompt_tokens(prompt)
                 if room < 1:

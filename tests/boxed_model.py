@@ -31,7 +31,7 @@ def teaching_prompts(tokenizer, questions: Sequence[str]) -> list[str]:
 
 
 def teach_boxed_answers(
-    model_dir: str | Path, output_dir: str | Path, questions: Sequence[str], steps: int = 60, seed: int = 0
+    model_dir: str | Path, output_dir: str | Path, questions: Sequence[str], steps: int = 150, seed: int = 0
 ) -> Path:
     """Fine-tune the model at ``model_dir`` to answer every prompt with ``\\boxed{d}``; save it to ``output_dir``."""
     torch.manual_seed(seed)
