@@ -17,7 +17,6 @@ seeds and reproduces the results.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import random
@@ -29,7 +28,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from icpo_infer.backends import BACKENDS
-from icpo_infer.backends.base import Backend, Generation, SamplingParams, encode_prompt
+from icpo_infer.backends.base import Backend, Generation, SamplingParams, derive_seed, encode_prompt
 from icpo_infer.config import ConfigError, check
 from icpo_infer.data import Problem
 from icpo_infer.grading import equivalence_classes, extract_answer, is_equivalent, vote
@@ -247,12 +246,6 @@ def answer_entropy(answers: Sequence[str | None], invalid_penalty: bool = True) 
     if invalid_penalty:
         entropy += math.log2(n) * (n - len(valid)) / n
     return entropy
-
-
-def derive_seed(*parts: Any) -> int:
-    """A 32-bit seed from the run seed and names (question id, round, phase...), stable across runs."""
-    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:4], "big")
 
 
 @dataclass

@@ -8,7 +8,14 @@ from types import SimpleNamespace
 import pytest
 
 from icpo_infer.backends import make_backend
-from icpo_infer.backends.base import BackendOptions, Completion, Generation, SamplingParams, Score
+from icpo_infer.backends.base import (
+    BackendOptions,
+    Completion,
+    Generation,
+    SamplingParams,
+    Score,
+    derive_seed,
+)
 from icpo_infer.backends.vllm import from_vllm_outputs, score_from_vllm_output, to_vllm_sampling_kwargs
 from icpo_infer.config import ConfigError
 
@@ -34,8 +41,16 @@ def test_sampling_params_translate_to_vllm_keywords():
         "max_tokens": 500,
         "repetition_penalty": 1.1,
         "stop": ["</s>"],
-        "seed": 3,
+        "seed": derive_seed(3, 0),
     }
+
+
+def test_each_prompt_of_a_call_gets_its_own_seed():
+    # vLLM seeds sample i of a request with seed + i: a shared seed would correlate all prompts' samples.
+    params = SamplingParams(n=4, seed=3)
+    seeds = [to_vllm_sampling_kwargs(params, index)["seed"] for index in range(8)]
+    assert len(set(seeds)) == 8
+    assert seeds == [to_vllm_sampling_kwargs(params, index)["seed"] for index in range(8)]  # reproducible
 
 
 def test_switched_off_top_k_and_greedy_decoding_keep_their_meaning():

@@ -8,8 +8,9 @@ Every backend and the trainer turn text into token ids with :func:`encode_prompt
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from transformers import PreTrainedTokenizerBase
 
@@ -126,3 +127,9 @@ def encode_completion(tokenizer: PreTrainedTokenizerBase, completion: str) -> li
     """Token ids of a completion as the model emits it: the text, then end-of-sequence."""
     ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
     return [*ids, tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else ids
+
+
+def derive_seed(*parts: Any) -> int:
+    """A 32-bit seed from a run seed and names (question id, phase, batch or prompt index), stable across runs."""
+    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:4], "big")

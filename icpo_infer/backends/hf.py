@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
-import numpy as np
 import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -24,6 +23,7 @@ from icpo_infer.backends.base import (
     SamplingParams,
     Score,
     Usage,
+    derive_seed,
     encode_completion,
 )
 from icpo_infer.config import check
@@ -86,7 +86,7 @@ class HFBackend:
                 lengths = [len(prompt_ids[i]) + group_params.max_new_tokens for i, _ in group_rows]
                 for batch in pack(lengths, self.options.max_batch_tokens):
                     batch_rows = [group_rows[k] for k in batch]
-                    seed = batch_seed(group_params.seed, batch_index)
+                    seed = None if group_params.seed is None else derive_seed(group_params.seed, batch_index)
                     outputs = self._generate_batch([prompt_ids[i] for i, _ in batch_rows], group_params, seed)
                     for (i, j), tokens in zip(batch_rows, outputs, strict=True):
                         completions[i][j] = self._completion(tokens, group_params)
@@ -221,13 +221,6 @@ def pack(lengths: list[int], budget: int) -> list[list[int]]:
         else:
             batches.append([index])
     return batches
-
-
-def batch_seed(seed: int | None, batch_index: int) -> int | None:
-    """An independent, reproducible seed for each batch of a seeded call."""
-    if seed is None:
-        return None
-    return int(np.random.SeedSequence([seed, batch_index]).generate_state(1)[0])
 
 
 def first_stop(tokenizer, tokens: list[int], stop: tuple[str, ...]) -> int | None:

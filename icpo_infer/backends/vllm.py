@@ -20,6 +20,7 @@ from icpo_infer.backends.base import (
     SamplingParams,
     Score,
     Usage,
+    derive_seed,
     encode_completion,
 )
 from icpo_infer.config import ConfigError, check
@@ -77,8 +78,8 @@ class VLLMBackend:
     ) -> list[Generation]:
         """``n`` completions per prompt, all prompts in one ``LLM.generate`` call."""
         sampling = [
-            self._vllm.SamplingParams(**to_vllm_sampling_kwargs(p))
-            for p in params_per_prompt(prompts, params)
+            self._vllm.SamplingParams(**to_vllm_sampling_kwargs(p, index))
+            for index, p in enumerate(params_per_prompt(prompts, params))
         ]
         requests = [{"prompt_token_ids": ids} for ids in encode_prompts(self.tokenizer, prompts)]
         outputs = self.llm.generate(
@@ -121,8 +122,12 @@ class VLLMBackend:
         return self._lora_requests[path]
 
 
-def to_vllm_sampling_kwargs(params: SamplingParams) -> dict[str, Any]:
-    """Keyword arguments of ``vllm.SamplingParams`` that sample as ``params`` says."""
+def to_vllm_sampling_kwargs(params: SamplingParams, prompt_index: int = 0) -> dict[str, Any]:
+    """Keyword arguments of ``vllm.SamplingParams`` that sample as ``params`` says.
+
+    vLLM seeds a request's i-th sample with ``seed + i``: one seed shared by every prompt of a call
+    would make the i-th samples of all prompts draw the same numbers, so each prompt gets its own.
+    """
     return {
         "n": params.n,
         "temperature": params.temperature,  # vLLM decodes greedily at 0, as we do
@@ -131,7 +136,7 @@ def to_vllm_sampling_kwargs(params: SamplingParams) -> dict[str, Any]:
         "max_tokens": params.max_new_tokens,
         "repetition_penalty": params.repetition_penalty,
         "stop": list(params.stop),
-        "seed": params.seed,
+        "seed": None if params.seed is None else derive_seed(params.seed, prompt_index),
     }
 
 
