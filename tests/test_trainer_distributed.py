@@ -14,6 +14,8 @@ import pytest
 from trajectory_fixtures import write_trajectories
 
 ROOT = Path(__file__).resolve().parents[1]
+# Two accumulated micro-batches per step: gradients sync once per step, in the last micro-batch.
+ACCUMULATE = ("--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2")
 CHECKSUM = re.compile(r"process (\d) of 2 finished at step (\d+); trainable-weight checksum (\S+)")
 
 
@@ -33,7 +35,7 @@ def launch(
         *("--num_processes", "2", "--main_process_port", str(free_port())),
         *("-m", "icpo_train", "train", "--config", str(ROOT / "recipes" / "icpo" / "tiny.yaml")),
         *("--model_name_or_path", str(model_dir), "--trajectories", str(trajectories)),
-        *("--output_dir", str(output_dir), *overrides),
+        *("--output_dir", str(output_dir), *ACCUMULATE, *overrides),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     run = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
