@@ -106,7 +106,9 @@ class LSAConfig:
         check(self.batch_size >= 1, f"batch_size={self.batch_size}: use batch_size >= 1.")
         check(self.learning_rate > 0, f"learning_rate={self.learning_rate}: use learning_rate > 0.")
         check(self.init_std > 0, f"init_std={self.init_std}: use init_std > 0.")
-        check(self.eval_tasks >= 1, f"eval_tasks={self.eval_tasks}: use eval_tasks >= 1.")
+        check(
+            self.eval_tasks >= 2, f"eval_tasks={self.eval_tasks}: use eval_tasks >= 2 (for a standard error)."
+        )
         check(self.eval_every >= 1, f"eval_every={self.eval_every}: use eval_every >= 1.")
         check(self.linucb_alpha >= 0, f"linucb_alpha={self.linucb_alpha}: use linucb_alpha >= 0.")
         check(self.num_threads >= 1, f"num_threads={self.num_threads}: use num_threads >= 1.")
@@ -237,6 +239,7 @@ def train_lsa(
 
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.train_steps)
+    # The DDP wrapper (several processes) shares `model`'s parameters: evaluate and save `model` itself.
     ddp_model, optimizer = accelerator.prepare(model, optimizer)
     curve: dict[str, list] = {"step": [], "train_seconds": [], "imitation_kl": []}
     monitor_seconds = 0.0
@@ -254,14 +257,13 @@ def train_lsa(
         schedule.step()
         if held_out is not None and (step % config.eval_every == 0 or step == config.train_steps):
             monitor_start = time.perf_counter()
-            kl = held_out.imitation_kl_per_step(accelerator.unwrap_model(ddp_model)).mean().item()
+            kl = held_out.imitation_kl_per_step(model).mean().item()
             curve["step"].append(step)
             curve["train_seconds"].append(round(monitor_start - start - monitor_seconds, 4))
             curve["imitation_kl"].append(kl)
             progress.set_postfix(loss=f"{loss.item():.2e}", held_out_kl=f"{kl:.2e}")
             monitor_seconds += time.perf_counter() - monitor_start
 
-    model = accelerator.unwrap_model(ddp_model)
     if accelerator.is_main_process:
         checkpoint.parent.mkdir(parents=True, exist_ok=True)
         metadata = {"fingerprint": _training_fingerprint(config), "training_curve": json.dumps(curve)}
