@@ -9,11 +9,13 @@ logits in a fresh subprocess, so one measurement never inherits another's alloca
   log-normaliser (what a trajectory dataset stores);
 - ``jsd``: TRL's ``GKDTrainer.generalized_jsd_loss`` (beta 0.5) against full teacher logits.
 
-Time is the median of ``--repeats`` timed runs after one warm-up run. Peak memory includes the inputs
-(student logits, their gradient, the teacher) and is measured on CUDA with ``torch.cuda.max_memory_allocated``
-and on CPU as the growth of the process's peak resident set (``ru_maxrss``) over its resident set before
-the inputs were created. Configurations whose estimated peak (from the same loss's smaller runs) exceeds
-``--memory-limit-gb`` are skipped and reported as such.
+Time is the median of ``--repeats`` timed runs after one warm-up run: wall time on CUDA, the process's
+CPU time on CPU (so that other tenants of a shared machine do not count). Peak memory includes the
+inputs (student logits, their gradient, the teacher) and is measured on CUDA with
+``torch.cuda.max_memory_allocated`` and on CPU as the growth of the process's peak resident set
+(``ru_maxrss``) over its resident set before the inputs were created, with glibc's mmap threshold fixed
+at 1 MiB so that freed tensors leave the resident set. Configurations whose estimated peak (from the
+same loss's smaller runs) exceeds ``--memory-limit-gb`` are skipped and reported as such.
 
     python benchmarks/loss_memory.py                 # V in {32000, 151936}, N in {2048, 4096, 8192}
     python benchmarks/loss_memory.py --quick         # V 32000, N 2048, 2 repeats
@@ -123,7 +125,10 @@ def _run_isolated(name: str, vocab: int, tokens: int, args: argparse.Namespace) 
     command = [sys.executable, __file__, "--worker", name, str(vocab), str(tokens)]
     command += ["--top-k", str(args.top_k), "--dtype", args.dtype, "--device", args.device]
     command += ["--repeats", str(args.repeats)]
-    done = subprocess.run(command, capture_output=True, text=True)
+    # A fixed mmap threshold: glibc otherwise raises it as large blocks are freed, keeps later blocks in
+    # its heap after they are freed, and the resident set then counts memory no tensor holds.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         return {
             "error": done.stderr.strip().splitlines()[-1]
