@@ -22,40 +22,75 @@ import torch
 Reduction = Literal["mean", "sum", "none"]
 
 
-class _WeightedVariance(torch.autograd.Function):
-    """Row-wise ``1/2 Var_w[d]`` over the last axis with ``w = softmax(log_weights)`` held fixed.
+def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Dot products over the last axis, with no temporary the size of the inputs."""
+    return torch.matmul(a.unsqueeze(-2), b.unsqueeze(-1)).squeeze(-1).squeeze(-1)
 
-    Backward reuses ``w * (d - E_w[d])`` from forward: one tensor the size of the logits is saved,
-    as cross-entropy saves its log-softmax, and the gradient is a single multiply.
+
+class _WeightedVariance(torch.autograd.Function):
+    """Row-wise ``1/2 Var_w[z - z*]`` over the last axis, ``w = softmax(log_weights)`` held fixed.
+
+    Forward allocates two tensors the size of the logits and keeps one, ``w * (d - E_w[d])``, for
+    backward (as cross-entropy keeps its log-softmax); backward is one multiply. Rows outside ``mask``
+    get zero loss and zero gradient whatever they hold (padding may be non-finite).
     """
 
     @staticmethod
-    def forward(ctx, d: torch.Tensor, log_weights: torch.Tensor) -> torch.Tensor:
-        compute_dtype = torch.promote_types(d.dtype, torch.float32)
-        weights = torch.softmax(log_weights.to(compute_dtype), dim=-1)
-        # A zero-weight action (target logit -inf) has d = +-inf; it must contribute exactly nothing.
-        centered = torch.where(weights > 0, d.to(compute_dtype), 0.0)
-        centered -= (weights * centered).sum(-1, keepdim=True)
-        weighted = weights.mul_(centered)
-        loss = 0.5 * (weighted * centered).sum(-1)
+    def forward(ctx, logits, target, log_weights, mask):
+        compute_dtype = torch.promote_types(logits.dtype, torch.float32)
+        weights = torch.softmax(log_weights, dim=-1, dtype=compute_dtype)
+        d = logits.to(compute_dtype, copy=True).sub_(target)
+        # A zero-weight action (target logit -inf) has d = +inf or nan: it must contribute exactly nothing.
+        d.nan_to_num_(nan=0.0, posinf=0.0, neginf=float("-inf"))
+        d -= _rowdot(weights, d).unsqueeze(-1)
+        weighted = weights.mul_(d)
+        loss = 0.5 * _rowdot(weighted, d)
+        if mask is not None:
+            weighted.masked_fill_(~mask.unsqueeze(-1), 0.0)
+            loss = loss.masked_fill(~mask, 0.0)
         ctx.save_for_backward(weighted)
-        ctx.input_dtype = d.dtype
-        return loss.to(d.dtype)
+        ctx.logits_dtype = logits.dtype
+        return loss.to(logits.dtype)
 
     @staticmethod
-    def backward(ctx, grad_loss: torch.Tensor):
+    def backward(ctx, grad_loss):
         (weighted,) = ctx.saved_tensors
-        grad_d = weighted * grad_loss.to(weighted.dtype).unsqueeze(-1)
-        return grad_d.to(ctx.input_dtype), None
+        grad_logits = weighted * grad_loss.to(weighted.dtype).unsqueeze(-1)
+        return grad_logits.to(ctx.logits_dtype), None, None, None
+
+
+class _StudentBuckets(torch.autograd.Function):
+    """The student's logits at the teacher's top-k and the logsumexp of all its other logits.
+
+    The tail is computed in row chunks and backward builds a single gradient the size of the logits,
+    so the sparse loss needs less memory than cross-entropy on the full vocabulary.
+    """
+
+    ROW_CHUNK = 256
+
+    @staticmethod
+    def forward(ctx, logits, indices):
+        flat_logits = logits.reshape(-1, logits.shape[-1])
+        flat_indices = indices.reshape(-1, indices.shape[-1])
+        tail = torch.empty(flat_logits.shape[0], dtype=logits.dtype, device=logits.device)
+        for start in range(0, len(flat_logits), _StudentBuckets.ROW_CHUNK):
+            rows = slice(start, start + _StudentBuckets.ROW_CHUNK)
+            tail[rows] = flat_logits[rows].scatter(-1, flat_indices[rows], float("-inf")).logsumexp(-1)
+        tail = tail.reshape(logits.shape[:-1])
+        ctx.save_for_backward(logits, indices, tail)
+        return logits.gather(-1, indices), tail
+
+    @staticmethod
+    def backward(ctx, grad_topk, grad_tail):
+        logits, indices, tail = ctx.saved_tensors
+        grad = torch.exp(logits - tail.unsqueeze(-1))  # softmax over the tail ...
+        grad.scatter_(-1, indices, 0.0)  # ... which excludes the top-k
+        grad.mul_(grad_tail.unsqueeze(-1))
+        grad.scatter_add_(-1, indices, grad_topk)
+        return grad, None
 
 
 def _reduce(row_losses: torch.Tensor, mask: torch.Tensor | None, reduction: Reduction) -> torch.Tensor:
-    if reduction not in ("mean", "sum", "none"):
-        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-    if mask is not None:
-        row_losses = torch.where(
-            mask, row_losses, torch.zeros((), dtype=row_losses.dtype, device=row_losses.device)
-        )
     if reduction == "none":
         return row_losses
     if reduction == "sum":
@@ -65,18 +100,21 @@ def _reduce(row_losses: torch.Tensor, mask: torch.Tensor | None, reduction: Redu
 
 
 def _weighted_variance(
-    d: torch.Tensor, log_weights: torch.Tensor, mask: torch.Tensor | None, reduction: Reduction
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    log_weights: torch.Tensor,
+    mask: torch.Tensor | None,
+    reduction: Reduction,
 ) -> torch.Tensor:
-    """Apply the row loss only to unmasked rows, so padding (possibly non-finite) never enters the graph."""
-    if mask is None:
-        return _reduce(_WeightedVariance.apply(d, log_weights), None, reduction)
-    mask = mask.to(torch.bool)
-    if mask.shape != d.shape[:-1]:
-        raise ValueError(
-            f"mask must have the leading shape {tuple(d.shape[:-1])} of the logits, got {tuple(mask.shape)}"
-        )
-    rows = _WeightedVariance.apply(d[mask], log_weights[mask])
-    row_losses = torch.zeros(mask.shape, dtype=rows.dtype, device=rows.device).masked_scatter(mask, rows)
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    if mask is not None:
+        mask = mask.to(torch.bool)
+        if mask.shape != logits.shape[:-1]:
+            raise ValueError(
+                f"mask must have the leading shape {tuple(logits.shape[:-1])} of the logits, got {tuple(mask.shape)}"
+            )
+    row_losses = _WeightedVariance.apply(logits, target.detach(), log_weights.detach(), mask)
     return _reduce(row_losses, mask, reduction)
 
 
@@ -94,8 +132,7 @@ def fisher_weighted_logit_matching(
         raise ValueError(
             f"logits {tuple(logits.shape)} and target_logits {tuple(target_logits.shape)} differ in shape"
         )
-    target_logits = target_logits.detach()
-    return _weighted_variance(logits - target_logits, target_logits, mask, reduction)
+    return _weighted_variance(logits, target_logits, target_logits, mask, reduction)
 
 
 def sparse_fisher_weighted_logit_matching(
@@ -121,18 +158,18 @@ def sparse_fisher_weighted_logit_matching(
     if target_indices.shape != target_logits.shape:
         raise ValueError("target_indices and target_logits must have the same shape (..., k)")
     target_logits = target_logits.detach()
-    student_topk = logits.gather(-1, target_indices)
     if target_log_normalizer is None:
-        return fisher_weighted_logit_matching(student_topk, target_logits, mask, reduction)
+        return fisher_weighted_logit_matching(
+            logits.gather(-1, target_indices), target_logits, mask, reduction
+        )
 
     target_logp = target_logits - target_log_normalizer.detach().unsqueeze(-1)
     topk_mass = target_logp.exp().sum(-1).clamp(max=1.0)
     target_tail = torch.log1p(-topk_mass).clamp(min=torch.finfo(target_logp.dtype).min)
-    compute_dtype = torch.promote_types(logits.dtype, torch.float32)
-    student_tail = logits.to(compute_dtype).scatter(-1, target_indices, float("-inf")).logsumexp(-1)
-    student = torch.cat([student_topk.to(compute_dtype), student_tail.unsqueeze(-1)], dim=-1)
-    target = torch.cat([target_logp, target_tail.unsqueeze(-1)], dim=-1).to(compute_dtype)
-    return fisher_weighted_logit_matching(student, target, mask, reduction).to(logits.dtype)
+    student_topk, student_tail = _StudentBuckets.apply(logits, target_indices)
+    student = torch.cat([student_topk, student_tail.unsqueeze(-1)], dim=-1)
+    target = torch.cat([target_logp, target_tail.unsqueeze(-1)], dim=-1)
+    return fisher_weighted_logit_matching(student, target, mask, reduction)
 
 
 def _group_log_weights(rewards: torch.Tensor, eta: float, group_mask: torch.Tensor | None) -> torch.Tensor:
@@ -172,7 +209,7 @@ def group_fisher_weighted_loss(
     target = (ref_logps + eta * rewards).detach()
     log_weights = _group_log_weights(rewards, eta, group_mask)
     if group_mask is None:
-        return _weighted_variance(policy_logps - target, log_weights, None, reduction)
+        return _weighted_variance(policy_logps, target, log_weights, None, reduction)
     group_mask = group_mask.to(torch.bool)
-    d = torch.where(group_mask, policy_logps - target, torch.zeros_like(policy_logps))
-    return _weighted_variance(d, log_weights, group_mask.sum(-1) >= 2, reduction)
+    policy_logps = torch.where(group_mask, policy_logps, target)  # invalid members: d = 0, whatever they hold
+    return _weighted_variance(policy_logps, target, log_weights, group_mask.sum(-1) >= 2, reduction)
