@@ -41,20 +41,7 @@ def run(config: InferConfig, backend: Backend | None = None) -> dict[str, Any]:
     directory = RunDirectory(config)
     done = directory.open()
     if backend is None:
-        backend = make_backend(
-            config.backend,
-            BackendOptions(
-                model=config.model,
-                adapter=config.adapter,
-                dtype=config.dtype,
-                device=config.device,
-                trust_remote_code=config.trust_remote_code,
-                max_batch_tokens=config.max_batch_tokens,
-                tensor_parallel_size=config.tensor_parallel_size,
-                data_parallel_size=config.data_parallel_size,
-                gpu_memory_utilization=config.gpu_memory_utilization,
-            ),
-        )
+        backend = make_backend(config.backend, BackendOptions.from_config(config))
     usage_before = Usage(**vars(backend.usage))
     start = time.perf_counter()
 

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +90,52 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def prepare_resumable(
+    directory: Path,
+    settings: dict[str, Any],
+    *,
+    overwrite: bool,
+    outputs: Sequence[str],
+    ignore: Collection[str],
+    what: str,
+    flag: str,
+    config_file: str = CONFIG_FILE,
+) -> bool:
+    """Make ``directory`` ready for a run with ``settings``; True when its earlier results can be resumed.
+
+    ``overwrite`` deletes ``outputs``. Otherwise a stored config must agree with ``settings`` on every key
+    outside ``ignore`` (each difference is named), and results without a stored config are refused,
+    since nothing says how they were made. ``outputs[0]`` is the file holding the results.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    stored = directory / config_file
+    resumed = False
+    if overwrite:
+        for name in outputs:
+            (directory / name).unlink(missing_ok=True)
+    elif stored.is_file():
+        previous = json.loads(stored.read_text())
+        changed = [
+            f"{key} ({previous.get(key)!r} there, {settings.get(key)!r} now)"
+            for key in sorted(set(previous) | set(settings))
+            if key not in ignore and previous.get(key) != settings.get(key)
+        ]
+        check(
+            not changed,
+            f"{directory} holds {what} with other settings: {'; '.join(changed)}. "
+            f"Use the same values to resume, another {flag}, or --overwrite to start over.",
+        )
+        resumed = True
+    else:
+        check(
+            not (directory / outputs[0]).is_file(),
+            f"{directory / outputs[0]} exists without {config_file}, so it cannot be resumed safely; "
+            f"pass --overwrite or choose another {flag}.",
+        )
+    write_json_atomic(stored, settings)
+    return resumed
+
+
 class RunDirectory:
     """One run's output directory; :meth:`open` resumes it (or starts over with ``overwrite``)."""
 
@@ -100,39 +147,22 @@ class RunDirectory:
 
     def open(self) -> set[str]:
         """Prepare the directory and return the ids of the questions already finished."""
-        config = to_dict(self.config)
-        self.path.mkdir(parents=True, exist_ok=True)
-        results, stored = self.path / RESULTS_FILE, self.path / CONFIG_FILE
-        if self.config.overwrite:
-            for name in (RESULTS_FILE, METRICS_FILE, CONFIG_FILE, PLOT_FILE):
-                (self.path / name).unlink(missing_ok=True)
-        elif stored.is_file():
-            self.check_same_measurement(json.loads(stored.read_text()), config)
-            self.rows = read_results(results)
+        resumed = prepare_resumable(
+            self.path,
+            to_dict(self.config),
+            overwrite=self.config.overwrite,
+            outputs=(RESULTS_FILE, METRICS_FILE, PLOT_FILE),
+            ignore=RUN_ONLY_FIELDS,
+            what="a run",
+            flag="--output-dir",
+        )
+        if resumed:
+            self.rows = read_results(self.path / RESULTS_FILE)
             metrics = self.path / METRICS_FILE
             if metrics.is_file():
                 previous = json.loads(metrics.read_text())
                 self.spent_before = {key: previous.get(key, 0) for key in SPEND_KEYS}
-        else:
-            check(
-                not results.is_file(),
-                f"{results} exists without {CONFIG_FILE}, so it cannot be resumed safely; "
-                "pass --overwrite or choose another --output-dir.",
-            )
-        write_json_atomic(stored, config)
         return {row["id"] for row in self.rows}
-
-    def check_same_measurement(self, stored: dict[str, Any], config: dict[str, Any]) -> None:
-        changed = [
-            f"{key} ({stored.get(key)!r} there, {config.get(key)!r} now)"
-            for key in sorted(set(stored) | set(config))
-            if key not in RUN_ONLY_FIELDS and stored.get(key) != config.get(key)
-        ]
-        check(
-            not changed,
-            f"{self.path} holds a run with other settings: {'; '.join(changed)}. "
-            "Use the same values to resume, another --output-dir, or --overwrite to start over.",
-        )
 
     def add(self, result: QuestionResult) -> None:
         row = dataclasses.asdict(result)

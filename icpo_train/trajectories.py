@@ -22,7 +22,6 @@ generating config.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import sys
 from collections.abc import Sequence
@@ -41,7 +40,7 @@ from icpo_infer.data import Problem, load_problems
 from icpo_infer.grading import extract_answer, is_equivalent
 from icpo_infer.icpo import RUN_ONLY_FIELDS, InferConfig, derive_seed, run_method
 from icpo_infer.prompts import Attempt, PromptTemplates, answer_type_of, render_prompt
-from icpo_infer.results import append_line, read_results, write_json_atomic
+from icpo_infer.results import append_line, prepare_resumable, read_results
 from icpo_train import trajectory_data
 from icpo_train.trajectory_data import tokenizer_fingerprint
 
@@ -250,31 +249,17 @@ def question_rows(
 def open_output(config: TrajectoryConfig) -> dict[str, list[dict[str, Any]]]:
     """Prepare the output directory and return the rows of the questions already finished there."""
     output = Path(config.output)
-    output.mkdir(parents=True, exist_ok=True)
-    progress, stored = output / PROGRESS_FILE, output / CONFIG_FILE
-    settings = to_dict(config)
-    if config.overwrite:
-        progress.unlink(missing_ok=True)
-    elif stored.is_file():
-        previous = json.loads(stored.read_text())
-        changed = [
-            f"{key} ({previous.get(key)!r} there, {settings.get(key)!r} now)"
-            for key in sorted(set(previous) | set(settings))
-            if key not in RUN_ONLY and previous.get(key) != settings.get(key)
-        ]
-        check(
-            not changed,
-            f"{output} holds trajectories built with other settings: {'; '.join(changed)}. "
-            "Use the same values to resume, another --output, or --overwrite to start over.",
-        )
-    else:
-        check(
-            not progress.is_file(),
-            f"{progress} exists without {CONFIG_FILE}, so it cannot be resumed safely; "
-            "pass --overwrite or choose another --output.",
-        )
-    write_json_atomic(stored, settings)
-    return {line["question_id"]: line["rows"] for line in read_results(progress)}
+    prepare_resumable(
+        output,
+        to_dict(config),
+        overwrite=config.overwrite,
+        outputs=(PROGRESS_FILE,),
+        ignore=RUN_ONLY,
+        what="trajectories built",
+        flag="--output",
+        config_file=CONFIG_FILE,
+    )
+    return {line["question_id"]: line["rows"] for line in read_results(output / PROGRESS_FILE)}
 
 
 def dataset_card(config: TrajectoryConfig, dataset: Dataset, skipped: int) -> DatasetCard:
@@ -332,19 +317,7 @@ def build_trajectories(config: TrajectoryConfig, backend: Backend | None = None)
     done = open_output(config)
     if any(p.id not in done for p in problems):
         if backend is None:
-            backend = make_backend(
-                config.backend,
-                BackendOptions(
-                    model=config.model,
-                    dtype=config.dtype,
-                    device=config.device,
-                    trust_remote_code=config.trust_remote_code,
-                    max_batch_tokens=config.max_batch_tokens,
-                    tensor_parallel_size=config.tensor_parallel_size,
-                    data_parallel_size=config.data_parallel_size,
-                    gpu_memory_utilization=config.gpu_memory_utilization,
-                ),
-            )
+            backend = make_backend(config.backend, BackendOptions.from_config(config))
         templates = PromptTemplates.from_yaml(config.templates) if config.templates else None
         for p in problems:  # refuse before any work when a bare question cannot fit the context
             prompt = render_prompt(backend.tokenizer, p.problem, [], answer_type_of(p.answer), templates)

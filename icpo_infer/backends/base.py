@@ -117,6 +117,12 @@ class BackendOptions:
     max_lora_rank: int = 64
     extra: dict = field(default_factory=dict)
 
+    @classmethod
+    def from_config(cls, config: Any) -> BackendOptions:
+        """The options a run's config carries, read from its fields of the same names."""
+        names = [f.name for f in dataclasses.fields(cls) if hasattr(config, f.name)]
+        return cls(**{name: getattr(config, name) for name in names})
+
 
 def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
     """Token ids of a rendered prompt. Special tokens are already in the text, so none are added."""
