@@ -1,0 +1,154 @@
+"""Pretrain the base model of the end-to-end proof: a tiny Llama trained from scratch on question-answer text.
+
+Each training text is exactly what inference shows the model (the prompt of
+:func:`icpo_infer.prompts.render_prompt`) followed by the response format that is graded
+(``\\boxed{answer}`` then end-of-sequence), tokenized with the same helpers the backends use, with
+the loss on the response. So the base model answers in the graded format.
+
+A fraction of the prompts (``pretrain_history_fraction``) carry an *uninformative* history: answers
+of other questions under random reward tags. A model trained only on bare prompts is thrown off by
+any history (a 3-layer model sums the history's digits too), and the response-level ICPO loss,
+which only compares the members of a group with each other, cannot repair a policy that puts its
+mass outside the group. Uninformative histories make the base model read the layout and answer the
+question whatever the history says; they teach nothing about using it, which is left to ICPO.
+"""
+
+from __future__ import annotations
+
+import random
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from datasets import Dataset
+from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+from icpo_infer.backends.base import encode_completion, encode_prompt
+from icpo_infer.config import check
+from icpo_infer.data import Problem
+from icpo_infer.prompts import Attempt, PromptTemplates, answer_type_of, render_prompt
+from icpo_train.tiny_lm import init_tiny_llama, train_tokenizer
+
+IGNORE_INDEX = -100  # label of prompt tokens: the loss is on the response only
+MAX_HISTORY = 4  # entries of an uninformative history: 1 to this many
+
+
+@dataclass
+class PretrainConfig:
+    """The base model's shape and its pretraining budget."""
+
+    vocab_size: int = 512
+    hidden_size: int = 96
+    num_layers: int = 3
+    num_heads: int = 4
+    context_length: int = 512
+    pretrain_steps: int = 450
+    pretrain_batch_size: int = 64
+    pretrain_learning_rate: float = 3e-3
+    pretrain_warmup: float = 0.05
+    pretrain_history_fraction: float = 0.5
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "context_length"):
+            check(getattr(self, name) >= 1, f"{name}={getattr(self, name)}: use a positive value.")
+        check(
+            self.hidden_size % self.num_heads == 0,
+            f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}: change one of them.",
+        )
+        check(self.pretrain_steps >= 1, f"pretrain_steps={self.pretrain_steps}: use at least 1 step.")
+        check(
+            self.pretrain_batch_size >= 1, f"pretrain_batch_size={self.pretrain_batch_size}: use at least 1."
+        )
+        check(
+            self.pretrain_learning_rate > 0, f"pretrain_learning_rate={self.pretrain_learning_rate}: use > 0."
+        )
+        check(
+            0 <= self.pretrain_history_fraction <= 1,
+            f"pretrain_history_fraction={self.pretrain_history_fraction}: use a fraction in [0, 1].",
+        )
+
+
+def response_text(answer: str) -> str:
+    """The response the base model learns to give: the answer in the format the grader extracts."""
+    return "\\boxed{" + answer + "}"
+
+
+def uninformative_history(problems: Sequence[Problem], rng: random.Random) -> list[Attempt]:
+    """Attempts at other questions under random reward tags: the layout of a history, no information."""
+    others = rng.sample(list(problems), rng.randint(1, min(MAX_HISTORY, len(problems))))
+    return [Attempt(response_text(other.answer), other.answer, rng.randint(0, 1)) for other in others]
+
+
+def pretrain(
+    problems: Sequence[Problem],
+    config: PretrainConfig,
+    output_dir: str | Path,
+    templates: PromptTemplates | None = None,
+) -> Path:
+    """Train a tokenizer and a tiny Llama on ``problems`` and save both to ``output_dir`` (safetensors).
+
+    ``templates`` is the prompt wording that inference and ICPO training will use with this model.
+    """
+    check(len(problems) > 0, "pretrain: the training split is empty; use a train_size > 0.")
+    rng = random.Random(config.seed)
+
+    def prompt(tokenizer, problem: Problem, history: list[Attempt]) -> str:
+        return render_prompt(tokenizer, problem.problem, history, answer_type_of(problem.answer), templates)
+
+    histories = [
+        uninformative_history(problems, rng) if rng.random() < config.pretrain_history_fraction else []
+        for _ in problems
+    ]
+    # The tokenizer must exist to render prompts (BOS, chat template) and the prompts to train it:
+    # render with a bootstrap tokenizer that has the same special tokens, then train the real one.
+    # Its corpus always holds the history wording, so that a history costs a few tokens per line.
+    bootstrap = train_tokenizer([p.problem for p in problems], vocab_size=config.vocab_size)
+    texts = [
+        prompt(bootstrap, p, h) + response_text(p.answer) for p, h in zip(problems, histories, strict=True)
+    ]
+    texts += [prompt(bootstrap, p, uninformative_history(problems, rng)) for p in problems]
+    tokenizer = train_tokenizer(texts, vocab_size=config.vocab_size)
+
+    def encode(problem: Problem, history: list[Attempt]) -> dict[str, list[int]]:
+        prompt_ids = encode_prompt(tokenizer, prompt(tokenizer, problem, history))
+        response_ids = encode_completion(tokenizer, response_text(problem.answer))
+        return {
+            "input_ids": prompt_ids + response_ids,
+            "labels": [IGNORE_INDEX] * len(prompt_ids) + response_ids,
+        }
+
+    dataset = Dataset.from_list([encode(p, h) for p, h in zip(problems, histories, strict=True)])
+    longest = max(len(ids) for ids in dataset["input_ids"])
+    check(
+        longest <= config.context_length,
+        f"context_length={config.context_length} is shorter than the longest training text ({longest} tokens).",
+    )
+    model = init_tiny_llama(
+        tokenizer,
+        hidden_size=config.hidden_size,
+        num_layers=config.num_layers,
+        num_heads=config.num_heads,
+        context_length=config.context_length,
+        seed=config.seed,
+    )
+    with tempfile.TemporaryDirectory() as scratch:  # no mid-run checkpoints: the stage reruns whole
+        args = TrainingArguments(
+            output_dir=scratch,
+            max_steps=config.pretrain_steps,
+            per_device_train_batch_size=config.pretrain_batch_size,
+            learning_rate=config.pretrain_learning_rate,
+            lr_scheduler_type="cosine",
+            warmup_steps=config.pretrain_warmup,
+            weight_decay=0.01,
+            logging_steps=max(1, config.pretrain_steps // 10),
+            save_strategy="no",
+            report_to="none",
+            seed=config.seed,
+        )
+        collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
+        Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator).train()
+    model.save_pretrained(output_dir)
+    tokenizer.save_pretrained(output_dir)
+    return Path(output_dir)
