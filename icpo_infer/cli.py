@@ -10,8 +10,8 @@ from typing import Any
 
 from icpo_infer.backends import make_backend
 from icpo_infer.backends.base import Backend, BackendOptions, Usage
-from icpo_infer.config import ConfigError, check, parse_config
-from icpo_infer.data import load_problems
+from icpo_infer.config import ConfigError, parse_config
+from icpo_infer.data import load_run_problems
 from icpo_infer.icpo import InferConfig, run_method
 from icpo_infer.report import compare_table, load_metrics, plot_accuracy, plot_comparison, run_labels
 from icpo_infer.results import PLOT_FILE, RunDirectory
@@ -28,16 +28,7 @@ def run(config: InferConfig, backend: Backend | None = None) -> dict[str, Any]:
 
     Pass ``backend`` to reuse a loaded model (its usage is counted from this call on).
     """
-    problems, skipped = load_problems(
-        config.dataset,
-        split=config.split,
-        problem_field=config.problem_field,
-        answer_field=config.answer_field,
-        id_field=config.id_field,
-        limit=config.limit,
-        skip_invalid=config.skip_invalid,
-    )
-    check(bool(problems), f"dataset '{config.dataset}' has no questions to run; check --dataset and --split.")
+    problems, skipped = load_run_problems(config)
     directory = RunDirectory(config)
     done = directory.open()
     if backend is None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import datasets
 from datasets.exceptions import DatasetGenerationError
@@ -113,3 +114,19 @@ def load_problems(
 
 def _is_empty(value: object) -> bool:
     return value is None or (isinstance(value, str) and not value.strip())
+
+
+def load_run_problems(config: Any) -> tuple[list[Problem], int]:
+    """:func:`load_problems` with the options a run's config carries (``dataset``, ``split``, the field
+    names, ``limit``, ``skip_invalid``); a run needs at least one question."""
+    problems, skipped = load_problems(
+        config.dataset,
+        split=config.split,
+        problem_field=config.problem_field,
+        answer_field=config.answer_field,
+        id_field=config.id_field,
+        limit=config.limit,
+        skip_invalid=config.skip_invalid,
+    )
+    check(bool(problems), f"dataset '{config.dataset}' has no questions to run; check --dataset and --split.")
+    return problems, skipped

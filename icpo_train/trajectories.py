@@ -36,7 +36,7 @@ from huggingface_hub import DatasetCard, DatasetCardData
 from icpo_infer.backends import make_backend
 from icpo_infer.backends.base import Backend, BackendOptions, SamplingParams, encode_prompt
 from icpo_infer.config import ConfigError, check, parse_config, to_dict
-from icpo_infer.data import Problem, load_problems
+from icpo_infer.data import Problem, load_run_problems
 from icpo_infer.grading import extract_answer, is_equivalent
 from icpo_infer.icpo import RUN_ONLY_FIELDS, InferConfig, derive_seed, run_method
 from icpo_infer.prompts import Attempt, PromptTemplates, answer_type_of, render_prompt
@@ -304,16 +304,7 @@ def build_trajectories(config: TrajectoryConfig, backend: Backend | None = None)
 
     Pass ``backend`` to reuse a loaded reference model.
     """
-    problems, skipped = load_problems(
-        config.dataset,
-        split=config.split,
-        problem_field=config.problem_field,
-        answer_field=config.answer_field,
-        id_field=config.id_field,
-        limit=config.limit,
-        skip_invalid=config.skip_invalid,
-    )
-    check(bool(problems), f"dataset '{config.dataset}' has no questions; check --dataset and --split.")
+    problems, skipped = load_run_problems(config)
     done = open_output(config)
     if any(p.id not in done for p in problems):
         if backend is None:

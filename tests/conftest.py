@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -15,6 +16,16 @@ def read_benchmark(name: str) -> list[dict]:
     if not path.is_file():
         pytest.fail(f"benchmark file {path} is missing: the tests read ../shared/data beside the checkout")
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP's spin-waiting
+    made tests up to 10x slower with 2 threads than with 1. Subprocess tests choose their own."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -37,16 +37,6 @@ eval_checkpoints = load_script("eval_checkpoints")
 publish_adapter = load_script("publish_adapter")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads; on a shared 2-core machine OpenMP's spin-waiting
-    made this module 10x slower with 2 threads than with 1."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def dataset_file(tmp_path_factory) -> Path:
     """Two short MATH-500 questions (short prompts keep the tiny model fast), the trainer tests' own."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 from icpo_infer.backends import make_backend
 from icpo_infer.backends.base import BackendOptions, SamplingParams
@@ -50,7 +49,6 @@ def test_impossible_task_sizes_are_errors_naming_the_fields():
 
 
 def test_pretraining_saves_a_model_the_hf_backend_loads_and_that_answers_in_the_graded_format(tmp_path):
-    torch.set_num_threads(1)
     splits = generate_splits(SyntheticTaskConfig(train_size=256, validation_size=0, test_size=8))
     config = PretrainConfig(
         vocab_size=256, hidden_size=32, num_layers=1, num_heads=2, pretrain_steps=120, pretrain_batch_size=32

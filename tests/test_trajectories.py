@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from boxed_model import teach_boxed_answers
 from conftest import read_benchmark
 from datasets import Dataset, load_from_disk
@@ -58,16 +57,6 @@ FAST = {
 # Short MATH-500 questions (short prompts keep the tiny model fast); the taught model mostly answers 5,
 # so the first question's group has correct members and the others' have wrong ones.
 QUESTION_IDS = ("test/prealgebra/1555.json", "test/algebra/1255.json", "test/algebra/1214.json")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads; on a shared 2-core machine OpenMP's spin-waiting
-    made this module 10x slower with 2 threads than with 1."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
