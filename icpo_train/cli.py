@@ -18,10 +18,6 @@ SUBCOMMANDS = {
         "roll out ICPO histories and reference groups into a dataset",
     ),
     "train": ("icpo_train.train", "fine-tune an LLM (LoRA) with the Fisher-weighted ICPO loss"),
-    "pipeline": (
-        "icpo_train.pipeline",
-        "end-to-end CPU proof: pretrain, build trajectories, train, evaluate",
-    ),
     "demo": ("icpo_train.demo", "the main job of `make demo`"),
 }
 
