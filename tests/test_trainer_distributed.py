@@ -16,7 +16,10 @@ from trajectory_fixtures import write_trajectories
 ROOT = Path(__file__).resolve().parents[1]
 # Two accumulated micro-batches per step: gradients sync once per step, in the last micro-batch.
 ACCUMULATE = ("--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2")
-CHECKSUM = re.compile(r"process (\d) of 2 finished at step (\d+); trainable-weight checksum (\S+)")
+# The ranks share one stdout pipe, so another rank's output can follow a checksum before its newline.
+CHECKSUM = re.compile(
+    r"process (\d) of 2 finished at step (\d+); trainable-weight checksum ([-+]?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)"
+)
 
 
 def free_port() -> int:
