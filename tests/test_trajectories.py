@@ -29,6 +29,7 @@ from icpo_train.trajectories import (
     build_trajectories,
 )
 from icpo_train.trajectory_data import (
+    GROUP_COLUMNS,
     REQUIRED_COLUMNS,
     load_trajectories,
     tokenizer_fingerprint,
@@ -102,14 +103,7 @@ def test_rows_follow_the_schema_and_validate(built, boxed_model_dir):
     assert dataset["round"] == list(range(1, ROUNDS + 1)) * QUESTIONS
     assert set(dataset["tokenizer_fingerprint"]) == {tokenizer_fingerprint(tokenizer)}
     for row in dataset:
-        for column in (
-            "responses",
-            "ref_logps",
-            "ref_num_tokens",
-            "response_answers",
-            "gold_rewards",
-            "icl_rewards",
-        ):
+        for column in GROUP_COLUMNS:
             assert len(row[column]) == GROUP, column
         assert all(lp < 0 for lp in row["ref_logps"]) and all(n >= 1 for n in row["ref_num_tokens"])
         assert row["response_answers"] == [extract_answer(text) for text in row["responses"]]
