@@ -76,8 +76,8 @@ def response_text(answer: str) -> str:
 
 
 def uninformative_history(problems: Sequence[Problem], rng: random.Random) -> list[Attempt]:
-    """Attempts at other questions under random reward tags: the layout of a history, no information."""
-    others = rng.sample(list(problems), rng.randint(1, min(MAX_HISTORY, len(problems))))
+    """Answers to random questions of the split under random reward tags: a history's layout, no information."""
+    others = rng.sample(problems, rng.randint(1, min(MAX_HISTORY, len(problems))))
     return [Attempt(response_text(other.answer), other.answer, rng.randint(0, 1)) for other in others]
 
 

@@ -1,9 +1,16 @@
-"""A synthetic question/answer task family for the end-to-end CPU proof: sums of a few integers.
+"""A synthetic question/answer task family for the end-to-end CPU proof: sums of a few small numbers.
 
-Why sums: a tiny transformer trained for minutes learns the units digit fast and the carries slowly,
-so an undertrained model answers with a distribution centred on the right sum and varied wrong
-answers (off by ten, twenty ...). The right answer is then often its most frequent answer, which is
-what makes majority-vote rewards informative and an in-context history worth reading.
+Questions read "What is three + eight + one + nine?" (answer ``21``). Why this family:
+
+- A tiny transformer trained for minutes gets the sum roughly right and often off by one or two, so
+  its answers spread over a few neighbours of the right sum, which is usually the most frequent:
+  majority votes are informative and an in-context history is worth reading.
+- Operands are words and answers digits, so the digits a history shows (earlier answers) never look
+  like the operands being added.
+
+The train split also holds *reading* questions ("What is 37?", answer ``37``): answering them means
+copying digits from the prompt, the copying circuit that language models get from natural text and
+that in-context use of a history builds on. Validation and test splits hold sums only.
 
 Splits are written as JSONL files with ``id``, ``problem`` and ``answer``, so
 :func:`icpo_infer.data.load_problems` reads them like any benchmark.
@@ -24,73 +31,82 @@ from icpo_infer.data import Problem
 
 SPLITS = ("train", "validation", "test")
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+MAX_READING_NUMBER = 99
 
 
 @dataclass
 class SyntheticTaskConfig:
-    """Which sums, and how many questions per split. Split sizes may be 0 (the split file is then empty)."""
+    """Which sums, how many questions per split, and the share of reading questions in the train split."""
 
-    task_seed: int = 0
+    seed: int = 0
     min_operands: int = 3
     max_operands: int = 6
-    min_operand: int = 0
-    max_operand: int = 9
-    train_size: int = 20000
-    validation_size: int = 500
-    test_size: int = 200
-    spell_operands: bool = True
-    modulus: int = 0
+    train_size: int = 3000
+    validation_size: int = 300
+    test_size: int = 100
+    reading_fraction: float = 0.2
 
     def __post_init__(self) -> None:
         check(
             2 <= self.min_operands <= self.max_operands,
-            f"min_operands={self.min_operands}, max_operands={self.max_operands}: use 2 <= min_operands <= max_operands.",
+            f"min_operands={self.min_operands}, max_operands={self.max_operands}: "
+            "use 2 <= min_operands <= max_operands.",
         )
-        check(
-            0 <= self.min_operand < self.max_operand,
-            f"min_operand={self.min_operand}, max_operand={self.max_operand}: use 0 <= min_operand < max_operand.",
-        )
-        sizes = self.split_sizes()
-        for split, size in sizes.items():
+        for split, size in self.split_sizes().items():
             check(size >= 0, f"{split}_size={size}: use a size >= 0.")
-        # Questions are unique up to operand order; ask for at most half of them so sampling stays fast.
-        values = self.max_operand - self.min_operand + 1
-        distinct = sum(math.comb(values + n - 1, n) for n in range(self.min_operands, self.max_operands + 1))
         check(
-            sum(sizes.values()) <= distinct // 2,
-            f"train_size + validation_size + test_size = {sum(sizes.values())} but only {distinct} distinct "
-            f"sums of {self.min_operands} to {self.max_operands} operands in [{self.min_operand}, {self.max_operand}] exist: ask for "
-            f"at most {distinct // 2} questions, or widen the operand range.",
+            0 <= self.reading_fraction < 1,
+            f"reading_fraction={self.reading_fraction}: use a fraction in [0, 1).",
+        )
+        # Sums are unique up to operand order; ask for at most half of them so that sampling stays fast.
+        distinct = sum(math.comb(len(NUMBER_WORDS) + n - 1, n) for n in self.operand_counts())
+        check(
+            self.num_sums() <= distinct // 2,
+            f"the splits need {self.num_sums()} distinct sums but only {distinct} sums of "
+            f"{self.min_operands} to {self.max_operands} operands exist: ask for at most {distinct // 2} "
+            "(train_size, validation_size, test_size) or allow more operands (max_operands).",
         )
 
     def split_sizes(self) -> dict[str, int]:
         return {split: getattr(self, f"{split}_size") for split in SPLITS}
 
+    def operand_counts(self) -> range:
+        return range(self.min_operands, self.max_operands + 1)
+
+    def num_reading(self) -> int:
+        return round(self.train_size * self.reading_fraction)
+
+    def num_sums(self) -> int:
+        return sum(self.split_sizes().values()) - self.num_reading()
+
 
 def generate_splits(config: SyntheticTaskConfig) -> dict[str, list[Problem]]:
-    """Disjoint splits drawn from one seeded stream: no question (up to operand order) is in two splits."""
-    rng = random.Random(config.task_seed)
+    """Seeded splits; no sum (up to operand order) is in two splits."""
+    rng = random.Random(config.seed)
     seen: set[tuple[int, ...]] = set()
-    splits: dict[str, list[Problem]] = {}
-    for split, size in config.split_sizes().items():
-        problems = []
-        while len(problems) < size:
-            count = rng.randint(config.min_operands, config.max_operands)
-            operands = [rng.randint(config.min_operand, config.max_operand) for _ in range(count)]
+
+    def new_sum() -> tuple[str, str]:
+        while True:
+            operands = [rng.randrange(len(NUMBER_WORDS)) for _ in range(rng.choice(config.operand_counts()))]
             key = tuple(sorted(operands))
-            if key in seen:
-                continue
-            seen.add(key)
-            expression = " + ".join(NUMBER_WORDS[x] if config.spell_operands else str(x) for x in operands)
-            answer = sum(operands)
-            if config.modulus:
-                expression, answer = f"({expression}) mod {config.modulus}", answer % config.modulus
-            problems.append(
-                Problem(
-                    id=f"{split}-{len(problems):05d}", problem=f"What is {expression}?", answer=str(answer)
-                )
-            )
-        splits[split] = problems
+            if key not in seen:
+                seen.add(key)
+                words = " + ".join(NUMBER_WORDS[x] for x in operands)
+                return f"What is {words}?", str(sum(operands))
+
+    def reading() -> tuple[str, str]:
+        number = rng.randint(0, MAX_READING_NUMBER)
+        return f"What is {number}?", str(number)
+
+    splits = {}
+    for split, size in config.split_sizes().items():
+        num_reading = config.num_reading() if split == "train" else 0
+        questions = [new_sum() for _ in range(size - num_reading)] + [reading() for _ in range(num_reading)]
+        rng.shuffle(questions)
+        splits[split] = [
+            Problem(id=f"{split}-{i:05d}", problem=question, answer=answer)
+            for i, (question, answer) in enumerate(questions)
+        ]
     return splits
 
 
@@ -100,8 +116,9 @@ def write_problems(problems: list[Problem], path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as handle:
         for problem in problems:
-            row = {"id": problem.id, "problem": problem.problem, "answer": problem.answer}
-            handle.write(json.dumps(row) + "\n")
+            handle.write(
+                json.dumps({"id": problem.id, "problem": problem.problem, "answer": problem.answer}) + "\n"
+            )
     os.replace(handle.name, path)
     return path
 
