@@ -1,0 +1,524 @@
+"""`icpo-train pipeline`: the end-to-end proof that ICPO training improves test-time self-improvement.
+
+    icpo-train pipeline --config recipes/e2e/tiny.yaml --output_dir DIR [--stages STAGE ...]
+
+Stages, run for every seed in ``DIR/seed-N/``, each skipped when its output exists (an interrupted
+run resumes where it stopped):
+
+- ``data``: the synthetic task's train / validation / test splits (:mod:`icpo_train.synthetic`);
+- ``pretrain``: the base model, a tiny Llama trained from scratch (:mod:`icpo_train.pretrain`);
+- ``trajectories``: reflection trajectories of the base model on the validation questions
+  (:mod:`icpo_train.trajectories`, resumable per question);
+- ``train``: LoRA adapters trained on those trajectories with the same data and budget: ``icpo``
+  (the Fisher-weighted response-level loss) and the baselines ``sft`` and ``mse``;
+- ``evaluate``: the base model and every adapter on the test questions with ``single``,
+  ``majority`` and ``me-icpo`` through the ``hf`` backend (:func:`icpo_infer.cli.run`, resumable
+  per question);
+- ``report``: over all seeds, ``DIR/report.json``, the table of :func:`format_report` and the plot
+  ``DIR/accuracy_vs_round.png``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import statistics
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from matplotlib.figure import Figure
+
+from icpo_infer.backends import make_backend
+from icpo_infer.backends.base import Backend, BackendOptions
+from icpo_infer.cli import run as run_inference
+from icpo_infer.config import check, parse_config, to_dict
+from icpo_infer.data import load_problems
+from icpo_infer.icpo import InferConfig
+from icpo_infer.prompts import PromptTemplates
+from icpo_infer.report import ACCURACY_RANGE
+from icpo_infer.results import METRICS_FILE, write_json_atomic
+from icpo_train.pretrain import PretrainConfig, pretrain
+from icpo_train.synthetic import SyntheticTaskConfig, write_splits
+from icpo_train.trainer import ICPOConfig, ICPOTrainer
+from icpo_train.trajectories import PARQUET_FILE, TrajectoryConfig, build_trajectories
+
+STAGES = ("data", "pretrain", "trajectories", "train", "evaluate", "report")
+LOSS_OF_MODEL = {"icpo": "fw", "sft": "sft", "mse": "mse"}  # adapters and the trainer loss of each
+MODELS = ("base", *LOSS_OF_MODEL)
+EVAL_METHODS = ("single", "majority", "me-icpo")
+REPORT_FILE = "report.json"
+PLOT_FILE = "accuracy_vs_round.png"
+TIMINGS_FILE = "timings.json"
+
+
+def _option(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class PipelineConfig(SyntheticTaskConfig, PretrainConfig):
+    """The task, the base model and its pretraining (inherited fields), and every later stage.
+
+    The ICPO-loop options (k, rounds, sampling, summaries) are shared by the trajectories and the
+    evaluation, as in a real deployment.
+    """
+
+    output_dir: str | None = _option(None, "Where every stage writes (one seed-N folder per seed).")
+    num_seeds: int = _option(1, "Seeds seed, seed+1, ...: each reruns every stage, data included.")
+    stages: list[str] = field(
+        default_factory=lambda: list(STAGES), metadata={"help": f"Stages to run, among {', '.join(STAGES)}."}
+    )
+    models: list[str] = field(
+        default_factory=lambda: list(MODELS),
+        metadata={"help": f"Models to train and evaluate, among {', '.join(MODELS)}."},
+    )
+    templates: str | None = _option(
+        None, "YAML prompt wording, used by every stage (recipes/e2e/templates.yaml)."
+    )
+    # Trajectories.
+    trajectory_rounds: int = _option(4, "Rounds R of the trajectories: histories H_1 (empty) .. H_R.")
+    group_size: int = _option(8, "G: responses sampled from pi_ref per trajectory question.")
+    history_reward: str = _option("self", "History rewards of the trajectories: self (majority) or gt.")
+    selection: str = _option("random", "Which candidate enters a trajectory history: random or me-icpo.")
+    # ICPO loop, trajectories and evaluation alike.
+    rounds: int = _option(3, "Evaluation rounds of me-icpo.")
+    k: int = _option(8, "Responses per question and round (single and majority: the samples).")
+    entropy_k: int = _option(4, "Responses per probe prompt of me-icpo.")
+    final_k: int = _option(8, "Responses sampled from the final me-icpo prompt.")
+    temperature: float = _option(1.0, "Sampling temperature.")
+    top_p: float = _option(1.0, "Nucleus sampling threshold.")
+    max_new_tokens: int = _option(8, "Longest response, in tokens.")
+    summary: bool = _option(False, "Summarise history entries (tiny models cannot: --no-summary).")
+    summary_max_tokens: int = _option(8, "Summary length, or the truncation of a response without summaries.")
+    max_keep: int = _option(5, "Most entries per history bucket.")
+    # Training, the same for icpo and the baselines.
+    train_steps: int = _option(300, "Optimizer steps of every adapter.")
+    train_batch_size: int = _option(8, "Trajectory rows per step.")
+    learning_rate: float = _option(2e-3, "LoRA learning rate (constant).")
+    eta: float = _option(
+        1.0, "Step size of the in-context policy update in the target z* = log pi_ref + eta R."
+    )
+    lora_r: int = _option(16, "LoRA rank.")
+    lora_alpha: int = _option(32, "LoRA alpha.")
+    # Evaluation and engine.
+    eval_methods: list[str] = field(
+        default_factory=lambda: list(EVAL_METHODS),
+        metadata={"help": f"Evaluation methods, among {', '.join(EVAL_METHODS)}."},
+    )
+    device: str = _option("auto", "Device of the hf backend.")
+    max_batch_tokens: int = _option(16384, "hf backend: token budget of one generation batch.")
+    batch_questions: int = _option(100, "Questions per chunk of the ICPO loop.")
+
+    def __post_init__(self) -> None:
+        SyntheticTaskConfig.__post_init__(self)
+        PretrainConfig.__post_init__(self)
+        check(self.output_dir is not None, "output_dir is required: pass --output_dir DIR.")
+        check(self.num_seeds >= 1, f"num_seeds={self.num_seeds}: use at least 1 seed.")
+        for name, values, valid in [
+            ("stages", self.stages, STAGES),
+            ("models", self.models, MODELS),
+            ("eval_methods", self.eval_methods, EVAL_METHODS),
+        ]:
+            unknown = [value for value in values if value not in valid]
+            check(not unknown, f"{name}: unknown {unknown}; choose among {', '.join(valid)}.")
+        check(bool(self.models), "models is empty; name at least one of " + ", ".join(MODELS) + ".")
+        check(self.validation_size > 0, "validation_size=0: the trajectories need validation questions.")
+        check(self.test_size > 0, "test_size=0: the evaluation needs test questions.")
+        check(self.train_steps >= 1, f"train_steps={self.train_steps}: use at least 1 step.")
+        if self.templates is not None:
+            PromptTemplates.from_yaml(self.templates)  # a bad templates file fails before any work
+        # The other stages' configs validate their own fields: build them once now.
+        self.trajectory_config(Path(self.output_dir))
+        self.infer_config(Path(self.output_dir), "me-icpo", None)
+        self.train_config(Path(self.output_dir), "icpo")
+
+    @property
+    def seeds(self) -> list[int]:
+        return [self.seed + i for i in range(self.num_seeds)]
+
+    def icpo_loop(self) -> dict[str, Any]:
+        """Options shared by the trajectories' ICPO loop and the evaluation."""
+        return {
+            "k": self.k,
+            "entropy_k": self.entropy_k,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": 0,
+            "repetition_penalty": 1.0,  # the model's own distribution; digits repeat legitimately
+            "max_new_tokens": self.max_new_tokens,
+            "context_length": self.context_length,
+            "summary": self.summary,
+            "summary_max_tokens": self.summary_max_tokens,
+            "max_keep": self.max_keep,
+            "templates": self.templates,
+            "seed": self.seed,
+            "device": self.device,
+            "max_batch_tokens": self.max_batch_tokens,
+            "batch_questions": self.batch_questions,
+        }
+
+    def trajectory_config(self, run: Path) -> TrajectoryConfig:
+        return TrajectoryConfig(
+            model=str(run / "base"),
+            dataset=str(run / "data" / "validation.jsonl"),
+            output=str(run / "trajectories"),
+            rounds=self.trajectory_rounds,
+            group_size=self.group_size,
+            history_reward=self.history_reward,
+            selection=self.selection,
+            **self.icpo_loop(),
+        )
+
+    def train_config(self, run: Path, model: str) -> ICPOConfig:
+        return ICPOConfig(
+            output_dir=str(_partial(run / "adapters" / model)),
+            model_name_or_path=str(run / "base"),
+            trajectories=str(run / "trajectories"),
+            templates=self.templates,
+            loss_type=LOSS_OF_MODEL[model],
+            eta=self.eta,
+            lora_r=self.lora_r,
+            lora_alpha=self.lora_alpha,
+            lora_dropout=0.0,
+            learning_rate=self.learning_rate,
+            lr_scheduler_type="constant",
+            per_device_train_batch_size=self.train_batch_size,
+            max_steps=self.train_steps,
+            logging_steps=max(1, self.train_steps // 5),
+            save_strategy="no",  # an interrupted adapter is retrained: it takes a minute
+            report_to="none",
+            seed=self.seed,
+        )
+
+    def infer_config(self, run: Path, method: str, model: str | None) -> InferConfig:
+        adapter = None if model in (None, "base") else str(run / "adapters" / model)
+        return InferConfig(
+            model=str(run / "base"),
+            adapter=adapter,
+            dataset=str(run / "data" / "test.jsonl"),
+            output_dir=str(run / "eval" / (model or "base") / method),
+            method=method,
+            rounds=self.rounds,
+            final_k=self.final_k,
+            **self.icpo_loop(),
+        )
+
+
+def _partial(path: Path) -> Path:
+    """Where a stage builds ``path`` before renaming it into place: ``path`` exists only when complete."""
+    return path.with_name(path.name + ".partial")
+
+
+@contextmanager
+def _building(path: Path) -> Iterator[Path]:
+    partial = _partial(path)
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    yield partial
+    partial.rename(path)
+
+
+class _SeedRun:
+    """The stages of one seed in ``DIR/seed-N``."""
+
+    def __init__(self, config: PipelineConfig) -> None:
+        self.config = config
+        self.dir = Path(config.output_dir) / f"seed-{config.seed}"
+        self.base_dir = self.dir / "base"
+        self.trajectory_dir = self.dir / "trajectories"
+        self._backend: Backend | None = None  # the base model, shared by trajectories and evaluation
+
+    def say(self, message: str) -> None:
+        print(f"[seed {self.config.seed}] {message}", flush=True)
+
+    def run(self, stages: Sequence[str]) -> None:
+        for stage in STAGES[:-1]:
+            if stage in stages:
+                start = time.perf_counter()
+                ran = getattr(self, stage)()
+                if ran:
+                    self.record_time(stage, time.perf_counter() - start)
+
+    def record_time(self, stage: str, seconds: float) -> None:
+        path = self.dir / TIMINGS_FILE
+        timings = json.loads(path.read_text()) if path.is_file() else {}
+        write_json_atomic(path, {**timings, stage: round(seconds, 1)})
+
+    def require(self, path: Path, stage: str) -> None:
+        check(path.exists(), f"{path} is missing: run the '{stage}' stage first (--stages {stage} ...).")
+
+    # -- stages: each returns whether it did any work -------------------------------------------
+
+    def data(self) -> bool:
+        if all((self.dir / "data" / f"{split}.jsonl").is_file() for split in ("train", "validation", "test")):
+            return False
+        self.say("data: writing the synthetic splits")
+        fields = {f.name: getattr(self.config, f.name) for f in dataclasses.fields(SyntheticTaskConfig)}
+        write_splits(SyntheticTaskConfig(**fields), self.dir / "data")
+        return True
+
+    def pretrain(self) -> bool:
+        if self.base_dir.is_dir():
+            return False
+        self.require(self.dir / "data" / "train.jsonl", "data")
+        self.say(f"pretrain: a tiny Llama from scratch, {self.config.pretrain_steps} steps")
+        problems, _ = load_problems(str(self.dir / "data" / "train.jsonl"))
+        fields = {f.name: getattr(self.config, f.name) for f in dataclasses.fields(PretrainConfig)}
+        templates = PromptTemplates.from_yaml(self.config.templates) if self.config.templates else None
+        with _building(self.base_dir) as partial:
+            pretrain(problems, PretrainConfig(**fields), partial, templates)
+        return True
+
+    def base_backend(self) -> Backend:
+        if self._backend is None:
+            options = BackendOptions(
+                model=str(self.base_dir),
+                device=self.config.device,
+                max_batch_tokens=self.config.max_batch_tokens,
+            )
+            self._backend = make_backend("hf", options)
+        return self._backend
+
+    def trajectories(self) -> bool:
+        if (self.trajectory_dir / PARQUET_FILE).is_file():
+            return False
+        self.require(self.base_dir, "pretrain")
+        self.say("trajectories: ICPO-loop histories and pi_ref groups on the validation questions")
+        build_trajectories(self.config.trajectory_config(self.dir), self.base_backend())
+        return True
+
+    def train(self) -> bool:
+        todo = [m for m in self.config.models if m != "base" and not (self.dir / "adapters" / m).is_dir()]
+        if todo:
+            self.require(self.trajectory_dir / PARQUET_FILE, "trajectories")
+        for model in todo:
+            self.say(f"train: {model} adapter (loss {LOSS_OF_MODEL[model]}), {self.config.train_steps} steps")
+            with _building(self.dir / "adapters" / model) as partial:
+                trainer = ICPOTrainer(self.config.train_config(self.dir, model))
+                trainer.train()
+                trainer.save_model(str(partial))
+        return bool(todo)
+
+    def evaluate(self) -> bool:
+        num_questions = len(load_problems(str(self.dir / "data" / "test.jsonl"))[0])
+        ran = False
+        for model in self.config.models:
+            todo = [
+                method
+                for method in self.config.eval_methods
+                if _finished(self.dir / "eval" / model / method) != num_questions
+            ]
+            if not todo:
+                continue
+            if model == "base":
+                self.require(self.base_dir, "pretrain")
+            else:
+                self.require(self.dir / "adapters" / model, "train")
+            backend = self.base_backend() if model == "base" else None
+            for method in todo:
+                self.say(f"evaluate: {model} with {method}")
+                config = self.config.infer_config(self.dir, method, model)
+                if backend is None:
+                    backend = make_backend(
+                        "hf",
+                        BackendOptions(
+                            model=config.model,
+                            adapter=config.adapter,
+                            device=config.device,
+                            max_batch_tokens=config.max_batch_tokens,
+                        ),
+                    )
+                run_inference(config, backend)
+            ran = True
+        return ran
+
+
+def _finished(run_dir: Path) -> int:
+    """Questions finished in an icpo-infer output directory (0 when it has no metrics yet)."""
+    path = run_dir / METRICS_FILE
+    return json.loads(path.read_text())["num_questions"] if path.is_file() else 0
+
+
+# -- report -------------------------------------------------------------------------------------
+
+
+def _model_metrics(run_dir: Path, methods: Sequence[str]) -> dict[str, Any]:
+    """The report entry of one model and seed, from its icpo-infer metrics."""
+
+    def metrics(method: str) -> dict[str, Any] | None:
+        path = run_dir / method / METRICS_FILE
+        return json.loads(path.read_text()) if method in methods and path.is_file() else None
+
+    single, majority, me_icpo = metrics("single"), metrics("majority"), metrics("me-icpo")
+    return {
+        # Rounds 1..R then the final samples, as icpo-infer plots them.
+        "mean_per_round": [*me_icpo["mean_per_round"], me_icpo["mean@k"]] if me_icpo else None,
+        "maj_per_round": [*me_icpo["maj_per_round"], me_icpo["maj@k"]] if me_icpo else None,
+        "self_improvement": me_icpo["self_improvement"] if me_icpo else None,
+        "single": single["mean@k"] if single else None,
+        "majority": majority["maj@k"] if majority else None,
+    }
+
+
+def _aggregate(values: list[Any], reduce) -> Any:
+    """Element-wise ``reduce`` over seeds of numbers or lists of numbers (None stays None)."""
+    if any(v is None for v in values):
+        return None
+    if isinstance(values[0], list):
+        return [reduce(list(column)) for column in zip(*values, strict=True)]
+    return reduce(values)
+
+
+def _std(values: list[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def build_report(config: PipelineConfig) -> dict[str, Any]:
+    """report.json: per model the mean over seeds, per seed the values, and the standard deviations."""
+    root = Path(config.output_dir)
+    per_seed = {
+        str(seed): {
+            model: _model_metrics(root / f"seed-{seed}" / "eval" / model, config.eval_methods)
+            for model in config.models
+        }
+        for seed in config.seeds
+    }
+    keys = ("mean_per_round", "maj_per_round", "self_improvement", "single", "majority")
+
+    def across(model: str, key: str, reduce) -> Any:
+        return _aggregate([per_seed[str(s)][model][key] for s in config.seeds], reduce)
+
+    comparisons = {}
+    for other in ("base", "sft", "mse"):
+        if "icpo" in config.models and other in config.models and "me-icpo" in config.eval_methods:
+            gaps = [
+                per_seed[str(s)]["icpo"]["self_improvement"] - per_seed[str(s)][other]["self_improvement"]
+                for s in config.seeds
+            ]
+            comparisons[f"icpo-{other}"] = {"self_improvement_gap": statistics.mean(gaps), "std": _std(gaps)}
+    timings = {}
+    for seed in config.seeds:
+        path = root / f"seed-{seed}" / TIMINGS_FILE
+        timings[str(seed)] = json.loads(path.read_text()) if path.is_file() else {}
+    num_questions = len(load_problems(str(root / f"seed-{config.seeds[0]}" / "data" / "test.jsonl"))[0])
+    return {
+        "models": {m: {key: across(m, key, statistics.mean) for key in keys} for m in config.models},
+        "seeds": {
+            "values": config.seeds,
+            "std": {m: {key: across(m, key, _std) for key in keys} for m in config.models},
+            "per_seed": per_seed,
+        },
+        "comparisons": comparisons,  # paired over seeds: ICPO's self-improvement minus the other's
+        "num_questions": num_questions,
+        "k": config.final_k,
+        "rounds": config.rounds,
+        "timings_s": timings,
+        "report": str(root / REPORT_FILE),
+        "plot": str(root / PLOT_FILE),
+        "config": to_dict(config),
+    }
+
+
+def plot_report(report: dict[str, Any], path: str | Path) -> None:
+    """mean@k and maj@k of me-icpo against round for every model, mean and std over seeds."""
+    figure = Figure(figsize=(9, 3.8), layout="constrained")
+    axes = figure.subplots(1, 2, sharey=True)
+    labels = [str(r) for r in range(1, report["rounds"] + 1)] + ["final"]
+    for ax, key, title in zip(axes, ("mean_per_round", "maj_per_round"), ("mean@k", "maj@k"), strict=True):
+        for i, (model, values) in enumerate(report["models"].items()):
+            if values[key] is not None:
+                std = report["seeds"]["std"][model][key]
+                ax.errorbar(labels, values[key], yerr=std, marker="o", capsize=3, color=f"C{i}", label=model)
+        ax.set(xlabel="round", title=f"ME-ICPO {title} (k={report['k']})", ylim=ACCURACY_RANGE)
+    axes[0].set_ylabel("accuracy")
+    axes[0].legend()
+    seeds = len(report["seeds"]["values"])
+    figure.suptitle(f"{report['num_questions']} test questions, mean ± std over {seeds} seed(s)")
+    figure.savefig(path, dpi=120)
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The results table: percentages, mean ± std over seeds."""
+    seeds = report["seeds"]
+
+    def cell(model: str, key: str, index: int | None = None) -> str:
+        value, std = report["models"][model][key], seeds["std"][model][key]
+        if value is None:
+            return "-"
+        if index is not None:
+            value, std = value[index], std[index]
+        return f"{100 * value:.1f}" + (f" ± {100 * std:.1f}" if len(seeds["values"]) > 1 else "")
+
+    rounds = report["rounds"]
+    columns = [
+        ("single", "single", None),
+        ("majority", "majority", None),
+        *[(f"round {r}", "mean_per_round", r - 1) for r in range(1, rounds + 1)],
+        ("final", "mean_per_round", rounds),
+        ("final maj", "maj_per_round", rounds),
+        ("self-impr.", "self_improvement", None),
+    ]
+    rows = [[model] + [cell(model, key, index) for _, key, index in columns] for model in report["models"]]
+    header = ["model"] + [title for title, _, _ in columns]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    lines = [
+        "  ".join(text.rjust(width) for text, width in zip(row, widths, strict=True))
+        for row in [header, *rows]
+    ]
+    lines.insert(1, "-" * len(lines[0]))
+    k = report["k"]
+    title = (
+        f"Accuracy (%) on {report['num_questions']} test questions, k={k}: single = mean@{k} without history, "
+        f"majority = maj@{k}, round r / final = ME-ICPO mean@{k}; seeds {seeds['values']}"
+    )
+    comparisons = [
+        f"ICPO self-improvement minus {name.split('-')[1]}'s: {100 * c['self_improvement_gap']:+.1f}"
+        + (f" ± {100 * c['std']:.1f}" if len(seeds["values"]) > 1 else "")
+        + " points"
+        for name, c in report["comparisons"].items()
+    ]
+    return "\n".join([title, *lines, *comparisons])
+
+
+def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
+    """Run the selected stages for every seed; returns the report when 'report' is one of them, else {}."""
+    for seed in config.seeds:
+        _SeedRun(dataclasses.replace(config, seed=seed)).run(config.stages)
+    if "report" not in config.stages:
+        return {}
+    root = Path(config.output_dir)
+    for seed in config.seeds:
+        for model in config.models:
+            for method in config.eval_methods:
+                _require_finished(root / f"seed-{seed}" / "eval" / model / method)
+    report = build_report(config)
+    write_json_atomic(root / REPORT_FILE, report)
+    plot_report(report, root / PLOT_FILE)
+    return report
+
+
+def _require_finished(run_dir: Path) -> None:
+    check(
+        (run_dir / METRICS_FILE).is_file(),
+        f"{run_dir / METRICS_FILE} is missing: run the 'evaluate' stage first (--stages evaluate report).",
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    config = parse_config(PipelineConfig, argv, prog="icpo-train pipeline")
+    report = run_pipeline(config)
+    if report:
+        print(format_report(report))
+        print(f"report: {report['report']}\nplot: {report['plot']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""`icpo-train pipeline` end to end on a micro configuration: every stage, the report, resuming."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from icpo_infer.config import ConfigError, parse_config
+from icpo_train.pipeline import MODELS, PipelineConfig, format_report, main, run_pipeline
+
+E2E_RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "e2e"
+# Tiny everything: two seeds finish in well under a minute on one CPU thread.
+MICRO = {
+    "templates": str(E2E_RECIPES / "templates.yaml"),
+    "train_size": 60,
+    "validation_size": 4,
+    "test_size": 3,
+    "vocab_size": 300,
+    "hidden_size": 16,
+    "num_layers": 1,
+    "num_heads": 2,
+    "context_length": 256,
+    "pretrain_steps": 3,
+    "pretrain_batch_size": 8,
+    "trajectory_rounds": 2,
+    "group_size": 2,
+    "rounds": 2,
+    "k": 2,
+    "entropy_k": 2,
+    "final_k": 2,
+    "train_steps": 2,
+    "train_batch_size": 2,
+    "lora_r": 2,
+    "lora_alpha": 4,
+}
+
+
+def micro_config(output_dir: Path, **changes) -> PipelineConfig:
+    return PipelineConfig(output_dir=str(output_dir), **{**MICRO, **changes})
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> tuple[PipelineConfig, dict]:
+    config = micro_config(tmp_path_factory.mktemp("pipeline"), num_seeds=2)
+    return config, run_pipeline(config)
+
+
+def test_the_pipeline_runs_every_stage_and_reports_every_model(finished):
+    config, report = finished
+    root = Path(config.output_dir)
+    assert json.loads((root / "report.json").read_text()) == report
+    assert (root / "accuracy_vs_round.png").stat().st_size > 0
+    assert set(report["models"]) == set(MODELS)
+    for seed in (0, 1):
+        run = root / f"seed-{seed}"
+        assert (run / "base" / "model.safetensors").is_file()
+        assert (run / "trajectories" / "trajectories.parquet").is_file()
+        for model in ("icpo", "sft", "mse"):
+            assert (run / "adapters" / model / "adapter_model.safetensors").is_file()
+    for model, values in report["models"].items():
+        assert set(values) == {"mean_per_round", "maj_per_round", "self_improvement", "single", "majority"}
+        assert len(values["mean_per_round"]) == config.rounds + 1  # rounds, then the final samples
+        per_seed = [report["seeds"]["per_seed"][str(seed)][model] for seed in (0, 1)]
+        # The top level is the mean over seeds, "seeds" holds each seed's values and their spread.
+        assert values["self_improvement"] == pytest.approx(sum(m["self_improvement"] for m in per_seed) / 2)
+        for m in per_seed:
+            assert m["self_improvement"] == pytest.approx(m["mean_per_round"][-1] - m["mean_per_round"][0])
+        assert report["seeds"]["std"][model]["single"] >= 0
+    assert report["seeds"]["values"] == [0, 1]
+    assert set(report["comparisons"]) == {"icpo-base", "icpo-sft", "icpo-mse"}
+    table = format_report(report)
+    assert all(model in table for model in MODELS) and "self-impr." in table
+
+
+def test_a_rerun_skips_finished_stages_and_a_missing_output_is_rebuilt_alone(finished, capsys):
+    config, report = finished
+    root = Path(config.output_dir)
+    base_weights = root / "seed-0" / "base" / "model.safetensors"
+    before = base_weights.stat().st_mtime_ns
+    capsys.readouterr()
+    assert run_pipeline(config) == report
+    assert "[seed" not in capsys.readouterr().out  # no stage had anything to do
+    assert base_weights.stat().st_mtime_ns == before
+
+    (root / "seed-1" / "eval" / "sft" / "me-icpo" / "metrics.json").unlink()
+    run_pipeline(config)
+    assert capsys.readouterr().out.count("[seed") == 1  # only that evaluation ran again
+    assert base_weights.stat().st_mtime_ns == before
+
+
+def test_stages_run_alone_and_name_the_missing_stage(tmp_path, capsys):
+    config = micro_config(tmp_path, stages=["data", "pretrain"], models=["base"])
+    assert run_pipeline(config) == {}  # no report stage: nothing to report
+    assert (tmp_path / "seed-0" / "base" / "model.safetensors").is_file()
+    assert not (tmp_path / "seed-0" / "trajectories").exists()
+    with pytest.raises(ConfigError, match="'trajectories' stage"):
+        run_pipeline(micro_config(tmp_path, stages=["train"]))
+
+
+def test_the_cli_reads_a_recipe_and_rejects_bad_values_before_any_work(tmp_path):
+    recipe = tmp_path / "micro.yaml"
+    recipe.write_text("\n".join(f"{key}: {value}" for key, value in MICRO.items()))
+    config = parse_config(PipelineConfig, ["--config", str(recipe), "--output_dir", str(tmp_path / "out")])
+    assert config.hidden_size == 16 and config.stages[0] == "data"
+    with pytest.raises(ConfigError, match="stages"):
+        micro_config(tmp_path, stages=["pretrain", "deploy"])
+    with pytest.raises(ConfigError, match="output_dir"):
+        main(["--config", str(recipe)])
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("recipe", ["tiny.yaml", "full.yaml"])
+def test_the_shipped_recipes_are_valid(recipe, tmp_path):
+    config = parse_config(
+        PipelineConfig, ["--config", str(E2E_RECIPES / recipe), "--output_dir", str(tmp_path)]
+    )
+    assert config.templates is not None and set(config.models) == set(MODELS)
