@@ -18,6 +18,10 @@ SUBCOMMANDS = {
         "roll out ICPO histories and reference groups into a dataset",
     ),
     "train": ("icpo_train.train", "fine-tune an LLM (LoRA) with the Fisher-weighted ICPO loss"),
+    "pipeline": (
+        "icpo_train.pipeline",
+        "the end-to-end proof: pretrain, trajectories, icpo/sft/mse adapters, evaluation, report",
+    ),
     "demo": ("icpo_train.demo", "the main job of `make demo`"),
 }
 

@@ -117,3 +117,17 @@ def test_the_shipped_recipes_are_valid(recipe, tmp_path):
         PipelineConfig, ["--config", str(E2E_RECIPES / recipe), "--output_dir", str(tmp_path)]
     )
     assert config.templates is not None and set(config.models) == set(MODELS)
+
+
+def test_the_demo_runs_the_toy_theory_then_the_pipeline_and_ends_with_the_table(tmp_path, capsys):
+    from icpo_train import demo
+
+    recipe = tmp_path / "micro.yaml"
+    recipe.write_text("\n".join(f"{key}: {value}" for key, value in MICRO.items()))
+    assert demo.main(["--output_dir", str(tmp_path / "demo"), "--pipeline_recipe", str(recipe)]) == 0
+    out = capsys.readouterr().out
+    assert (tmp_path / "demo" / "lsa" / "metrics.json").is_file()
+    assert (tmp_path / "demo" / "e2e" / "report.json").is_file()
+    results = out[out.index("== Results ==") :]
+    assert "LSA imitating" in results and "self-impr." in results
+    assert results.rstrip().endswith(str(tmp_path / "demo" / "e2e" / "accuracy_vs_round.png"))
