@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from script_modules import load_script
 
 from icpo_infer.config import ConfigError, parse_config
 from icpo_train.pipeline import MODELS, PipelineConfig, format_report, main, run_pipeline
@@ -131,3 +132,19 @@ def test_the_demo_runs_the_toy_theory_then_the_pipeline_and_ends_with_the_table(
     results = out[out.index("== Results ==") :]
     assert "LSA imitating" in results and "self-impr." in results
     assert results.rstrip().endswith(str(tmp_path / "demo" / "e2e" / "accuracy_vs_round.png"))
+
+
+def test_the_history_probe_counts_answers_after_each_kind_of_history(finished, capsys):
+    history_probe = load_script("history_probe")
+    config, _ = finished
+    seed_dir = Path(config.output_dir) / "seed-0"
+    table = history_probe.probe(seed_dir, ["base", "icpo"], questions=2, k=2, templates=None, seed=0)
+    assert set(table) == {"base", "icpo"}
+    for row in table.values():
+        assert set(row) == set(history_probe.HISTORIES)
+        assert all(0 <= gold <= 1 and 0 <= wrong <= 1 and gold + wrong <= 1 for gold, wrong in row.values())
+    assert (
+        history_probe.main(["--seed-dir", str(seed_dir), "--models", "base", "--questions", "1", "--k", "1"])
+        == 0
+    )
+    assert "wrong, reward 1" in capsys.readouterr().out

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import pytest
 import torch
 from huggingface_hub import ModelCard
 from peft import LoraConfig, get_peft_model
+from script_modules import load_script
 from trajectory_fixtures import build_trajectories, integer_problems
 from transformers import AutoModelForCausalLM
 
@@ -24,13 +24,6 @@ TRAIN_RECIPE = ROOT / "recipes" / "icpo" / "tiny.yaml"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # random-icpo over 2 rounds of 2 samples on 2 short questions: the self-improvement curve in seconds.
 EVAL_ARGS = ["--method", "random-icpo", "--limit", "2"]
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 eval_checkpoints = load_script("eval_checkpoints")
