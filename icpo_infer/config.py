@@ -20,6 +20,17 @@ from transformers import HfArgumentParser
 T = TypeVar("T")
 
 
+def option(default: Any, help: str) -> Any:
+    """A config dataclass field: its default and the help that ``--help`` shows."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+def option_like(config_cls: type, name: str, default: Any = dataclasses.MISSING) -> Any:
+    """A field meaning what ``config_cls``'s field ``name`` means: its help, and its default unless given."""
+    source = next(f for f in dataclasses.fields(config_cls) if f.name == name)
+    return option(source.default if default is dataclasses.MISSING else default, source.metadata["help"])
+
+
 class ConfigError(ValueError):
     """Bad user input (recipe, flag or value); the message names the field and the fix."""
 

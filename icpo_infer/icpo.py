@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from icpo_infer.backends import BACKENDS
 from icpo_infer.backends.base import Backend, Generation, SamplingParams, derive_seed, encode_prompt
-from icpo_infer.config import ConfigError, check
+from icpo_infer.config import ConfigError, check, option
 from icpo_infer.data import Problem
 from icpo_infer.grading import equivalence_classes, extract_answer, is_equivalent, vote
 from icpo_infer.prompts import (
@@ -46,10 +46,6 @@ METHODS = ("single", "majority", "random-icpo", "me-icpo")
 REWARDS = ("self", "gt")
 
 
-def _option(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass
 class InferConfig:
     """Everything `icpo-infer run` takes; recipes in recipes/infer/ set these fields."""
@@ -57,47 +53,43 @@ class InferConfig:
     model: str = field(metadata={"help": "Model path or Hub id."})
     dataset: str = field(metadata={"help": "Local .json/.jsonl/.parquet file or a Hub dataset id."})
     output_dir: str = field(metadata={"help": "Where results.jsonl, metrics.json and the plot go."})
-    adapter: str | None = _option(None, "LoRA adapter path to apply to the model.")
-    split: str | None = _option(None, "Dataset split (Hub datasets).")
-    limit: int | None = _option(None, "Only the first N questions.")
-    problem_field: str = _option("problem", "Dataset field holding the question.")
-    answer_field: str = _option("answer", "Dataset field holding the gold answer.")
-    id_field: str = _option("id", "Dataset field holding the question id (row index when absent).")
-    skip_invalid: bool = _option(False, "Skip (and count) rows without a problem or answer.")
-    method: str = _option("me-icpo", f"One of {', '.join(METHODS)}.")
-    reward: str = _option("self", "self: majority-vote pseudo-reward; gt: ground-truth reward (ablation).")
-    rounds: int = _option(3, "Rounds of in-context refinement.")
-    k: int = _option(16, "Responses sampled per question and round (single/majority: the samples).")
-    entropy_k: int = _option(16, "Responses sampled per probe prompt to score a candidate's entropy.")
-    final_k: int = _option(16, "Responses sampled from the final prompt (mean@k, maj@k, pass@k).")
-    temperature: float = _option(0.6, "Sampling temperature for answers and probes.")
-    top_p: float = _option(0.95, "Nucleus sampling threshold.")
-    top_k: int = _option(0, "Top-k filter (0: off).")
-    repetition_penalty: float = _option(1.1, "Repetition penalty (1: off).")
-    max_new_tokens: int = _option(5000, "Answer length: at most this many new tokens per response.")
-    context_length: int = _option(8192, "Prompt + response budget; history is trimmed to fit.")
-    summary: bool = _option(True, "Summarise candidates (--no-summary: use the truncated response).")
-    summary_max_tokens: int = _option(
-        500, "Summary length in tokens (also the truncation without summaries)."
-    )
-    summary_temperature: float = _option(0.05, "Sampling temperature of the summaries.")
-    entropy_penalty: bool = _option(True, "Add log2(entropy_k) * invalid fraction to a probe's entropy.")
-    epsilon: float = _option(0.0, "me-icpo: probability of picking a random candidate instead.")
-    max_keep: int = _option(5, "Most entries per bucket; an overfull bucket evicts one.")
-    templates: str | None = _option(None, "YAML file overriding the prompt wording.")
-    seed: int = _option(0, "Seed of every random choice and every sampling request.")
-    backend: str = _option("hf", f"One of {', '.join(BACKENDS)}.")
-    dtype: str = _option("auto", "Model dtype (auto: bf16 where supported).")
-    device: str = _option("auto", "hf backend device.")
-    max_batch_tokens: int = _option(16384, "hf backend: token budget of one generation batch.")
-    tensor_parallel_size: int = _option(1, "vllm backend: tensor parallel size.")
-    data_parallel_size: int = _option(1, "vllm backend: data parallel size.")
-    gpu_memory_utilization: float = _option(0.9, "vllm backend: fraction of GPU memory to use.")
-    trust_remote_code: bool = _option(
-        False, "Run the model repository's own code (only for repos you trust)."
-    )
-    batch_questions: int = _option(64, "Questions per chunk; an interrupted run loses at most one chunk.")
-    overwrite: bool = _option(False, "Start over in an output dir that holds results.")
+    adapter: str | None = option(None, "LoRA adapter path to apply to the model.")
+    split: str | None = option(None, "Dataset split (Hub datasets).")
+    limit: int | None = option(None, "Only the first N questions.")
+    problem_field: str = option("problem", "Dataset field holding the question.")
+    answer_field: str = option("answer", "Dataset field holding the gold answer.")
+    id_field: str = option("id", "Dataset field holding the question id (row index when absent).")
+    skip_invalid: bool = option(False, "Skip (and count) rows without a problem or answer.")
+    method: str = option("me-icpo", f"One of {', '.join(METHODS)}.")
+    reward: str = option("self", "self: majority-vote pseudo-reward; gt: ground-truth reward (ablation).")
+    rounds: int = option(3, "Rounds of in-context refinement.")
+    k: int = option(16, "Responses sampled per question and round (single/majority: the samples).")
+    entropy_k: int = option(16, "Responses sampled per probe prompt to score a candidate's entropy.")
+    final_k: int = option(16, "Responses sampled from the final prompt (mean@k, maj@k, pass@k).")
+    temperature: float = option(0.6, "Sampling temperature for answers and probes.")
+    top_p: float = option(0.95, "Nucleus sampling threshold.")
+    top_k: int = option(0, "Top-k filter (0: off).")
+    repetition_penalty: float = option(1.1, "Repetition penalty (1: off).")
+    max_new_tokens: int = option(5000, "Answer length: at most this many new tokens per response.")
+    context_length: int = option(8192, "Prompt + response budget; history is trimmed to fit.")
+    summary: bool = option(True, "Summarise candidates (--no-summary: use the truncated response).")
+    summary_max_tokens: int = option(500, "Summary length in tokens (also the truncation without summaries).")
+    summary_temperature: float = option(0.05, "Sampling temperature of the summaries.")
+    entropy_penalty: bool = option(True, "Add log2(entropy_k) * invalid fraction to a probe's entropy.")
+    epsilon: float = option(0.0, "me-icpo: probability of picking a random candidate instead.")
+    max_keep: int = option(5, "Most entries per bucket; an overfull bucket evicts one.")
+    templates: str | None = option(None, "YAML file overriding the prompt wording.")
+    seed: int = option(0, "Seed of every random choice and every sampling request.")
+    backend: str = option("hf", f"One of {', '.join(BACKENDS)}.")
+    dtype: str = option("auto", "Model dtype (auto: bf16 where supported).")
+    device: str = option("auto", "hf backend device.")
+    max_batch_tokens: int = option(16384, "hf backend: token budget of one generation batch.")
+    tensor_parallel_size: int = option(1, "vllm backend: tensor parallel size.")
+    data_parallel_size: int = option(1, "vllm backend: data parallel size.")
+    gpu_memory_utilization: float = option(0.9, "vllm backend: fraction of GPU memory to use.")
+    trust_remote_code: bool = option(False, "Run the model repository's own code (only for repos you trust).")
+    batch_questions: int = option(64, "Questions per chunk; an interrupted run loses at most one chunk.")
+    overwrite: bool = option(False, "Start over in an output dir that holds results.")
 
     def __post_init__(self) -> None:
         check(self.method in METHODS, f"method '{self.method}' is unknown; use one of {', '.join(METHODS)}.")

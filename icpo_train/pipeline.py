@@ -37,7 +37,7 @@ from matplotlib.figure import Figure
 from icpo_infer.backends import make_backend
 from icpo_infer.backends.base import Backend, BackendOptions
 from icpo_infer.cli import run as run_inference
-from icpo_infer.config import check, parse_config, to_dict
+from icpo_infer.config import check, option, option_like, parse_config, to_dict
 from icpo_infer.data import load_problems
 from icpo_infer.icpo import InferConfig
 from icpo_infer.prompts import PromptTemplates
@@ -57,10 +57,6 @@ PLOT_FILE = "accuracy_vs_round.png"
 TIMINGS_FILE = "timings.json"
 
 
-def _option(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass
 class PipelineConfig(SyntheticTaskConfig, PretrainConfig):
     """The task, the base model and its pretraining (inherited fields), and every later stage.
@@ -69,8 +65,8 @@ class PipelineConfig(SyntheticTaskConfig, PretrainConfig):
     evaluation, as in a real deployment.
     """
 
-    output_dir: str | None = _option(None, "Where every stage writes (one seed-N folder per seed).")
-    num_seeds: int = _option(1, "Seeds seed, seed+1, ...: each reruns every stage, data included.")
+    output_dir: str | None = option(None, "Where every stage writes (one seed-N folder per seed).")
+    num_seeds: int = option(1, "Seeds seed, seed+1, ...: each reruns every stage, data included.")
     stages: list[str] = field(
         default_factory=lambda: list(STAGES), metadata={"help": f"Stages to run, among {', '.join(STAGES)}."}
     )
@@ -78,42 +74,42 @@ class PipelineConfig(SyntheticTaskConfig, PretrainConfig):
         default_factory=lambda: list(MODELS),
         metadata={"help": f"Models to train and evaluate, among {', '.join(MODELS)}."},
     )
-    templates: str | None = _option(
+    templates: str | None = option(
         None, "YAML prompt wording, used by every stage (recipes/e2e/templates.yaml)."
     )
     # Trajectories.
-    trajectory_rounds: int = _option(4, "Rounds R of the trajectories: histories H_1 (empty) .. H_R.")
-    group_size: int = _option(8, "G: responses sampled from pi_ref per trajectory question.")
-    history_reward: str = _option("self", "History rewards of the trajectories: self (majority) or gt.")
-    selection: str = _option("random", "Which candidate enters a trajectory history: random or me-icpo.")
+    trajectory_rounds: int = option(4, "Rounds R of the trajectories: histories H_1 (empty) .. H_R.")
+    group_size: int = option(8, "G: responses sampled from pi_ref per trajectory question.")
+    history_reward: str = option("self", "History rewards of the trajectories: self (majority) or gt.")
+    selection: str = option("random", "Which candidate enters a trajectory history: random or me-icpo.")
     # ICPO loop, trajectories and evaluation alike.
-    rounds: int = _option(3, "Evaluation rounds of me-icpo.")
-    k: int = _option(8, "Responses per question and round (single and majority: the samples).")
-    entropy_k: int = _option(4, "Responses per probe prompt of me-icpo.")
-    final_k: int = _option(8, "Responses sampled from the final me-icpo prompt.")
-    temperature: float = _option(1.0, "Sampling temperature.")
-    top_p: float = _option(1.0, "Nucleus sampling threshold.")
-    max_new_tokens: int = _option(8, "Longest response, in tokens.")
-    summary: bool = _option(False, "Summarise history entries (tiny models cannot: --no-summary).")
-    summary_max_tokens: int = _option(8, "Summary length, or the truncation of a response without summaries.")
-    max_keep: int = _option(5, "Most entries per history bucket.")
+    rounds: int = option(3, "Evaluation rounds of me-icpo.")
+    k: int = option_like(InferConfig, "k", 8)
+    entropy_k: int = option_like(InferConfig, "entropy_k", 4)
+    final_k: int = option_like(InferConfig, "final_k", 8)
+    temperature: float = option_like(InferConfig, "temperature", 1.0)
+    top_p: float = option_like(InferConfig, "top_p", 1.0)
+    max_new_tokens: int = option_like(InferConfig, "max_new_tokens", 8)
+    summary: bool = option(False, "Summarise history entries (tiny models cannot: --no-summary).")
+    summary_max_tokens: int = option_like(InferConfig, "summary_max_tokens", 8)
+    max_keep: int = option_like(InferConfig, "max_keep")
     # Training, the same for icpo and the baselines.
-    train_steps: int = _option(300, "Optimizer steps of every adapter.")
-    train_batch_size: int = _option(8, "Trajectory rows per step.")
-    learning_rate: float = _option(2e-3, "LoRA learning rate (constant).")
-    eta: float = _option(
+    train_steps: int = option(300, "Optimizer steps of every adapter.")
+    train_batch_size: int = option(8, "Trajectory rows per step.")
+    learning_rate: float = option(2e-3, "LoRA learning rate (constant).")
+    eta: float = option(
         1.0, "Step size of the in-context policy update in the target z* = log pi_ref + eta R."
     )
-    lora_r: int = _option(16, "LoRA rank.")
-    lora_alpha: int = _option(32, "LoRA alpha.")
+    lora_r: int = option(16, "LoRA rank.")
+    lora_alpha: int = option(32, "LoRA alpha.")
     # Evaluation and engine.
     eval_methods: list[str] = field(
         default_factory=lambda: list(EVAL_METHODS),
         metadata={"help": f"Evaluation methods, among {', '.join(EVAL_METHODS)}."},
     )
-    device: str = _option("auto", "Device of the hf backend.")
-    max_batch_tokens: int = _option(16384, "hf backend: token budget of one generation batch.")
-    batch_questions: int = _option(100, "Questions per chunk of the ICPO loop.")
+    device: str = option_like(InferConfig, "device")
+    max_batch_tokens: int = option_like(InferConfig, "max_batch_tokens")
+    batch_questions: int = option_like(InferConfig, "batch_questions", 100)
 
     def __post_init__(self) -> None:
         SyntheticTaskConfig.__post_init__(self)
@@ -277,12 +273,8 @@ class _SeedRun:
 
     def base_backend(self) -> Backend:
         if self._backend is None:
-            options = BackendOptions(
-                model=str(self.base_dir),
-                device=self.config.device,
-                max_batch_tokens=self.config.max_batch_tokens,
-            )
-            self._backend = make_backend("hf", options)
+            trajectories = self.config.trajectory_config(self.dir)  # runs the base model, as evaluation does
+            self._backend = make_backend("hf", BackendOptions.from_config(trajectories))
         return self._backend
 
     def trajectories(self) -> bool:
@@ -325,15 +317,7 @@ class _SeedRun:
                 self.say(f"evaluate: {model} with {method}")
                 config = self.config.infer_config(self.dir, method, model)
                 if backend is None:
-                    backend = make_backend(
-                        "hf",
-                        BackendOptions(
-                            model=config.model,
-                            adapter=config.adapter,
-                            device=config.device,
-                            max_batch_tokens=config.max_batch_tokens,
-                        ),
-                    )
+                    backend = make_backend("hf", BackendOptions.from_config(config))
                 run_inference(config, backend)
             ran = True
         return ran

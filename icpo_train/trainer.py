@@ -45,7 +45,7 @@ from transformers.pytorch_utils import Conv1D
 from trl.trainer.utils import selective_log_softmax
 
 from icpo_infer.backends.base import encode_completion, encode_prompt
-from icpo_infer.config import ConfigError, check
+from icpo_infer.config import ConfigError, check, option
 from icpo_infer.prompts import PromptTemplates
 from icpo_train.losses import (
     fisher_weighted_logit_matching,
@@ -70,10 +70,6 @@ QWEN_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_pr
 LORA_MODULE_TYPES = (torch.nn.Linear, torch.nn.Embedding, Conv1D)
 
 
-def _help(default, text: str):
-    return field(default=default, metadata={"help": text})
-
-
 def _deepspeed_requested(config: TrainingArguments) -> bool:
     """DeepSpeed comes from ``--deepspeed`` or from ``accelerate launch`` with a DeepSpeed config."""
     return bool(config.deepspeed) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
@@ -83,47 +79,47 @@ def _deepspeed_requested(config: TrainingArguments) -> bool:
 class ICPOConfig(TrainingArguments):
     """All options of `icpo-train train`: transformers' TrainingArguments plus the ICPO fields."""
 
-    model_name_or_path: str | None = _help(None, "Base model to train: a local directory or a Hub id.")
-    trajectories: str | None = _help(
+    model_name_or_path: str | None = option(None, "Base model to train: a local directory or a Hub id.")
+    trajectories: str | None = option(
         None, "Trajectory dataset from `icpo-train build-trajectories`: a save_to_disk directory or Parquet."
     )
-    templates: str | None = _help(
+    templates: str | None = option(
         None, "YAML file overriding the prompt wording: the one the trajectories were built with."
     )
-    loss_level: str = _help("response", f"One of {', '.join(LOSS_LEVELS)}.")
-    loss_type: str = _help(
+    loss_level: str = option("response", f"One of {', '.join(LOSS_LEVELS)}.")
+    loss_type: str = option(
         "fw",
         "fw: Fisher-weighted logit matching; kl: KL between the group softmaxes (pi_ref divided out); "
         "mse: unweighted, 1/2 mean_j (d_j - mean d)^2; sft: cross-entropy on members with positive reward.",
     )
-    eta: float = _help(1.0, "Step size of the in-context policy update: z* = log pi_ref + eta * R.")
-    gt_coef: float = _help(0.0, "Weight of the gold reward in the target: z* += gt_coef * gold_reward.")
-    logprob_reduction: str = _help("sum", "z_j = sum (default) or mean of the response's token log-probs.")
-    memory_lean: bool = _help(
+    eta: float = option(1.0, "Step size of the in-context policy update: z* = log pi_ref + eta * R.")
+    gt_coef: float = option(0.0, "Weight of the gold reward in the target: z* += gt_coef * gold_reward.")
+    logprob_reduction: str = option("sum", "z_j = sum (default) or mean of the response's token log-probs.")
+    memory_lean: bool = option(
         False, "Back-propagate one group member at a time: peak memory independent of the group size."
     )
-    teacher_model: str | None = _help(
+    teacher_model: str | None = option(
         None, "Token level: teacher model scored on the same sequences (else the dataset's top-k columns)."
     )
-    max_length: int | None = _help(
+    max_length: int | None = option(
         None, "Leave out group members whose prompt + response exceed this many tokens."
     )
-    use_peft: bool = _help(True, "Train a LoRA adapter (false: full fine-tuning).")
-    lora_r: int = _help(16, "LoRA rank.")
-    lora_alpha: int = _help(32, "LoRA alpha (scale alpha / r).")
-    lora_dropout: float = _help(0.05, "Dropout on the LoRA input.")
+    use_peft: bool = option(True, "Train a LoRA adapter (false: full fine-tuning).")
+    lora_r: int = option(16, "LoRA rank.")
+    lora_alpha: int = option(32, "LoRA alpha (scale alpha / r).")
+    lora_dropout: float = option(0.05, "Dropout on the LoRA input.")
     lora_target_modules: list[str] = field(
         default_factory=lambda: list(QWEN_LORA_TARGETS),
         metadata={"help": "Module names LoRA adapts (suffixes of the model's module names)."},
     )
-    trust_remote_code: bool = _help(False, "Run the model repository's own code (only for repos you trust).")
+    trust_remote_code: bool = option(False, "Run the model repository's own code (only for repos you trust).")
     # TrainingArguments defaults that do not suit this trainer.
-    bf16: bool | None = _help(None, "bf16 mixed precision; default: where the device supports it.")
-    remove_unused_columns: bool = _help(
+    bf16: bool | None = option(None, "bf16 mixed precision; default: where the device supports it.")
+    remove_unused_columns: bool = option(
         False, "Keep the tokenised trajectory columns (the collator needs them)."
     )
-    ddp_find_unused_parameters: bool | None = _help(False, "Every trainable parameter gets a gradient.")
-    logging_steps: float = _help(10, "Log every this many optimizer steps.")
+    ddp_find_unused_parameters: bool | None = option(False, "Every trainable parameter gets a gradient.")
+    logging_steps: float = option(10, "Log every this many optimizer steps.")
 
     def __post_init__(self) -> None:
         check(

@@ -35,7 +35,7 @@ from huggingface_hub import DatasetCard, DatasetCardData
 
 from icpo_infer.backends import make_backend
 from icpo_infer.backends.base import Backend, BackendOptions, SamplingParams, encode_prompt
-from icpo_infer.config import ConfigError, check, parse_config, to_dict
+from icpo_infer.config import ConfigError, check, option, option_like, parse_config, to_dict
 from icpo_infer.data import Problem, load_run_problems
 from icpo_infer.grading import extract_answer, is_equivalent
 from icpo_infer.icpo import RUN_ONLY_FIELDS, InferConfig, derive_seed, run_method
@@ -71,17 +71,10 @@ FEATURES = Features(
     }
 )
 
-_INFER_FIELDS = {f.name: f for f in dataclasses.fields(InferConfig)}
-
 
 def _as_in_infer(name: str) -> Any:
     """A field with the default and help of `icpo-infer run`'s option ``name``."""
-    source = _INFER_FIELDS[name]
-    return field(default=source.default, metadata=source.metadata)
-
-
-def _option(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
+    return option_like(InferConfig, name)
 
 
 @dataclass
@@ -92,11 +85,11 @@ class TrajectoryConfig:
     model: str = field(metadata={"help": "Reference model pi_ref (path or Hub id): histories and groups."})
     dataset: str = _as_in_infer("dataset")
     output: str = field(metadata={"help": "Output directory: the dataset, its card and the progress file."})
-    rounds: int = _option(3, "Rounds R: rows per question, with the histories H_1 (empty) .. H_R.")
-    group_size: int = _option(8, "G: responses sampled from pi_ref(. | question) per question.")
-    history_reward: str = _option("gt", "Rewards in the history: gt (gold answer) or self (majority vote).")
-    selection: str = _option("me-icpo", "Which candidate enters the history: random or me-icpo.")
-    group_temperature: float = _option(
+    rounds: int = option(3, "Rounds R: rows per question, with the histories H_1 (empty) .. H_R.")
+    group_size: int = option(8, "G: responses sampled from pi_ref(. | question) per question.")
+    history_reward: str = option("gt", "Rewards in the history: gt (gold answer) or self (majority vote).")
+    selection: str = option("me-icpo", "Which candidate enters the history: random or me-icpo.")
+    group_temperature: float = option(
         1.0, "Sampling temperature of the group; 1 samples pi_ref itself, as the FW weights assume."
     )
     backend: str = _as_in_infer("backend")
@@ -130,7 +123,7 @@ class TrajectoryConfig:
     gpu_memory_utilization: float = _as_in_infer("gpu_memory_utilization")
     trust_remote_code: bool = _as_in_infer("trust_remote_code")
     batch_questions: int = _as_in_infer("batch_questions")
-    overwrite: bool = _option(False, "Start over in an output directory that holds trajectories.")
+    overwrite: bool = option(False, "Start over in an output directory that holds trajectories.")
 
     def __post_init__(self) -> None:
         check(self.rounds >= 1, f"rounds={self.rounds} is invalid; use rounds >= 1.")
@@ -151,7 +144,9 @@ class TrajectoryConfig:
 
     def infer_config(self) -> InferConfig:
         """The ICPO loop that yields H_2 .. H_R: R - 1 rounds (its one final sample is not used)."""
-        shared = {name: getattr(self, name) for name in _INFER_FIELDS if hasattr(self, name)}
+        shared = {
+            f.name: getattr(self, f.name) for f in dataclasses.fields(InferConfig) if hasattr(self, f.name)
+        }
         shared.update(
             output_dir=self.output,
             method=SELECTIONS[self.selection],
