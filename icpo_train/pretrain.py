@@ -11,6 +11,13 @@ any history (a 3-layer model sums the history's digits too), and the response-le
 which only compares the members of a group with each other, cannot repair a policy that puts its
 mass outside the group. Uninformative histories make the base model read the layout and answer the
 question whatever the history says; they teach nothing about using it, which is left to ICPO.
+
+Another fraction (``pretrain_copy_fraction``) carry earlier attempts at the *same* question (the
+gold answer or a near miss, under random reward tags) and the response repeats one of them, picked
+whatever its tag. This gives the tiny model what a pretrained LLM brings to in-context learning,
+copying from its context, without any preference between the reward buckets: which tag to trust is
+what ICPO training has to teach. Off by default: on the synthetic task such a base model locks in
+wrong answers under ME-ICPO (README, "End-to-end proof on CPU").
 """
 
 from __future__ import annotations
@@ -31,7 +38,8 @@ from icpo_infer.prompts import Attempt, PromptTemplates, answer_type_of, render_
 from icpo_train.tiny_lm import init_tiny_llama, train_tokenizer
 
 IGNORE_INDEX = -100  # label of prompt tokens: the loss is on the response only
-MAX_HISTORY = 4  # entries of an uninformative history: 1 to this many
+MAX_HISTORY = 4  # entries of a pretraining history: 1 to this many
+NEAR_MISSES = (-3, -2, -1, 1, 2, 3)  # offsets of the wrong answers in a history of attempts
 
 
 @dataclass
@@ -48,6 +56,7 @@ class PretrainConfig:
     pretrain_learning_rate: float = 3e-3
     pretrain_warmup: float = 0.05
     pretrain_history_fraction: float = 0.5
+    pretrain_copy_fraction: float = 0.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -68,6 +77,12 @@ class PretrainConfig:
             0 <= self.pretrain_history_fraction <= 1,
             f"pretrain_history_fraction={self.pretrain_history_fraction}: use a fraction in [0, 1].",
         )
+        check(
+            self.pretrain_copy_fraction >= 0
+            and self.pretrain_history_fraction + self.pretrain_copy_fraction <= 1,
+            f"pretrain_copy_fraction={self.pretrain_copy_fraction}: use a fraction >= 0 that, with "
+            f"pretrain_history_fraction={self.pretrain_history_fraction}, sums to at most 1.",
+        )
 
 
 def response_text(answer: str) -> str:
@@ -79,6 +94,28 @@ def uninformative_history(problems: Sequence[Problem], rng: random.Random) -> li
     """Answers to random questions of the split under random reward tags: a history's layout, no information."""
     others = rng.sample(problems, rng.randint(1, min(MAX_HISTORY, len(problems))))
     return [Attempt(response_text(other.answer), other.answer, rng.randint(0, 1)) for other in others]
+
+
+def attempts_at(problem: Problem, rng: random.Random) -> tuple[list[Attempt], str]:
+    """Earlier attempts at ``problem`` (each the gold answer or a near miss, under a random reward tag)
+    and the answer of one of them, picked whatever its tag: the response of a copying text."""
+    answers = [
+        problem.answer if rng.random() < 0.5 else str(abs(int(problem.answer) + rng.choice(NEAR_MISSES)))
+        for _ in range(rng.randint(1, MAX_HISTORY))
+    ]
+    return [Attempt(response_text(a), a, rng.randint(0, 1)) for a in answers], rng.choice(answers)
+
+
+def training_example(
+    problem: Problem, problems: Sequence[Problem], config: PretrainConfig, rng: random.Random
+) -> tuple[list[Attempt], str]:
+    """The history one pretraining text shows for ``problem`` and the answer its response gives."""
+    draw = rng.random()
+    if draw < config.pretrain_history_fraction:
+        return uninformative_history(problems, rng), problem.answer
+    if draw < config.pretrain_history_fraction + config.pretrain_copy_fraction:
+        return attempts_at(problem, rng)
+    return [], problem.answer
 
 
 def pretrain(
@@ -97,29 +134,24 @@ def pretrain(
     def prompt(tokenizer, problem: Problem, history: list[Attempt]) -> str:
         return render_prompt(tokenizer, problem.problem, history, answer_type_of(problem.answer), templates)
 
-    histories = [
-        uninformative_history(problems, rng) if rng.random() < config.pretrain_history_fraction else []
-        for _ in problems
-    ]
+    examples = [(p, *training_example(p, problems, config, rng)) for p in problems]
     # The tokenizer must exist to render prompts (BOS, chat template) and the prompts to train it:
     # render with a bootstrap tokenizer that has the same special tokens, then train the real one.
     # Its corpus always holds the history wording, so that a history costs a few tokens per line.
     bootstrap = train_tokenizer([p.problem for p in problems], vocab_size=config.vocab_size)
-    texts = [
-        prompt(bootstrap, p, h) + response_text(p.answer) for p, h in zip(problems, histories, strict=True)
-    ]
+    texts = [prompt(bootstrap, p, h) + response_text(a) for p, h, a in examples]
     texts += [prompt(bootstrap, p, uninformative_history(problems, rng)) for p in problems]
     tokenizer = train_tokenizer(texts, vocab_size=config.vocab_size)
 
-    def encode(problem: Problem, history: list[Attempt]) -> dict[str, list[int]]:
+    def encode(problem: Problem, history: list[Attempt], answer: str) -> dict[str, list[int]]:
         prompt_ids = encode_prompt(tokenizer, prompt(tokenizer, problem, history))
-        response_ids = encode_completion(tokenizer, response_text(problem.answer))
+        response_ids = encode_completion(tokenizer, response_text(answer))
         return {
             "input_ids": prompt_ids + response_ids,
             "labels": [IGNORE_INDEX] * len(prompt_ids) + response_ids,
         }
 
-    dataset = Dataset.from_list([encode(p, h) for p, h in zip(problems, histories, strict=True)])
+    dataset = Dataset.from_list([encode(*example) for example in examples])
     longest = max(len(ids) for ids in dataset["input_ids"])
     check(
         longest <= config.context_length,

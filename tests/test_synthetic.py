@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from icpo_infer.config import ConfigError
 from icpo_infer.data import load_problems
 from icpo_infer.grading import grade
 from icpo_infer.prompts import Attempt, PromptTemplates, render_prompt
-from icpo_train.pretrain import PretrainConfig, pretrain
+from icpo_train.pretrain import PretrainConfig, pretrain, training_example
 from icpo_train.synthetic import NUMBER_WORDS, SyntheticTaskConfig, generate_splits, write_splits
 
 E2E_TEMPLATES = Path(__file__).resolve().parents[1] / "recipes" / "e2e" / "templates.yaml"
@@ -58,6 +59,35 @@ def test_impossible_task_sizes_are_errors_naming_the_fields():
         SyntheticTaskConfig(min_operands=2, max_operands=2, train_size=100)
     with pytest.raises(ConfigError, match="reading_fraction"):
         SyntheticTaskConfig(reading_fraction=1.0)
+
+
+def test_pretraining_histories_mix_uninformative_and_copying_texts_in_the_configured_shares():
+    problems = generate_splits(SyntheticTaskConfig(train_size=200, validation_size=0, test_size=0))["train"]
+    config = PretrainConfig(pretrain_history_fraction=0.25, pretrain_copy_fraction=0.5)
+    rng = random.Random(0)
+    kinds = {"bare": 0, "uninformative": 0, "copy": 0}
+    copied_under = {0: 0, 1: 0}
+    for problem in problems * 10:
+        history, answer = training_example(problem, problems, config, rng)
+        answers = [attempt.answer for attempt in history]
+        near = {str(abs(int(problem.answer) + d)) for d in (-3, -2, -1, 1, 2, 3)} | {problem.answer}
+        if not history:
+            kinds["bare"] += 1
+            assert answer == problem.answer
+        elif set(answers) <= near and answer in answers:  # attempts at this question, one repeated
+            kinds["copy"] += 1
+            copied_under[rng.choice([a.reward for a in history if a.answer == answer])] += 1
+        else:  # answers of other questions: the response is still the gold answer
+            kinds["uninformative"] += 1
+            assert answer == problem.answer
+    total = len(problems) * 10
+    # (an uninformative history can look like a copying one by chance: a few points of slack)
+    assert abs(kinds["bare"] / total - 0.25) < 0.03, kinds
+    assert abs(kinds["copy"] / total - 0.5) < 0.05, kinds
+    # The repeated attempt is picked whatever its tag: reward 0 as often as reward 1.
+    assert abs(copied_under[1] / sum(copied_under.values()) - 0.5) < 0.05, copied_under
+    with pytest.raises(ConfigError, match="pretrain_copy_fraction"):
+        PretrainConfig(pretrain_history_fraction=0.6, pretrain_copy_fraction=0.5)
 
 
 def test_pretraining_saves_a_model_the_hf_backend_loads_and_that_answers_in_the_graded_format(tmp_path):
