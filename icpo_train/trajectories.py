@@ -72,18 +72,13 @@ FEATURES = Features(
 )
 
 
-def _as_in_infer(name: str) -> Any:
-    """A field with the default and help of `icpo-infer run`'s option ``name``."""
-    return option_like(InferConfig, name)
-
-
 @dataclass
 class TrajectoryConfig:
     """Everything `icpo-train build-trajectories` takes. The data, ICPO-loop and engine options mean
     what they mean for `icpo-infer run` (same names, defaults and help)."""
 
     model: str = field(metadata={"help": "Reference model pi_ref (path or Hub id): histories and groups."})
-    dataset: str = _as_in_infer("dataset")
+    dataset: str = option_like(InferConfig, "dataset")
     output: str = field(metadata={"help": "Output directory: the dataset, its card and the progress file."})
     rounds: int = option(3, "Rounds R: rows per question, with the histories H_1 (empty) .. H_R.")
     group_size: int = option(8, "G: responses sampled from pi_ref(. | question) per question.")
@@ -92,37 +87,37 @@ class TrajectoryConfig:
     group_temperature: float = option(
         1.0, "Sampling temperature of the group; 1 samples pi_ref itself, as the FW weights assume."
     )
-    backend: str = _as_in_infer("backend")
-    split: str | None = _as_in_infer("split")
-    limit: int | None = _as_in_infer("limit")
-    problem_field: str = _as_in_infer("problem_field")
-    answer_field: str = _as_in_infer("answer_field")
-    id_field: str = _as_in_infer("id_field")
-    skip_invalid: bool = _as_in_infer("skip_invalid")
-    k: int = _as_in_infer("k")
-    entropy_k: int = _as_in_infer("entropy_k")
-    temperature: float = _as_in_infer("temperature")
-    top_p: float = _as_in_infer("top_p")
-    top_k: int = _as_in_infer("top_k")
-    repetition_penalty: float = _as_in_infer("repetition_penalty")
-    max_new_tokens: int = _as_in_infer("max_new_tokens")
-    context_length: int = _as_in_infer("context_length")
-    summary: bool = _as_in_infer("summary")
-    summary_max_tokens: int = _as_in_infer("summary_max_tokens")
-    summary_temperature: float = _as_in_infer("summary_temperature")
-    entropy_penalty: bool = _as_in_infer("entropy_penalty")
-    epsilon: float = _as_in_infer("epsilon")
-    max_keep: int = _as_in_infer("max_keep")
-    templates: str | None = _as_in_infer("templates")
-    seed: int = _as_in_infer("seed")
-    dtype: str = _as_in_infer("dtype")
-    device: str = _as_in_infer("device")
-    max_batch_tokens: int = _as_in_infer("max_batch_tokens")
-    tensor_parallel_size: int = _as_in_infer("tensor_parallel_size")
-    data_parallel_size: int = _as_in_infer("data_parallel_size")
-    gpu_memory_utilization: float = _as_in_infer("gpu_memory_utilization")
-    trust_remote_code: bool = _as_in_infer("trust_remote_code")
-    batch_questions: int = _as_in_infer("batch_questions")
+    backend: str = option_like(InferConfig, "backend")
+    split: str | None = option_like(InferConfig, "split")
+    limit: int | None = option_like(InferConfig, "limit")
+    problem_field: str = option_like(InferConfig, "problem_field")
+    answer_field: str = option_like(InferConfig, "answer_field")
+    id_field: str = option_like(InferConfig, "id_field")
+    skip_invalid: bool = option_like(InferConfig, "skip_invalid")
+    k: int = option_like(InferConfig, "k")
+    entropy_k: int = option_like(InferConfig, "entropy_k")
+    temperature: float = option_like(InferConfig, "temperature")
+    top_p: float = option_like(InferConfig, "top_p")
+    top_k: int = option_like(InferConfig, "top_k")
+    repetition_penalty: float = option_like(InferConfig, "repetition_penalty")
+    max_new_tokens: int = option_like(InferConfig, "max_new_tokens")
+    context_length: int = option_like(InferConfig, "context_length")
+    summary: bool = option_like(InferConfig, "summary")
+    summary_max_tokens: int = option_like(InferConfig, "summary_max_tokens")
+    summary_temperature: float = option_like(InferConfig, "summary_temperature")
+    entropy_penalty: bool = option_like(InferConfig, "entropy_penalty")
+    epsilon: float = option_like(InferConfig, "epsilon")
+    max_keep: int = option_like(InferConfig, "max_keep")
+    templates: str | None = option_like(InferConfig, "templates")
+    seed: int = option_like(InferConfig, "seed")
+    dtype: str = option_like(InferConfig, "dtype")
+    device: str = option_like(InferConfig, "device")
+    max_batch_tokens: int = option_like(InferConfig, "max_batch_tokens")
+    tensor_parallel_size: int = option_like(InferConfig, "tensor_parallel_size")
+    data_parallel_size: int = option_like(InferConfig, "data_parallel_size")
+    gpu_memory_utilization: float = option_like(InferConfig, "gpu_memory_utilization")
+    trust_remote_code: bool = option_like(InferConfig, "trust_remote_code")
+    batch_questions: int = option_like(InferConfig, "batch_questions")
     overwrite: bool = option(False, "Start over in an output directory that holds trajectories.")
 
     def __post_init__(self) -> None:
