@@ -65,4 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{trainer.state.global_step}; trainable-weight checksum {trainable_checksum(trainer.model)!r}",
         flush=True,
     )
+    # A gloo process group left to interpreter shutdown can abort a rank ("terminate called without
+    # an active exception") after training succeeded.
+    trainer.accelerator.end_training()
     return 0

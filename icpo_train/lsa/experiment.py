@@ -379,7 +379,9 @@ def run_lsa(config: LSAConfig) -> dict:
         f"batch_size={config.batch_size} must be divisible by the {accelerator.num_processes} processes.",
     )
     with _intra_op_threads(config.num_threads):
-        return _pretrain_and_evaluate(config, accelerator)
+        metrics = _pretrain_and_evaluate(config, accelerator)
+    accelerator.end_training()  # destroys the gloo process group before interpreter shutdown
+    return metrics
 
 
 def _pretrain_and_evaluate(config: LSAConfig, accelerator: Accelerator) -> dict:
