@@ -184,8 +184,9 @@ class ICPOConfig(TrainingArguments):
         )
 
 
-class NonFiniteLossError(RuntimeError):
-    """Training produced a NaN or infinite loss; the message names the step and the example."""
+class NonFiniteLossError(ConfigError):
+    """Training produced a NaN or infinite loss; the message names the step, the example and the settings
+    to change, and the CLI prints it as a one-line error like any bad input."""
 
 
 def check_lora_targets(model: torch.nn.Module, targets: list[str]) -> None:

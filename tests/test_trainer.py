@@ -16,7 +16,7 @@ from icpo_infer.backends.base import BackendOptions, encode_completion, encode_p
 from icpo_infer.backends.hf import HFBackend
 from icpo_infer.config import ConfigError, parse_config
 from icpo_infer.prompts import Attempt, render_prompt
-from icpo_train import train
+from icpo_train import cli, train
 from icpo_train.tiny_lm import init_tiny_llama
 from icpo_train.trainer import (
     ICPOConfig,
@@ -308,7 +308,7 @@ def test_groups_under_two_valid_members_are_counted_and_skipped(tiny_model_dir, 
         )
 
 
-def test_non_finite_loss_stops_training_naming_the_example(tiny_model_dir, trajectories, tmp_path):
+def test_non_finite_loss_stops_training_naming_the_example(tiny_model_dir, trajectories, tmp_path, capsys):
     def overflow(row, index):  # finite, but its squared deviation overflows float32
         return {"ref_logps": [-3e38, *row["ref_logps"][1:]]} if index == 7 else {}
 
@@ -317,6 +317,15 @@ def test_non_finite_loss_stops_training_naming_the_example(tiny_model_dir, traje
     row = trajectories[7]
     with pytest.raises(NonFiniteLossError, match=f"at step 1 on question_id={row['question_id']} round=2"):
         trainer.train()
+    # The command line prints it as a one-line error naming the fix, not a traceback.
+    trajectories.map(overflow, with_indices=True).save_to_disk(str(tmp_path / "overflow"))
+    args = recipe_args(
+        tiny_model_dir, tmp_path / "overflow", tmp_path / "cli", "--per_device_train_batch_size", "9"
+    )
+    assert cli.main(["train", *args]) == 2
+    error = capsys.readouterr().err
+    assert "icpo-train train: error: non-finite loss" in error and "lower learning_rate / eta" in error
+    assert "Traceback" not in error
 
 
 @pytest.mark.parametrize(
