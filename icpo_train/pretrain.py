@@ -13,11 +13,12 @@ mass outside the group. Uninformative histories make the base model read the lay
 question whatever the history says; they teach nothing about using it, which is left to ICPO.
 
 Another fraction (``pretrain_copy_fraction``) carry earlier attempts at the *same* question (the
-gold answer or a near miss, under random reward tags) and the response repeats one of them, picked
-whatever its tag. This gives the tiny model what a pretrained LLM brings to in-context learning,
-copying from its context, without any preference between the reward buckets: which tag to trust is
-what ICPO training has to teach. Off by default: on the synthetic task such a base model locks in
-wrong answers under ME-ICPO (README, "End-to-end proof on CPU").
+gold answer or a near miss, under random reward tags). With probability ``pretrain_copy_probability``
+the response repeats one of them, picked whatever its tag, otherwise it gives the gold answer. This
+gives the tiny model what a pretrained LLM brings to in-context learning, copying from its context,
+without any preference between the reward buckets: which tag to trust is what ICPO training has to
+teach. Off by default: on the synthetic task a base model that always copies locks in wrong answers
+under ME-ICPO (README, "End-to-end proof on CPU").
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ class PretrainConfig:
     pretrain_warmup: float = 0.05
     pretrain_history_fraction: float = 0.5
     pretrain_copy_fraction: float = 0.0
+    pretrain_copy_probability: float = 1.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -83,6 +85,10 @@ class PretrainConfig:
             f"pretrain_copy_fraction={self.pretrain_copy_fraction}: use a fraction >= 0 that, with "
             f"pretrain_history_fraction={self.pretrain_history_fraction}, sums to at most 1.",
         )
+        check(
+            0 <= self.pretrain_copy_probability <= 1,
+            f"pretrain_copy_probability={self.pretrain_copy_probability}: use a probability in [0, 1].",
+        )
 
 
 def response_text(answer: str) -> str:
@@ -96,14 +102,18 @@ def uninformative_history(problems: Sequence[Problem], rng: random.Random) -> li
     return [Attempt(response_text(other.answer), other.answer, rng.randint(0, 1)) for other in others]
 
 
-def attempts_at(problem: Problem, rng: random.Random) -> tuple[list[Attempt], str]:
+def attempts_at(problem: Problem, copy_probability: float, rng: random.Random) -> tuple[list[Attempt], str]:
     """Earlier attempts at ``problem`` (each the gold answer or a near miss, under a random reward tag)
-    and the answer of one of them, picked whatever its tag: the response of a copying text."""
+    and the response of a copying text: with ``copy_probability`` the answer of one of them, picked
+    whatever its tag, otherwise the gold answer."""
     answers = [
         problem.answer if rng.random() < 0.5 else str(abs(int(problem.answer) + rng.choice(NEAR_MISSES)))
         for _ in range(rng.randint(1, MAX_HISTORY))
     ]
-    return [Attempt(response_text(a), a, rng.randint(0, 1)) for a in answers], rng.choice(answers)
+    attempts = [Attempt(response_text(a), a, rng.randint(0, 1)) for a in answers]
+    # Draw the copy's coin only when it can matter, so probability 1 keeps the earlier random stream.
+    copies = copy_probability == 1 or rng.random() < copy_probability
+    return attempts, rng.choice(answers) if copies else problem.answer
 
 
 def training_example(
@@ -114,7 +124,7 @@ def training_example(
     if draw < config.pretrain_history_fraction:
         return uninformative_history(problems, rng), problem.answer
     if draw < config.pretrain_history_fraction + config.pretrain_copy_fraction:
-        return attempts_at(problem, rng)
+        return attempts_at(problem, config.pretrain_copy_probability, rng)
     return [], problem.answer
 
 

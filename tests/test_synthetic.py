@@ -90,6 +90,25 @@ def test_pretraining_histories_mix_uninformative_and_copying_texts_in_the_config
         PretrainConfig(pretrain_history_fraction=0.6, pretrain_copy_fraction=0.5)
 
 
+def test_copying_texts_repeat_an_attempt_with_the_configured_probability_else_give_the_gold_answer():
+    problems = generate_splits(SyntheticTaskConfig(train_size=200, validation_size=0, test_size=0))["train"]
+    rng = random.Random(0)
+    for probability in (1.0, 0.3, 0.0):
+        config = PretrainConfig(
+            pretrain_history_fraction=0, pretrain_copy_fraction=1, pretrain_copy_probability=probability
+        )
+        wrong = 0
+        for problem in problems * 10:
+            history, answer = training_example(problem, problems, config, rng)
+            assert history  # every text shows attempts at its own question
+            assert answer == problem.answer or answer in [a.answer for a in history]
+            wrong += answer != problem.answer
+        # Half the attempts are near misses, so a copy repeats a wrong answer about half the time.
+        assert abs(wrong / (len(problems) * 10) - probability / 2) < 0.03, (probability, wrong)
+    with pytest.raises(ConfigError, match="pretrain_copy_probability"):
+        PretrainConfig(pretrain_copy_probability=1.5)
+
+
 def test_pretraining_saves_a_model_the_hf_backend_loads_and_that_answers_in_the_graded_format(tmp_path):
     splits = generate_splits(SyntheticTaskConfig(train_size=256, validation_size=0, test_size=8))
     config = PretrainConfig(
