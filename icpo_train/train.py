@@ -65,7 +65,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{trainer.state.global_step}; trainable-weight checksum {trainable_checksum(trainer.model)!r}",
         flush=True,
     )
-    # A gloo process group left to interpreter shutdown can abort a rank ("terminate called without
-    # an active exception") after training succeeded.
-    trainer.accelerator.end_training()
+    # Free the wrapped model and the gloo process group while the interpreter is alive: left to its
+    # shutdown, a gloo thread can abort a rank ("terminate called without an active exception")
+    # after training succeeded.
+    accelerator = trainer.accelerator
+    del trainer
+    accelerator.free_memory()  # drops the DDP / DeepSpeed wrappers, then collects garbage
+    accelerator.end_training()
     return 0

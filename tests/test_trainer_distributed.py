@@ -40,7 +40,8 @@ def launch(
         *("--model_name_or_path", str(model_dir), "--trajectories", str(trajectories)),
         *("--output_dir", str(output_dir), *ACCUMULATE, *overrides),
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    # A rank that aborts prints every thread's Python stack (faulthandler).
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONFAULTHANDLER": "1"}
     run = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
     # Each process reports its own weights: data parallelism must leave the replicas identical.

@@ -380,7 +380,10 @@ def run_lsa(config: LSAConfig) -> dict:
     )
     with _intra_op_threads(config.num_threads):
         metrics = _pretrain_and_evaluate(config, accelerator)
-    accelerator.end_training()  # destroys the gloo process group before interpreter shutdown
+    # Free the DDP replicas and the gloo process group while the interpreter is alive: left to its
+    # shutdown, a gloo thread can abort a rank after a successful run.
+    accelerator.free_memory()
+    accelerator.end_training()
     return metrics
 
 
