@@ -33,7 +33,7 @@ from datasets import Dataset
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
 from icpo_infer.backends.base import encode_completion, encode_prompt
-from icpo_infer.config import check
+from icpo_infer.config import check, option
 from icpo_infer.data import Problem
 from icpo_infer.prompts import Attempt, PromptTemplates, answer_type_of, render_prompt
 from icpo_train.tiny_lm import init_tiny_llama, train_tokenizer
@@ -47,19 +47,27 @@ NEAR_MISSES = (-3, -2, -1, 1, 2, 3)  # offsets of the wrong answers in a history
 class PretrainConfig:
     """The base model's shape and its pretraining budget."""
 
-    vocab_size: int = 512
-    hidden_size: int = 96
-    num_layers: int = 3
-    num_heads: int = 4
-    context_length: int = 512
-    pretrain_steps: int = 1000  # the tiny model's accuracy jumps between 650 and 900 steps
-    pretrain_batch_size: int = 64
-    pretrain_learning_rate: float = 3e-3
-    pretrain_warmup: float = 0.05
-    pretrain_history_fraction: float = 0.5
-    pretrain_copy_fraction: float = 0.0
-    pretrain_copy_probability: float = 1.0
-    seed: int = 0
+    vocab_size: int = option(512, "Vocabulary of the tokenizer trained on the task's text.")
+    hidden_size: int = option(96, "Hidden size of the tiny Llama.")
+    num_layers: int = option(3, "Decoder layers of the tiny Llama.")
+    num_heads: int = option(4, "Attention heads (must divide hidden_size).")
+    context_length: int = option(512, "Positions of the model; the longest training text must fit.")
+    pretrain_steps: int = option(
+        1000, "Optimizer steps; the tiny model's accuracy jumps between 650 and 900."
+    )
+    pretrain_batch_size: int = option(64, "Texts per pretraining step.")
+    pretrain_learning_rate: float = option(3e-3, "Peak learning rate (cosine schedule).")
+    pretrain_warmup: float = option(0.05, "Warmup, as a fraction of pretrain_steps.")
+    pretrain_history_fraction: float = option(
+        0.5, "Share of texts whose prompt shows an uninformative history (other questions' answers)."
+    )
+    pretrain_copy_fraction: float = option(
+        0.0, "Share of texts showing earlier attempts at the same question (gold or near misses)."
+    )
+    pretrain_copy_probability: float = option(
+        1.0, "In those texts, the probability that the response repeats an attempt (else the gold answer)."
+    )
+    seed: int = option(0, "Seed of the texts' histories, the initial weights and the data order.")
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "context_length"):

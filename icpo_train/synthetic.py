@@ -26,7 +26,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from icpo_infer.config import check
+from icpo_infer.config import check, option
 from icpo_infer.data import Problem
 
 SPLITS = ("train", "validation", "test")
@@ -38,13 +38,15 @@ MAX_READING_NUMBER = 99
 class SyntheticTaskConfig:
     """Which sums, how many questions per split, and the share of reading questions in the train split."""
 
-    seed: int = 0
-    min_operands: int = 3
-    max_operands: int = 6
-    train_size: int = 3000
-    validation_size: int = 300
-    test_size: int = 100
-    reading_fraction: float = 0.2
+    seed: int = option(0, "Seed of the splits (and, in the pipeline, of every stage of the first seed).")
+    min_operands: int = option(3, "Fewest digits in a sum.")
+    max_operands: int = option(6, "Most digits in a sum.")
+    train_size: int = option(3000, "Questions of the train split (pretraining).")
+    validation_size: int = option(300, "Questions of the validation split (trajectories).")
+    test_size: int = option(100, "Questions of the test split (evaluation).")
+    reading_fraction: float = option(
+        0.2, 'Share of train questions that repeat a number ("What is 37?") instead of a sum.'
+    )
 
     def __post_init__(self) -> None:
         check(
