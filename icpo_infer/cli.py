@@ -26,7 +26,8 @@ USAGE = """usage: icpo-infer run [--config recipes/infer/NAME.yaml] --model M --
 def run(config: InferConfig, backend: Backend | None = None) -> dict[str, Any]:
     """The whole `icpo-infer run`: load the questions, resume the output dir, run, write metrics and plot.
 
-    Pass ``backend`` to reuse a loaded model (its usage is counted from this call on).
+    Pass ``backend`` to reuse a loaded model (its usage is counted from this call on); every engine
+    call runs ``config.adapter`` on it (None: the backend's own default adapter, if any).
     """
     problems, skipped = load_run_problems(config)
     directory = RunDirectory(config)

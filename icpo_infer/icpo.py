@@ -319,7 +319,9 @@ class _Run:
             seed = derive_seed(self.config.seed, phase, *(q.problem.id for q, _, _ in requests))
             limit = self.config.summary_max_tokens if summary else self.config.max_new_tokens
             params = [self.config.sampling(n, min(limit, room), seed, summary) for _, _, room in requests]
-            generations = self.backend.generate([prompt for _, prompt, _ in requests], params)
+            # The run's adapter on every call, so one loaded backend can evaluate several adapters.
+            prompts = [prompt for _, prompt, _ in requests]
+            generations = self.backend.generate(prompts, params, adapter=self.config.adapter)
         self.progress.update(1)
         return generations
 

@@ -314,13 +314,10 @@ class _SeedRun:
                 self.require(self.base_dir, "pretrain")
             else:
                 self.require(self.dir / "adapters" / model, "train")
-            backend = self.base_backend() if model == "base" else None
             for method in todo:
                 self.say(f"evaluate: {model} with {method}")
-                config = self.config.infer_config(self.dir, method, model)
-                if backend is None:
-                    backend = make_backend("hf", BackendOptions.from_config(config))
-                run_inference(config, backend)
+                # One loaded base model for every model: the runs switch LoRA adapters per call.
+                run_inference(self.config.infer_config(self.dir, method, model), self.base_backend())
             ran = True
         return ran
 

@@ -23,7 +23,10 @@ from icpo_infer.backends.base import (
     encode_completion,
     encode_prompt,
 )
+from icpo_infer.cli import run
 from icpo_infer.config import ConfigError
+from icpo_infer.icpo import InferConfig
+from icpo_infer.results import read_results
 
 QUESTIONS = [
     "Find the remainder when 2^10 is divided by 7.",
@@ -320,6 +323,25 @@ def test_hf_default_adapter_is_used_when_none_is_named(model_dir, lora_dir):
     )
     plain = make_backend("hf", BackendOptions(str(model_dir), dtype="float32"))
     assert with_adapter.score(prompts, completions) != plain.score(prompts, completions)
+
+
+def test_a_run_on_a_shared_backend_samples_with_its_own_adapter(model_dir, lora_dir, shared_data, tmp_path):
+    """One loaded model serves runs of the base and of an adapter, as in the pipeline's evaluation."""
+
+    def sampled(name: str, adapter: str | None, backend: Backend) -> list[list[str]]:
+        config = InferConfig(
+            model=str(model_dir), adapter=adapter, dataset=str(shared_data / "aime2024.jsonl"), limit=2,
+            method="single", k=2, max_new_tokens=6, context_length=2048, dtype="float32",
+            output_dir=str(tmp_path / name),
+        )  # fmt: skip
+        run(config, backend)
+        return [row["final"]["texts"] for row in read_results(tmp_path / name / "results.jsonl")]
+
+    shared = make_backend("hf", BackendOptions(str(model_dir), dtype="float32"))
+    own = make_backend("hf", BackendOptions(str(model_dir), dtype="float32", adapter=str(lora_dir)))
+    with_adapter = sampled("shared-lora", str(lora_dir), shared)
+    assert with_adapter == sampled("own-lora", str(lora_dir), own)
+    assert sampled("shared-base", None, shared) != with_adapter
 
 
 def test_hf_seeded_generation_leaves_the_global_rng_alone(tiny_model_dir):
