@@ -13,7 +13,7 @@ from icpo_infer.config import ConfigError
 from icpo_infer.data import load_problems
 from icpo_infer.grading import grade
 from icpo_infer.prompts import Attempt, PromptTemplates, render_prompt
-from icpo_train.pretrain import PretrainConfig, pretrain, training_example
+from icpo_train.pretrain import NEAR_MISSES, PretrainConfig, pretrain, training_example
 from icpo_train.synthetic import NUMBER_WORDS, SyntheticTaskConfig, generate_splits, write_splits
 
 E2E_TEMPLATES = Path(__file__).resolve().parents[1] / "recipes" / "e2e" / "templates.yaml"
@@ -70,7 +70,7 @@ def test_pretraining_histories_mix_uninformative_and_copying_texts_in_the_config
     for problem in problems * 10:
         history, answer = training_example(problem, problems, config, rng)
         answers = [attempt.answer for attempt in history]
-        near = {str(abs(int(problem.answer) + d)) for d in (-3, -2, -1, 1, 2, 3)} | {problem.answer}
+        near = {str(abs(int(problem.answer) + d)) for d in NEAR_MISSES} | {problem.answer}
         if not history:
             kinds["bare"] += 1
             assert answer == problem.answer

@@ -312,13 +312,14 @@ def test_non_finite_loss_stops_training_naming_the_example(tiny_model_dir, traje
     def overflow(row, index):  # finite, but its squared deviation overflows float32
         return {"ref_logps": [-3e38, *row["ref_logps"][1:]]} if index == 7 else {}
 
+    overflowing = trajectories.map(overflow, with_indices=True)
     config = make_config(tiny_model_dir, "unused", tmp_path, "--per_device_train_batch_size", "9")
-    trainer = ICPOTrainer(config, train_dataset=trajectories.map(overflow, with_indices=True))
+    trainer = ICPOTrainer(config, train_dataset=overflowing)
     row = trajectories[7]
     with pytest.raises(NonFiniteLossError, match=f"at step 1 on question_id={row['question_id']} round=2"):
         trainer.train()
     # The command line prints it as a one-line error naming the fix, not a traceback.
-    trajectories.map(overflow, with_indices=True).save_to_disk(str(tmp_path / "overflow"))
+    overflowing.save_to_disk(str(tmp_path / "overflow"))
     args = recipe_args(
         tiny_model_dir, tmp_path / "overflow", tmp_path / "cli", "--per_device_train_batch_size", "9"
     )
