@@ -520,13 +520,17 @@ class ICPOTrainer(Trainer):
             return token_logps.sum(-1) / mask.sum(-1)
         return token_logps.sum(-1)
 
+    def group_rewards(self, inputs: dict) -> torch.Tensor:
+        """R_j of every member of a collated batch ``(B, G)``: in-context plus weighted gold reward."""
+        return inputs["icl_rewards"] + self.args.gt_coef / self.args.eta * inputs["gold_rewards"]
+
     def _group_loss(self, flat_logps: torch.Tensor, inputs: dict) -> torch.Tensor:
         """The batch's response-level loss from its members' z values (flat, in collator order)."""
         group_mask = inputs["group_mask"]
         policy_logps = torch.zeros(group_mask.shape, dtype=flat_logps.dtype, device=flat_logps.device)
         policy_logps = policy_logps.masked_scatter(group_mask, flat_logps)
         args = self.args
-        rewards = inputs["icl_rewards"] + args.gt_coef / args.eta * inputs["gold_rewards"]
+        rewards = self.group_rewards(inputs)
         losses = response_losses(
             args.loss_type, policy_logps, inputs["ref_logps"], rewards, args.eta, group_mask
         )

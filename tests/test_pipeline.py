@@ -148,3 +148,18 @@ def test_the_history_probe_counts_answers_after_each_kind_of_history(finished, c
         == 0
     )
     assert "wrong, reward 1" in capsys.readouterr().out
+
+
+def test_trajectory_fit_measures_each_model_against_the_target_per_round(finished, capsys):
+    trajectory_fit = load_script("trajectory_fit")
+    config, _ = finished
+    seed_dir = Path(config.output_dir) / "seed-0"
+    table = trajectory_fit.fit(seed_dir, ["base", "icpo"], "fw", 2.0, rows=8, templates=config.templates)
+    assert list(table) == ["base", "icpo", trajectory_fit.IGNORE]
+    assert all(set(row) == {1, 2} for row in table.values())
+    # The trajectories were scored with the base model: with an empty history it is its own target.
+    assert table["base"][1] == pytest.approx(0, abs=1e-4)
+    assert table[trajectory_fit.IGNORE][1] == 0
+    assert all(loss >= 0 for row in table.values() for loss in row.values())
+    assert trajectory_fit.main(["--seed-dir", str(seed_dir), "--models", "base", "--rows", "2"]) == 0
+    assert "ignore" in capsys.readouterr().out
