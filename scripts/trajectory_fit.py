@@ -87,6 +87,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--templates", default="recipes/e2e/templates.yaml", help="The pipeline's prompt wording."
     )
     args = parser.parse_args(argv)
+    missing = [m for m in args.models if m != "base" and not (args.seed_dir / "adapters" / m).is_dir()]
+    if missing:
+        parser.error(f"--models: no adapter {missing} in {args.seed_dir / 'adapters'}; train it first.")
     table = fit(args.seed_dir, args.models, args.loss_type, args.eta, args.rows, args.templates or None)
     print(format_table(table, args.loss_type))
     return 0

@@ -163,3 +163,6 @@ def test_trajectory_fit_measures_each_model_against_the_target_per_round(finishe
     assert all(loss >= 0 for row in table.values() for loss in row.values())
     assert trajectory_fit.main(["--seed-dir", str(seed_dir), "--models", "base", "--rows", "2"]) == 0
     assert "ignore" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        trajectory_fit.main(["--seed-dir", str(seed_dir), "--models", "base", "nope"])
+    assert "no adapter ['nope']" in capsys.readouterr().err
