@@ -38,31 +38,35 @@ def fit(
     trajectories = trajectories.select(range(min(rows, len(trajectories))))
     losses: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
     with tempfile.TemporaryDirectory() as scratch:
-        for model_name in models:
-            model = AutoModelForCausalLM.from_pretrained(seed_dir / "base")
-            if model_name != "base":
-                model = PeftModel.from_pretrained(model, seed_dir / "adapters" / model_name)
-            config = ICPOConfig(
-                output_dir=scratch,
-                model_name_or_path=str(seed_dir / "base"),
-                trajectories=str(seed_dir / "trajectories"),
-                templates=templates,
-                loss_type=loss_type,
-                eta=eta,
-                use_peft=False,
-                per_device_eval_batch_size=1,  # compute_loss of one row is that row's loss
-                report_to="none",
+        config = ICPOConfig(
+            output_dir=scratch,
+            model_name_or_path=str(seed_dir / "base"),
+            trajectories=str(seed_dir / "trajectories"),
+            templates=templates,
+            loss_type=loss_type,
+            eta=eta,
+            use_peft=False,
+            per_device_eval_batch_size=1,  # compute_loss of one row is that row's loss
+            report_to="none",
+        )
+        # One trainer tokenizes and batches the rows once; every model is scored on the same batches.
+        trainer = ICPOTrainer(config, train_dataset=trajectories)
+        batches = [trainer._prepare_inputs(b) for b in trainer.get_eval_dataloader(trainer.train_dataset)]
+        for inputs in batches:
+            ref = inputs["ref_logps"]
+            ignoring = response_losses(
+                loss_type, ref, ref, trainer.group_rewards(inputs), eta, inputs["group_mask"]
             )
-            trainer = ICPOTrainer(config, model=model.eval(), train_dataset=trajectories)
-            for inputs in trainer.get_eval_dataloader(trainer.train_dataset):
-                inputs = trainer._prepare_inputs(inputs)
-                round_ = int(inputs["round"][0])
-                losses[model_name][round_].append(trainer.compute_loss(trainer.model, inputs).item())
-                if model_name == models[0]:
-                    ref = inputs["ref_logps"]
-                    rewards = trainer.group_rewards(inputs)
-                    ignoring = response_losses(loss_type, ref, ref, rewards, eta, inputs["group_mask"])
-                    losses[IGNORE][round_].append(ignoring.item())
+            losses[IGNORE][int(inputs["round"][0])].append(ignoring.item())
+        for model_name in models:
+            if model_name == "base":
+                model = trainer.model  # the trainer loaded the base model (use_peft=False)
+            else:
+                base = AutoModelForCausalLM.from_pretrained(seed_dir / "base")
+                model = PeftModel.from_pretrained(base, seed_dir / "adapters" / model_name)
+            model.to(trainer.accelerator.device).eval()
+            for inputs in batches:
+                losses[model_name][int(inputs["round"][0])].append(trainer.compute_loss(model, inputs).item())
     return {name: {r: sum(v) / len(v) for r, v in sorted(losses[name].items())} for name in [*models, IGNORE]}
 
 
