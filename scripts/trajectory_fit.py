@@ -23,6 +23,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
+from icpo_infer.config import ConfigError
 from icpo_train.trainer import LOSS_TYPES, ICPOConfig, ICPOTrainer, response_losses
 from icpo_train.trajectory_data import load_trajectories
 
@@ -94,7 +95,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     missing = [m for m in args.models if m != "base" and not (args.seed_dir / "adapters" / m).is_dir()]
     if missing:
         parser.error(f"--models: no adapter {missing} in {args.seed_dir / 'adapters'}; train it first.")
-    table = fit(args.seed_dir, args.models, args.loss_type, args.eta, args.rows, args.templates or None)
+    try:
+        table = fit(args.seed_dir, args.models, args.loss_type, args.eta, args.rows, args.templates or None)
+    except ConfigError as error:  # no trajectories, a bad templates file: one line, not a traceback
+        parser.error(str(error))
     print(format_table(table, args.loss_type))
     return 0
 

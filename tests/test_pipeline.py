@@ -166,3 +166,6 @@ def test_trajectory_fit_measures_each_model_against_the_target_per_round(finishe
     with pytest.raises(SystemExit):
         trajectory_fit.main(["--seed-dir", str(seed_dir), "--models", "base", "nope"])
     assert "no adapter ['nope']" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        trajectory_fit.main(["--seed-dir", str(seed_dir.parent / "missing"), "--models", "base"])
+    assert "--trajectories:" in capsys.readouterr().err
