@@ -15,6 +15,7 @@ self-normalised importance weights ``softmax(eta * R)`` for response groups samp
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -182,6 +183,18 @@ def _group_log_weights(rewards: torch.Tensor, eta: float, group_mask: torch.Tens
 def group_weights(rewards: torch.Tensor, eta: float, group_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Self-normalised importance weights ``softmax_j(eta * R_j)`` of a group sampled from pi_ref."""
     return torch.softmax(_group_log_weights(rewards, eta, group_mask), dim=-1).nan_to_num(0.0)
+
+
+def with_tail_bucket(logps: torch.Tensor, group_mask: torch.Tensor, min_tail: float = 1e-6) -> torch.Tensor:
+    """A group's response log-probabilities plus one last column, the log-probability of every other
+    response: ``log(1 - sum_j p_j)`` ``(..., G + 1)``, in float64; members outside ``group_mask`` are -inf.
+
+    ``logps`` must be the log-probabilities of distinct responses (each counted once). The tail mass is
+    floored at ``min_tail``: below it, float32 sums of token log-probs cannot resolve it.
+    """
+    logps = logps.double().masked_fill(~group_mask.to(torch.bool), float("-inf"))
+    group_mass = logps.logsumexp(-1, keepdim=True).clamp(max=math.log1p(-min_tail))
+    return torch.cat([logps, torch.log(-torch.expm1(group_mass))], dim=-1)
 
 
 def group_fisher_weighted_loss(

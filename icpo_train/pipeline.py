@@ -102,6 +102,11 @@ class PipelineConfig(SyntheticTaskConfig, PretrainConfig):
     eta: float = option(
         2.0, "Step size of the in-context policy update in the target z* = log pi_ref + eta R."
     )
+    tail_bucket: bool = option(
+        False,
+        "icpo and mse: match exact distributions over the group's distinct answers plus one tail bucket "
+        "(the trainer's tail_bucket) instead of the group-restricted softmax.",
+    )
     lora_r: int = option(16, "LoRA rank.")
     lora_alpha: int = option(32, "LoRA alpha.")
     # Evaluation and engine.
@@ -181,6 +186,7 @@ class PipelineConfig(SyntheticTaskConfig, PretrainConfig):
             templates=self.templates,
             loss_type=LOSS_OF_MODEL[model],
             eta=self.eta,
+            tail_bucket=self.tail_bucket and LOSS_OF_MODEL[model] != "sft",
             lora_r=self.lora_r,
             lora_alpha=self.lora_alpha,
             lora_dropout=0.0,

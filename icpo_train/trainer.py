@@ -29,6 +29,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from datasets import Dataset
 from peft import LoraConfig, get_peft_model
 from transformers import (
@@ -52,6 +53,7 @@ from icpo_train.losses import (
     group_fisher_weighted_loss,
     group_weights,
     sparse_fisher_weighted_logit_matching,
+    with_tail_bucket,
 )
 from icpo_train.trajectory_data import (
     GROUP_COLUMNS,
@@ -94,6 +96,12 @@ class ICPOConfig(TrainingArguments):
     )
     eta: float = option(1.0, "Step size of the in-context policy update: z* = log pi_ref + eta * R.")
     gt_coef: float = option(0.0, "Weight of the gold reward in the target: z* += gt_coef * gold_reward.")
+    tail_bucket: bool = option(
+        False,
+        "Response level (fw, kl, mse): match exact distributions over the group's distinct responses plus "
+        "one bucket for every other response, instead of the group-restricted softmax; anchors the group's "
+        "mass. Needs logprob_reduction: sum.",
+    )
     logprob_reduction: str = option("sum", "z_j = sum (default) or mean of the response's token log-probs.")
     memory_lean: bool = option(
         False, "Back-propagate one group member at a time: peak memory independent of the group size."
@@ -145,6 +153,16 @@ class ICPOConfig(TrainingArguments):
             self.max_length is None or self.max_length >= 2,
             f"max_length={self.max_length} is invalid; use max_length >= 2 or leave it out.",
         )
+        if self.tail_bucket:
+            check(
+                self.loss_level == "response" and self.loss_type in ("fw", "kl", "mse"),
+                f"tail_bucket applies to loss_level: response with loss_type fw, kl or mse (got "
+                f"{self.loss_level}, {self.loss_type}); set tail_bucket: false.",
+            )
+            check(
+                self.logprob_reduction == "sum",
+                "tail_bucket needs probabilities of whole responses; set logprob_reduction: sum.",
+            )
         check(self.lora_r >= 1, f"lora_r={self.lora_r} is invalid; use lora_r >= 1.")
         check(self.lora_alpha > 0, f"lora_alpha={self.lora_alpha} is invalid; use lora_alpha > 0.")
         check(0 <= self.lora_dropout < 1, f"lora_dropout={self.lora_dropout} is invalid; use 0 <= it < 1.")
@@ -225,11 +243,12 @@ def _tokenize_row(
     templates: PromptTemplates | None,
     max_length: int | None,
     teacher_columns: list[str],
+    distinct: bool,
 ) -> dict:
     """Prompt and response token ids of one row, keeping the valid members of its group.
 
     A member is valid when its ref_logp and rewards are finite and prompt + response fits
-    ``max_length``. A response that does not encode to ``ref_num_tokens`` tokens means the ref_logps
+    ``max_length``; with ``distinct`` a repeat of an earlier member's tokens is not a member. A response that does not encode to ``ref_num_tokens`` tokens means the ref_logps
     score other tokens than the ones trained on: an error, never a silent bias.
     """
     where = f"question_id={row['question_id']} round={row['round']}"
@@ -241,9 +260,13 @@ def _tokenize_row(
             "rebuild the trajectories.",
         )
     prompt_ids = encode_prompt(tokenizer, trajectory_prompt(row, tokenizer, templates))
-    members, completions = [], []
+    members, completions, seen = [], [], set()
     for j, response in enumerate(row["responses"]):
         ids = encode_completion(tokenizer, response)
+        if distinct and tuple(ids) in seen:
+            size -= 1
+            continue
+        seen.add(tuple(ids))
         check(
             len(ids) == row["ref_num_tokens"][j],
             f"--trajectories: row {where}, response {j} encodes to {len(ids)} tokens but ref_num_tokens "
@@ -268,8 +291,9 @@ def _tokenize_row(
 @dataclass
 class TrajectoryStats:
     rows: int  # rows in the dataset
-    skipped_groups: int  # rows left out: fewer than 2 valid members
+    skipped_groups: int  # rows left out: fewer than min_members valid members
     skipped_members: int  # members left out of their group (non-finite or too long)
+    min_members: int  # 2, or 1 for tail-bucket losses (a member and the tail bucket)
 
 
 def tokenize_trajectories(
@@ -277,8 +301,12 @@ def tokenize_trajectories(
     tokenizer: PreTrainedTokenizerBase,
     templates: PromptTemplates | None = None,
     max_length: int | None = None,
+    tail_bucket: bool = False,
 ) -> tuple[Dataset, TrajectoryStats]:
-    """Token ids of every row and the valid members of its group; groups under 2 members are dropped."""
+    """Token ids of every row and the valid members of its group; groups under 2 members are dropped.
+
+    ``tail_bucket``: members are the distinct responses, and one member (plus the tail) is a group.
+    """
     teacher_columns = [c for c in TEACHER_COLUMNS if c in dataset.column_names]
     tokenized = dataset.map(
         _tokenize_row,
@@ -287,17 +315,20 @@ def tokenize_trajectories(
             "templates": templates,
             "max_length": max_length,
             "teacher_columns": teacher_columns,
+            "distinct": tail_bucket,
         },
         remove_columns=[c for c in dataset.column_names if c not in ("question_id", "round")],
         desc="tokenising trajectories",
     )
     sizes = tokenized["num_members"]
+    min_members = 1 if tail_bucket else 2
     stats = TrajectoryStats(
         rows=len(sizes),
-        skipped_groups=sum(size < 2 for size in sizes),
+        skipped_groups=sum(size < min_members for size in sizes),
         skipped_members=sum(tokenized["num_responses"]) - sum(sizes),
+        min_members=min_members,
     )
-    kept = tokenized.select([i for i, size in enumerate(sizes) if size >= 2])
+    kept = tokenized.select([i for i, size in enumerate(sizes) if size >= min_members])
     return kept.remove_columns(["num_responses", "num_members"]), stats
 
 
@@ -393,6 +424,7 @@ def response_losses(
     rewards: torch.Tensor,
     eta: float,
     group_mask: torch.Tensor,
+    tail_bucket: bool = False,
 ) -> torch.Tensor:
     """Per-group loss ``(B,)`` of the group logits ``z = policy_logps`` against ``z* = ref + eta R``.
 
@@ -401,7 +433,17 @@ def response_losses(
       with pi_ref divided out, as the group was sampled from it; fw is its second-order expansion;
     - mse: fw with uniform weights, ``1/2 mean_j (d_j - mean d)^2`` (shift-invariant like fw);
     - sft: ``-mean log pi_theta(y_j)`` over the members with positive reward R_j > 0 (0 if none).
+
+    With ``tail_bucket`` (fw, kl, mse; the members must be distinct responses) the actions are the
+    members plus one bucket holding every other response, and the distributions are exact rather than
+    group-restricted: the student's ``pi_theta`` and the target ``pi_ref exp(eta R)`` (tail reward 0) over
+    those buckets. The group's total mass is then matched too; fw weighs by the target itself.
     """
+    if loss_type == "sft":
+        chosen = group_mask & (rewards > 0)
+        return -(policy_logps * chosen).sum(-1) / chosen.sum(-1).clamp(min=1)
+    if tail_bucket:
+        return _tail_bucket_losses(loss_type, policy_logps, ref_logps, rewards, eta, group_mask)
     if loss_type == "fw":
         return group_fisher_weighted_loss(policy_logps, ref_logps, rewards, eta, group_mask, reduction="none")
     if loss_type == "mse":
@@ -411,11 +453,36 @@ def response_losses(
     if loss_type == "kl":
         log_w = (eta * rewards).masked_fill(~group_mask, float("-inf")).log_softmax(-1)
         log_q = (policy_logps - ref_logps).masked_fill(~group_mask, float("-inf")).log_softmax(-1)
-        return (log_w.exp() * torch.where(group_mask, log_w - log_q, 0.0)).sum(-1)
-    if loss_type == "sft":
-        chosen = group_mask & (rewards > 0)
-        return -(policy_logps * chosen).sum(-1) / chosen.sum(-1).clamp(min=1)
+        return _kl(log_w, log_q, group_mask)
     raise ValueError(f"unknown loss_type {loss_type!r}")
+
+
+def _kl(log_p: torch.Tensor, log_q: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``KL(p || q)`` over the last axis from log-probabilities, entries outside ``mask`` left out."""
+    return (log_p.exp() * torch.where(mask, log_p - log_q, 0.0)).sum(-1)
+
+
+def _tail_bucket_losses(
+    loss_type: str,
+    policy_logps: torch.Tensor,
+    ref_logps: torch.Tensor,
+    rewards: torch.Tensor,
+    eta: float,
+    group_mask: torch.Tensor,
+) -> torch.Tensor:
+    target = with_tail_bucket(ref_logps, group_mask) + eta * F.pad(rewards.double(), (0, 1))
+    policy = with_tail_bucket(policy_logps, group_mask)
+    buckets = F.pad(group_mask, (0, 1), value=True)
+    if loss_type == "fw":
+        losses = fisher_weighted_logit_matching(policy, target, reduction="none")
+    elif loss_type == "mse":
+        uniform = torch.zeros_like(target)
+        losses = group_fisher_weighted_loss(policy, target, uniform, eta, buckets, reduction="none")
+    elif loss_type == "kl":
+        losses = _kl(target.log_softmax(-1), policy.log_softmax(-1), buckets)
+    else:
+        raise ValueError(f"unknown loss_type {loss_type!r}")
+    return losses.to(policy_logps.dtype)
 
 
 @torch.no_grad()
@@ -474,21 +541,22 @@ class ICPOTrainer(Trainer):
         model = model if model is not None else load_policy(args)
         with args.main_process_first(desc="tokenising trajectories"):
             dataset, self.trajectory_stats = tokenize_trajectories(
-                trajectories, tokenizer, templates, args.max_length
+                trajectories, tokenizer, templates, args.max_length, args.tail_bucket
             )
         stats = self.trajectory_stats
         if stats.skipped_groups or stats.skipped_members:
             logger.warning(
-                "trajectories: skipped %d of %d groups with fewer than 2 valid members; left out %d members "
+                "trajectories: skipped %d of %d groups with fewer than %d valid members; left out %d members "
                 "(non-finite ref_logp or reward, or longer than max_length=%s)",
                 stats.skipped_groups,
                 stats.rows,
+                stats.min_members,
                 stats.skipped_members,
                 args.max_length,
             )
         check(
             len(dataset) > 0,
-            f"--trajectories: none of the {stats.rows} groups has 2 valid members (finite ref_logps and "
+            f"--trajectories: none of the {stats.rows} groups has {stats.min_members} valid members (finite ref_logps and "
             f"rewards, prompt + response within max_length={args.max_length}); raise max_length or rebuild.",
         )
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -532,9 +600,12 @@ class ICPOTrainer(Trainer):
         args = self.args
         rewards = self.group_rewards(inputs)
         losses = response_losses(
-            args.loss_type, policy_logps, inputs["ref_logps"], rewards, args.eta, group_mask
+            args.loss_type, policy_logps, inputs["ref_logps"], rewards, args.eta, group_mask, args.tail_bucket
         )
         self._raise_if_not_finite(losses, inputs)
+        if args.tail_bucket:
+            tail = with_tail_bucket(policy_logps.detach(), group_mask)[:, -1]
+            self._metrics["tail_mass"].append(tail.exp().mean().float())
         for key, value in group_statistics(
             policy_logps, inputs["ref_logps"], rewards, args.eta, group_mask
         ).items():

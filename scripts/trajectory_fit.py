@@ -1,7 +1,7 @@
 """How close does a model come to the ICPO target on its trajectories? The training loss per round.
 
     python scripts/trajectory_fit.py --seed-dir runs/e2e-full/seed-0 [--models base icpo sft mse] \\
-        [--loss-type fw] [--eta 2] [--rows 480] [--templates recipes/e2e/templates.yaml]
+        [--loss-type fw] [--tail-bucket] [--eta 2] [--rows 480] [--templates recipes/e2e/templates.yaml]
 
 For the first rows of an `icpo-train pipeline` seed directory's trajectories, computes each model's
 response-level loss (the trainer's own, `fw` by default) of ``z_j = log pi(y_j | prompt_t)`` against
@@ -32,7 +32,13 @@ IGNORE = "ignore"  # the reference row: z = ref_logps, a model that ignores its 
 
 @torch.no_grad()
 def fit(
-    seed_dir: Path, models: Sequence[str], loss_type: str, eta: float, rows: int, templates: str | None
+    seed_dir: Path,
+    models: Sequence[str],
+    loss_type: str,
+    eta: float,
+    rows: int,
+    templates: str | None,
+    tail_bucket: bool = False,
 ) -> dict[str, dict[int, float]]:
     """model (and ``ignore``) -> round -> mean loss over the first ``rows`` trajectory rows."""
     trajectories = load_trajectories(seed_dir / "trajectories")
@@ -46,6 +52,7 @@ def fit(
             templates=templates,
             loss_type=loss_type,
             eta=eta,
+            tail_bucket=tail_bucket,
             use_peft=False,
             per_device_eval_batch_size=1,  # compute_loss of one row is that row's loss
             report_to="none",
@@ -56,7 +63,7 @@ def fit(
         for inputs in batches:
             ref = inputs["ref_logps"]
             ignoring = response_losses(
-                loss_type, ref, ref, trainer.group_rewards(inputs), eta, inputs["group_mask"]
+                loss_type, ref, ref, trainer.group_rewards(inputs), eta, inputs["group_mask"], tail_bucket
             )
             losses[IGNORE][int(inputs["round"][0])].append(ignoring.item())
         for model_name in models:
@@ -87,6 +94,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--models", nargs="+", default=["base", "icpo", "sft", "mse"])
     parser.add_argument("--loss-type", choices=LOSS_TYPES, default="fw")
     parser.add_argument("--eta", type=float, default=2.0, help="The eta of the target (the recipe's).")
+    parser.add_argument(
+        "--tail-bucket",
+        action="store_true",
+        help="The tail-bucket form of the loss (the trainer's tail_bucket).",
+    )
     parser.add_argument("--rows", type=int, default=480, help="First N trajectory rows.")
     parser.add_argument(
         "--templates", default="recipes/e2e/templates.yaml", help="The pipeline's prompt wording."
@@ -96,7 +108,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if missing:
         parser.error(f"--models: no adapter {missing} in {args.seed_dir / 'adapters'}; train it first.")
     try:
-        table = fit(args.seed_dir, args.models, args.loss_type, args.eta, args.rows, args.templates or None)
+        table = fit(
+            args.seed_dir,
+            args.models,
+            args.loss_type,
+            args.eta,
+            args.rows,
+            args.templates or None,
+            args.tail_bucket,
+        )
     except ConfigError as error:  # no trajectories, a bad templates file: one line, not a traceback
         parser.error(str(error))
     print(format_table(table, args.loss_type))

@@ -112,6 +112,12 @@ def test_the_cli_reads_a_recipe_and_rejects_bad_values_before_any_work(tmp_path)
     assert not (tmp_path / "out").exists()
 
 
+def test_tail_bucket_trains_icpo_and_mse_with_it_and_sft_without(tmp_path):
+    config = micro_config(tmp_path, tail_bucket=True)
+    trained = {model: config.train_config(tmp_path, model) for model in ("icpo", "sft", "mse")}
+    assert {model: c.tail_bucket for model, c in trained.items()} == {"icpo": True, "sft": False, "mse": True}
+
+
 @pytest.mark.parametrize("recipe", ["tiny.yaml", "full.yaml"])
 def test_the_shipped_recipes_are_valid(recipe, tmp_path):
     config = parse_config(
@@ -161,6 +167,11 @@ def test_trajectory_fit_measures_each_model_against_the_target_per_round(finishe
     assert table["base"][1] == pytest.approx(0, abs=1e-4)
     assert table[trajectory_fit.IGNORE][1] == 0
     assert all(loss >= 0 for row in table.values() for loss in row.values())
+    tail = trajectory_fit.fit(
+        seed_dir, ["base"], "fw", 2.0, rows=8, templates=config.templates, tail_bucket=True
+    )
+    assert tail["base"][1] == pytest.approx(0, abs=1e-4)
+    assert tail["base"][2] != pytest.approx(table["base"][2])  # another loss on the same rows
     assert trajectory_fit.main(["--seed-dir", str(seed_dir), "--models", "base", "--rows", "2"]) == 0
     assert "ignore" in capsys.readouterr().out
     with pytest.raises(SystemExit):

@@ -25,7 +25,12 @@ from icpo_train.trainer import (
     add_teacher_topk,
     response_losses,
 )
-from icpo_train.trajectory_data import load_trajectories, tokenizer_fingerprint, trajectory_prompt
+from icpo_train.trajectory_data import (
+    GROUP_COLUMNS,
+    load_trajectories,
+    tokenizer_fingerprint,
+    trajectory_prompt,
+)
 
 TINY_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "icpo" / "tiny.yaml"
 
@@ -90,6 +95,41 @@ def test_response_losses_on_known_groups():
     sft = response_losses("sft", policy, ref, rewards, eta, mask)
     assert sft[1].item() == pytest.approx(-policy[1][chosen].mean().item(), rel=1e-6)
     assert response_losses("sft", policy, ref, torch.zeros_like(rewards), eta, mask).eq(0).all()
+
+
+def test_tail_bucket_losses_match_exact_distributions():
+    # Distinct responses with their pi_ref probabilities; row 1 has two members, row 2 one.
+    probs = torch.tensor([[0.5, 0.2, 0.1], [0.6, 0.3, 0.9], [0.7, 0.9, 0.9]], dtype=torch.float64)
+    mask = torch.tensor([[True, True, True], [True, True, False], [True, False, False]])
+    ref, rewards, eta = probs.log(), torch.tensor([[1.0, 0, -1], [0, 1, 0], [1, 0, 0]]).double(), 2.0
+
+    def buckets(member_probs):  # the members then the tail, members outside the mask left out
+        member_probs = member_probs * mask
+        return torch.cat([member_probs, 1 - member_probs.sum(-1, keepdim=True)], -1)
+
+    exact = buckets(probs) * torch.exp(eta * torch.nn.functional.pad(rewards, (0, 1)))
+    target = exact / exact.sum(-1, keepdim=True)  # p* = pi_ref exp(eta R) / Z over the buckets, tail R = 0
+
+    def losses(loss_type, policy_probs):
+        return response_losses(loss_type, policy_probs.log(), ref, rewards, eta, mask, tail_bucket=True)
+
+    for loss_type in ("fw", "kl", "mse"):  # zero exactly at the target distribution
+        torch.testing.assert_close(losses(loss_type, target[:, :3]), torch.zeros(3, dtype=torch.float64))
+    # fw is 1/2 Var_{p*}[log q - log p*] over the buckets, kl its exact counterpart.
+    student = torch.tensor([[0.3, 0.3, 0.1], [0.5, 0.4, 0.9], [0.2, 0.9, 0.9]], dtype=torch.float64)
+    q = buckets(student)
+    d = torch.where(q > 0, q.log() - target.log(), 0.0)
+    variance = (target * d**2).sum(-1) - (target * d).sum(-1) ** 2
+    torch.testing.assert_close(losses("fw", student), 0.5 * variance)
+    kl = (target * torch.where(target > 0, target.log() - q.log(), 0.0)).sum(-1)
+    torch.testing.assert_close(losses("kl", student), kl)
+    near = target[:, :3] * (1 + 1e-3 * torch.tensor([1.0, -1.0, 0.5]))
+    torch.testing.assert_close(losses("kl", near), losses("fw", near), rtol=2e-2, atol=0)
+    # Moving half the group's mass out of the group: invisible to the group-restricted loss, not here.
+    half = target[:, :3] / 2
+    group_fw = response_losses("fw", half.log(), ref, rewards, eta, mask)
+    torch.testing.assert_close(group_fw, torch.zeros(3, dtype=torch.float64))
+    assert (losses("fw", half) > 1e-2).all()
 
 
 def test_fingerprint_is_stable_and_tells_tokenizers_apart(tiny_model_dir, tiny_chat_model_dir):
@@ -308,6 +348,24 @@ def test_groups_under_two_valid_members_are_counted_and_skipped(tiny_model_dir, 
         )
 
 
+def test_tail_bucket_trains_on_the_distinct_responses(tiny_model_dir, trajectories, tmp_path):
+    def repeat_first(row, index):  # member 1 repeats member 0; in row 8 every member does
+        repeated = range(len(row["responses"])) if index == 8 else [1]
+        return {c: [row[c][0] if j in repeated else v for j, v in enumerate(row[c])] for c in GROUP_COLUMNS}
+
+    repeated = trajectories.map(repeat_first, with_indices=True)
+    overrides = ("--tail_bucket", "true", "--max_steps", "3", "--per_device_train_batch_size", "3")
+    trainer = ICPOTrainer(make_config(tiny_model_dir, "unused", tmp_path, *overrides), train_dataset=repeated)
+    members = [len(row["completion_ids"]) for row in trainer.train_dataset]
+    assert members == [2, 2, 2, 3, 3, 3, 3, 3, 1]  # a lone response and the tail still make a group
+    assert (trainer.trajectory_stats.skipped_groups, trainer.trajectory_stats.skipped_members) == (0, 0)
+    trainer.train()
+    entries = [entry for entry in trainer.state.log_history if "tail_mass" in entry]
+    assert len(entries) == 3
+    # The tiny model's long responses are improbable: the tail holds nearly all the mass.
+    assert all(math.isfinite(entry["loss"]) and 0.99 < entry["tail_mass"] <= 1 for entry in entries)
+
+
 def test_non_finite_loss_stops_training_naming_the_example(tiny_model_dir, trajectories, tmp_path, capsys):
     def overflow(row, index):  # finite, but its squared deviation overflows float32
         return {"ref_logps": [-3e38, *row["ref_logps"][1:]]} if index == 7 else {}
@@ -336,6 +394,8 @@ def test_non_finite_loss_stops_training_naming_the_example(tiny_model_dir, traje
         (("--eta", "0"), "eta=0.0 is invalid"),
         (("--loss_level", "token", "--loss_type", "kl", "--memory_lean", "false"), "use loss_type: fw"),
         (("--teacher_model", "somewhere"), "teacher_model is used by loss_level: token only"),
+        (("--tail_bucket", "true", "--loss_type", "sft"), "tail_bucket applies to loss_level: response"),
+        (("--tail_bucket", "true", "--logprob_reduction", "mean"), "set logprob_reduction: sum"),
     ],
 )
 def test_bad_config_values(tiny_model_dir, trajectories_dir, tmp_path, overrides, message):
