@@ -443,7 +443,13 @@ def response_losses(
         chosen = group_mask & (rewards > 0)
         return -(policy_logps * chosen).sum(-1) / chosen.sum(-1).clamp(min=1)
     if tail_bucket:
-        return _tail_bucket_losses(loss_type, policy_logps, ref_logps, rewards, eta, group_mask)
+        # The buckets are enumerated, not sampled: the group form with a uniform proposal (ref = 0)
+        # and eta R = the exact target log-probabilities.
+        target = with_tail_bucket(ref_logps, group_mask) + eta * F.pad(rewards.double(), (0, 1))
+        policy = with_tail_bucket(policy_logps, group_mask)
+        buckets = F.pad(group_mask, (0, 1), value=True)
+        losses = response_losses(loss_type, policy, torch.zeros_like(target), target / eta, eta, buckets)
+        return losses.to(policy_logps.dtype)
     if loss_type == "fw":
         return group_fisher_weighted_loss(policy_logps, ref_logps, rewards, eta, group_mask, reduction="none")
     if loss_type == "mse":
@@ -453,36 +459,8 @@ def response_losses(
     if loss_type == "kl":
         log_w = (eta * rewards).masked_fill(~group_mask, float("-inf")).log_softmax(-1)
         log_q = (policy_logps - ref_logps).masked_fill(~group_mask, float("-inf")).log_softmax(-1)
-        return _kl(log_w, log_q, group_mask)
+        return (log_w.exp() * torch.where(group_mask, log_w - log_q, 0.0)).sum(-1)
     raise ValueError(f"unknown loss_type {loss_type!r}")
-
-
-def _kl(log_p: torch.Tensor, log_q: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``KL(p || q)`` over the last axis from log-probabilities, entries outside ``mask`` left out."""
-    return (log_p.exp() * torch.where(mask, log_p - log_q, 0.0)).sum(-1)
-
-
-def _tail_bucket_losses(
-    loss_type: str,
-    policy_logps: torch.Tensor,
-    ref_logps: torch.Tensor,
-    rewards: torch.Tensor,
-    eta: float,
-    group_mask: torch.Tensor,
-) -> torch.Tensor:
-    target = with_tail_bucket(ref_logps, group_mask) + eta * F.pad(rewards.double(), (0, 1))
-    policy = with_tail_bucket(policy_logps, group_mask)
-    buckets = F.pad(group_mask, (0, 1), value=True)
-    if loss_type == "fw":
-        losses = fisher_weighted_logit_matching(policy, target, reduction="none")
-    elif loss_type == "mse":
-        uniform = torch.zeros_like(target)
-        losses = group_fisher_weighted_loss(policy, target, uniform, eta, buckets, reduction="none")
-    elif loss_type == "kl":
-        losses = _kl(target.log_softmax(-1), policy.log_softmax(-1), buckets)
-    else:
-        raise ValueError(f"unknown loss_type {loss_type!r}")
-    return losses.to(policy_logps.dtype)
 
 
 @torch.no_grad()

@@ -71,10 +71,11 @@ def probe(
 
 
 def format_table(table: dict[str, dict[str, tuple[float, float]]]) -> str:
-    lines = [f"{'model':<8}" + "".join(f"{name:>18}" for name in HISTORIES)]
-    lines.append(" " * 8 + "".join(f"{'gold / wrong':>18}" for _ in HISTORIES))
+    width = max(len("model"), *map(len, table)) + 1
+    lines = [f"{'model':<{width}}" + "".join(f"{name:>18}" for name in HISTORIES)]
+    lines.append(" " * width + "".join(f"{'gold / wrong':>18}" for _ in HISTORIES))
     for model, row in table.items():
-        lines.append(f"{model:<8}" + "".join(f"{g:>11.2f} / {w:.2f}" for g, w in row.values()))
+        lines.append(f"{model:<{width}}" + "".join(f"{g:>11.2f} / {w:.2f}" for g, w in row.values()))
     return "\n".join(lines)
 
 

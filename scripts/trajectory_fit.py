@@ -80,9 +80,10 @@ def fit(
 
 def format_table(table: dict[str, dict[int, float]], loss_type: str) -> str:
     rounds = sorted({r for row in table.values() for r in row})
-    lines = [f"{loss_type + ' loss':<10}" + "".join(f"{'round ' + str(r):>10}" for r in rounds)]
+    width = max(len(loss_type) + 6, *map(len, table)) + 1
+    lines = [f"{loss_type + ' loss':<{width}}" + "".join(f"{'round ' + str(r):>10}" for r in rounds)]
     for name, row in table.items():
-        lines.append(f"{name:<10}" + "".join(f"{row.get(r, float('nan')):>10.3f}" for r in rounds))
+        lines.append(f"{name:<{width}}" + "".join(f"{row.get(r, float('nan')):>10.3f}" for r in rounds))
     return "\n".join(lines)
 
 
