@@ -204,6 +204,7 @@ def group_fisher_weighted_loss(
     eta: float,
     group_mask: torch.Tensor | None = None,
     reduction: Reduction = "mean",
+    fisher_at: Literal["target", "policy"] = "target",
 ) -> torch.Tensor:
     """Response-level FW-LM over groups of responses (group = last axis).
 
@@ -211,6 +212,11 @@ def group_fisher_weighted_loss(
     expectations under p* become the self-normalised weights ``w = softmax(eta * R)``, so
     ``L = 1/2 sum_j w_j (d_j - sum_i w_i d_i)^2``. Members outside ``group_mask`` get weight 0; a group
     with fewer than 2 valid members has zero loss. ``mean`` averages over groups.
+
+    ``fisher_at="policy"`` evaluates the Fisher at the current policy instead of the target (held fixed,
+    no gradient through it): weights ``softmax(policy_logps - ref_logps)``, the policy's own
+    self-normalised weights. Both are second-order expansions of the KL; this one weighs an error by the
+    policy's probability, so it keeps pulling where the policy puts much more mass than the target.
     """
     if not (policy_logps.shape == ref_logps.shape == rewards.shape):
         raise ValueError(
@@ -219,8 +225,14 @@ def group_fisher_weighted_loss(
         )
     if eta <= 0:
         raise ValueError(f"eta must be > 0, got {eta}")
+    if fisher_at not in ("target", "policy"):
+        raise ValueError(f"fisher_at must be 'target' or 'policy', got {fisher_at!r}")
     target = (ref_logps + eta * rewards).detach()
     log_weights = _group_log_weights(rewards, eta, group_mask)
+    if fisher_at == "policy":
+        log_weights = (
+            (policy_logps - ref_logps).detach().masked_fill(log_weights == float("-inf"), float("-inf"))
+        )
     if group_mask is None:
         return _weighted_variance(policy_logps, target, log_weights, None, reduction)
     group_mask = group_mask.to(torch.bool)

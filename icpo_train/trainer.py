@@ -102,6 +102,11 @@ class ICPOConfig(TrainingArguments):
         "one bucket for every other response, instead of the group-restricted softmax; anchors the group's "
         "mass. Needs logprob_reduction: sum.",
     )
+    fisher_at: str = option(
+        "target",
+        "fw: where the Fisher weights are evaluated: target (F(p*), the paper's) or policy (the current "
+        "policy, held fixed: keeps pulling where the policy is far from the target).",
+    )
     logprob_reduction: str = option("sum", "z_j = sum (default) or mean of the response's token log-probs.")
     memory_lean: bool = option(
         False, "Back-propagate one group member at a time: peak memory independent of the group size."
@@ -142,6 +147,7 @@ class ICPOConfig(TrainingArguments):
             ("loss_level", self.loss_level, LOSS_LEVELS),
             ("loss_type", self.loss_type, LOSS_TYPES),
             ("logprob_reduction", self.logprob_reduction, ("sum", "mean")),
+            ("fisher_at", self.fisher_at, ("target", "policy")),
         ]:
             check(value in valid, f"{name}='{value}' is unknown; use one of {', '.join(valid)}.")
         check(self.eta > 0, f"eta={self.eta} is invalid; use eta > 0.")
@@ -152,6 +158,10 @@ class ICPOConfig(TrainingArguments):
         check(
             self.max_length is None or self.max_length >= 2,
             f"max_length={self.max_length} is invalid; use max_length >= 2 or leave it out.",
+        )
+        check(
+            self.fisher_at == "target" or (self.loss_level == "response" and self.loss_type == "fw"),
+            f"fisher_at='{self.fisher_at}' applies to loss_level: response with loss_type: fw; remove it.",
         )
         if self.tail_bucket:
             check(
@@ -425,6 +435,7 @@ def response_losses(
     eta: float,
     group_mask: torch.Tensor,
     tail_bucket: bool = False,
+    fisher_at: str = "target",
 ) -> torch.Tensor:
     """Per-group loss ``(B,)`` of the group logits ``z = policy_logps`` against ``z* = ref + eta R``.
 
@@ -438,6 +449,7 @@ def response_losses(
     members plus one bucket holding every other response, and the distributions are exact rather than
     group-restricted: the student's ``pi_theta`` and the target ``pi_ref exp(eta R)`` (tail reward 0) over
     those buckets. The group's total mass is then matched too; fw weighs by the target itself.
+    ``fisher_at="policy"`` (fw): the Fisher at the current policy instead (see group_fisher_weighted_loss).
     """
     if loss_type == "sft":
         chosen = group_mask & (rewards > 0)
@@ -448,10 +460,13 @@ def response_losses(
         target = with_tail_bucket(ref_logps, group_mask) + eta * F.pad(rewards.double(), (0, 1))
         policy = with_tail_bucket(policy_logps, group_mask)
         buckets = F.pad(group_mask, (0, 1), value=True)
-        losses = response_losses(loss_type, policy, torch.zeros_like(target), target / eta, eta, buckets)
+        proposal = torch.zeros_like(target)
+        losses = response_losses(loss_type, policy, proposal, target / eta, eta, buckets, fisher_at=fisher_at)
         return losses.to(policy_logps.dtype)
     if loss_type == "fw":
-        return group_fisher_weighted_loss(policy_logps, ref_logps, rewards, eta, group_mask, reduction="none")
+        return group_fisher_weighted_loss(
+            policy_logps, ref_logps, rewards, eta, group_mask, reduction="none", fisher_at=fisher_at
+        )
     if loss_type == "mse":
         target = ref_logps + eta * rewards
         uniform = torch.zeros_like(rewards)
@@ -578,7 +593,14 @@ class ICPOTrainer(Trainer):
         args = self.args
         rewards = self.group_rewards(inputs)
         losses = response_losses(
-            args.loss_type, policy_logps, inputs["ref_logps"], rewards, args.eta, group_mask, args.tail_bucket
+            args.loss_type,
+            policy_logps,
+            inputs["ref_logps"],
+            rewards,
+            args.eta,
+            group_mask,
+            args.tail_bucket,
+            args.fisher_at,
         )
         self._raise_if_not_finite(losses, inputs)
         if args.tail_bucket:

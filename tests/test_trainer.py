@@ -90,6 +90,15 @@ def test_response_losses_on_known_groups():
     assert response_losses("mse", policy, ref, rewards, eta, mask)[1] == pytest.approx(
         0.5 * ((d - d.mean()) ** 2).mean().item(), rel=1e-5
     )
+    # fw with the Fisher at the policy: the variance under the policy's own weights, held fixed.
+    leaf = policy.clone().requires_grad_()
+    at_policy = response_losses("fw", leaf, ref, rewards, eta, mask, fisher_at="policy")
+    w, d = torch.softmax((policy - ref)[1], -1), (policy - ref - eta * rewards)[1]
+    assert at_policy[1].item() == pytest.approx(
+        0.5 * ((w * d**2).sum() - (w * d).sum() ** 2).item(), rel=1e-6
+    )
+    at_policy[1].backward()
+    torch.testing.assert_close(leaf.grad[1], w * (d - (w * d).sum()))
     # sft: mean negative log-likelihood of the positively rewarded valid members, 0 without any.
     chosen = mask[1] & (rewards[1] > 0)
     sft = response_losses("sft", policy, ref, rewards, eta, mask)
@@ -121,6 +130,8 @@ def test_tail_bucket_losses_match_exact_distributions():
     d = torch.where(q > 0, q.log() - target.log(), 0.0)
     variance = (target * d**2).sum(-1) - (target * d).sum(-1) ** 2
     torch.testing.assert_close(losses("fw", student), 0.5 * variance)
+    at_policy = response_losses("fw", student.log(), ref, rewards, eta, mask, True, fisher_at="policy")
+    torch.testing.assert_close(at_policy, 0.5 * ((q * d**2).sum(-1) - (q * d).sum(-1) ** 2))
     kl = (target * torch.where(target > 0, target.log() - q.log(), 0.0)).sum(-1)
     torch.testing.assert_close(losses("kl", student), kl)
     near = target[:, :3] * (1 + 1e-3 * torch.tensor([1.0, -1.0, 0.5]))
@@ -396,6 +407,11 @@ def test_non_finite_loss_stops_training_naming_the_example(tiny_model_dir, traje
         (("--teacher_model", "somewhere"), "teacher_model is used by loss_level: token only"),
         (("--tail_bucket", "true", "--loss_type", "sft"), "tail_bucket applies to loss_level: response"),
         (("--tail_bucket", "true", "--logprob_reduction", "mean"), "set logprob_reduction: sum"),
+        (
+            ("--fisher_at", "policy", "--loss_type", "kl"),
+            "fisher_at='policy' applies to loss_level: response",
+        ),
+        (("--fisher_at", "student"), "fisher_at='student' is unknown"),
     ],
 )
 def test_bad_config_values(tiny_model_dir, trajectories_dir, tmp_path, overrides, message):
