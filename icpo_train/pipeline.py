@@ -107,6 +107,10 @@ class PipelineConfig(SyntheticTaskConfig, PretrainConfig):
         "icpo and mse: match exact distributions over the group's distinct answers plus one tail bucket "
         "(the trainer's tail_bucket) instead of the group-restricted softmax.",
     )
+    fisher_at: str = option(
+        "target",
+        "icpo: where the FW loss evaluates its Fisher weights, target or policy (the trainer's fisher_at).",
+    )
     lora_r: int = option(16, "LoRA rank.")
     lora_alpha: int = option(32, "LoRA alpha.")
     # Evaluation and engine.
@@ -187,6 +191,7 @@ class PipelineConfig(SyntheticTaskConfig, PretrainConfig):
             loss_type=LOSS_OF_MODEL[model],
             eta=self.eta,
             tail_bucket=self.tail_bucket and LOSS_OF_MODEL[model] != "sft",
+            fisher_at=self.fisher_at if LOSS_OF_MODEL[model] == "fw" else "target",
             lora_r=self.lora_r,
             lora_alpha=self.lora_alpha,
             lora_dropout=0.0,

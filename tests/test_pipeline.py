@@ -112,10 +112,17 @@ def test_the_cli_reads_a_recipe_and_rejects_bad_values_before_any_work(tmp_path)
     assert not (tmp_path / "out").exists()
 
 
-def test_tail_bucket_trains_icpo_and_mse_with_it_and_sft_without(tmp_path):
-    config = micro_config(tmp_path, tail_bucket=True)
+def test_tail_bucket_and_fisher_at_reach_the_adapters_they_apply_to(tmp_path):
+    config = micro_config(tmp_path, tail_bucket=True, fisher_at="policy")
     trained = {model: config.train_config(tmp_path, model) for model in ("icpo", "sft", "mse")}
     assert {model: c.tail_bucket for model, c in trained.items()} == {"icpo": True, "sft": False, "mse": True}
+    assert {model: c.fisher_at for model, c in trained.items()} == {
+        "icpo": "policy",
+        "sft": "target",
+        "mse": "target",
+    }
+    with pytest.raises(ConfigError, match="fisher_at='nowhere' is unknown"):
+        micro_config(tmp_path, fisher_at="nowhere")
 
 
 @pytest.mark.parametrize("recipe", ["tiny.yaml", "full.yaml"])
