@@ -258,8 +258,9 @@ def _tokenize_row(
     """Prompt and response token ids of one row, keeping the valid members of its group.
 
     A member is valid when its ref_logp and rewards are finite and prompt + response fits
-    ``max_length``; with ``distinct`` a repeat of an earlier member's tokens is not a member. A response that does not encode to ``ref_num_tokens`` tokens means the ref_logps
-    score other tokens than the ones trained on: an error, never a silent bias.
+    ``max_length``; with ``distinct`` a repeat of an earlier member's tokens is not a member. A response
+    that does not encode to ``ref_num_tokens`` tokens means the ref_logps score other tokens than the
+    ones trained on: an error, never a silent bias.
     """
     where = f"question_id={row['question_id']} round={row['round']}"
     size = len(row["responses"])
@@ -273,10 +274,10 @@ def _tokenize_row(
     members, completions, seen = [], [], set()
     for j, response in enumerate(row["responses"]):
         ids = encode_completion(tokenizer, response)
-        if distinct and tuple(ids) in seen:
-            size -= 1
-            continue
-        seen.add(tuple(ids))
+        if distinct:
+            if tuple(ids) in seen:
+                continue
+            seen.add(tuple(ids))
         check(
             len(ids) == row["ref_num_tokens"][j],
             f"--trajectories: row {where}, response {j} encodes to {len(ids)} tokens but ref_num_tokens "
@@ -289,7 +290,7 @@ def _tokenize_row(
     return {
         "prompt_ids": prompt_ids,
         "completion_ids": completions,
-        "num_responses": size,
+        "num_responses": len(seen) if distinct else size,  # the candidate members
         "num_members": len(members),
         **{
             c: [row[c][j] for j in members]
@@ -549,8 +550,9 @@ class ICPOTrainer(Trainer):
             )
         check(
             len(dataset) > 0,
-            f"--trajectories: none of the {stats.rows} groups has {stats.min_members} valid members (finite ref_logps and "
-            f"rewards, prompt + response within max_length={args.max_length}); raise max_length or rebuild.",
+            f"--trajectories: none of the {stats.rows} groups has {stats.min_members} valid members (finite "
+            f"ref_logps and rewards, prompt + response within max_length={args.max_length}); raise max_length "
+            "or rebuild.",
         )
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         super().__init__(
