@@ -88,7 +88,11 @@ class InferConfig:
     data_parallel_size: int = option(1, "vllm backend: data parallel size.")
     gpu_memory_utilization: float = option(0.9, "vllm backend: fraction of GPU memory to use.")
     trust_remote_code: bool = option(False, "Run the model repository's own code (only for repos you trust).")
-    batch_questions: int = option(64, "Questions per chunk; an interrupted run loses at most one chunk.")
+    batch_questions: int = option(
+        64,
+        "Questions per chunk; an interrupted run loses at most one chunk. A chunk's sampling seeds derive "
+        "from its questions: another value draws other samples.",
+    )
     overwrite: bool = option(False, "Start over in an output dir that holds results.")
 
     def __post_init__(self) -> None:
