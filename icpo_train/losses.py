@@ -16,11 +16,13 @@ self-normalised importance weights ``softmax(eta * R)`` for response groups samp
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 
 Reduction = Literal["mean", "sum", "none"]
+FisherAt = Literal["target", "policy"]  # where FW evaluates its Fisher weights
+FISHER_AT: tuple[str, ...] = get_args(FisherAt)
 
 
 def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -204,7 +206,7 @@ def group_fisher_weighted_loss(
     eta: float,
     group_mask: torch.Tensor | None = None,
     reduction: Reduction = "mean",
-    fisher_at: Literal["target", "policy"] = "target",
+    fisher_at: FisherAt = "target",
 ) -> torch.Tensor:
     """Response-level FW-LM over groups of responses (group = last axis).
 
@@ -225,8 +227,8 @@ def group_fisher_weighted_loss(
         )
     if eta <= 0:
         raise ValueError(f"eta must be > 0, got {eta}")
-    if fisher_at not in ("target", "policy"):
-        raise ValueError(f"fisher_at must be 'target' or 'policy', got {fisher_at!r}")
+    if fisher_at not in FISHER_AT:
+        raise ValueError(f"fisher_at must be one of {FISHER_AT}, got {fisher_at!r}")
     target = (ref_logps + eta * rewards).detach()
     log_weights = _group_log_weights(rewards, eta, group_mask)
     if fisher_at == "policy":

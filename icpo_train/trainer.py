@@ -49,6 +49,7 @@ from icpo_infer.backends.base import encode_completion, encode_prompt
 from icpo_infer.config import ConfigError, check, option
 from icpo_infer.prompts import PromptTemplates
 from icpo_train.losses import (
+    FISHER_AT,
     fisher_weighted_logit_matching,
     group_fisher_weighted_loss,
     group_weights,
@@ -147,7 +148,7 @@ class ICPOConfig(TrainingArguments):
             ("loss_level", self.loss_level, LOSS_LEVELS),
             ("loss_type", self.loss_type, LOSS_TYPES),
             ("logprob_reduction", self.logprob_reduction, ("sum", "mean")),
-            ("fisher_at", self.fisher_at, ("target", "policy")),
+            ("fisher_at", self.fisher_at, FISHER_AT),
         ]:
             check(value in valid, f"{name}='{value}' is unknown; use one of {', '.join(valid)}.")
         check(self.eta > 0, f"eta={self.eta} is invalid; use eta > 0.")
