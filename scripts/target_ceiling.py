@@ -10,8 +10,9 @@ after a history H the target is pi_H(a) ~ pi_ref(a) exp(eta R_H(a)) with R_H(a) 
 showing answer a of (2 r - 1), the target the trainer fits. The simulation runs ME-ICPO's loop on
 answers with that policy: k samples a round, majority-vote rewards (ties at random), the candidate
 whose one-entry extension gives the lowest answer entropy over entropy_k probe samples enters the
-history, and final_k samples at the end. Answers are compared as strings and no bucket is evicted
-(at most one entry a round). Prints mean@k per round and the self-improvement (final - round 1) per eta,
+history, and final_k samples at the end. The vote and the entropies count icpo_infer's equivalence
+classes; rewards, R_H and correctness compare answer strings (exact for canonical answers such as the
+synthetic task's integers). No bucket is evicted (at most one entry a round). Prints mean@k per round and the self-improvement (final - round 1) per eta,
 averaged over the repeats: the ceiling a perfectly trained ICPO adapter would reach.
 """
 
@@ -84,15 +85,15 @@ def ceiling(
     seed: int,
 ) -> list[float]:
     """mean@k (%) per round and final, over the questions and the repeats."""
+    questions = []
+    for row in results:
+        answers = row["final"]["answers"]
+        questions.append(({a: c / len(answers) for a, c in Counter(answers).items()}, row["answer"]))
     totals = [0.0] * (rounds + 1)
     for repeat in range(repeats):
         rng = random.Random(f"{seed}:{repeat}")
-        for row in results:
-            counts = Counter(row["final"]["answers"])
-            reference = {a: c / sum(counts.values()) for a, c in counts.items()}
-            for i, value in enumerate(
-                simulate(reference, row["answer"], eta, rounds, k, entropy_k, final_k, rng)
-            ):
+        for reference, gold in questions:
+            for i, value in enumerate(simulate(reference, gold, eta, rounds, k, entropy_k, final_k, rng)):
                 totals[i] += value
     return [100 * t / (repeats * len(results)) for t in totals]
 
