@@ -111,6 +111,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if not args.results.is_file():
+        parser.error(
+            f"{args.results} does not exist; pass the results.jsonl of an `icpo-infer run --method single`."
+        )
     results = [json.loads(line) for line in args.results.read_text().splitlines() if line.strip()]
     if not results or results[0].get("method") != "single":
         parser.error(f"{args.results} holds no `icpo-infer run --method single` results; run one first.")

@@ -59,6 +59,9 @@ def test_the_command_prints_one_line_per_eta_and_refuses_other_results(tmp_path,
     with pytest.raises(SystemExit):
         target_ceiling.main([str(other)])
     assert "--method single" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        target_ceiling.main([str(tmp_path / "missing.jsonl")])
+    assert "missing.jsonl does not exist" in capsys.readouterr().err
 
 
 def test_simulate_is_a_function_of_its_rng():
