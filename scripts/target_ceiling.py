@@ -12,8 +12,9 @@ answers with that policy: k samples a round, majority-vote rewards (ties at rand
 whose one-entry extension gives the lowest answer entropy over entropy_k probe samples enters the
 history, and final_k samples at the end. The vote and the entropies count icpo_infer's equivalence
 classes; rewards, R_H and correctness compare answer strings (exact for canonical answers such as the
-synthetic task's integers). No bucket is evicted (at most one entry a round). Prints mean@k per round and the self-improvement (final - round 1) per eta,
-averaged over the repeats: the ceiling a perfectly trained ICPO adapter would reach.
+synthetic task's integers). No bucket is evicted (at most one entry a round). Prints mean@k per round
+and the self-improvement (final - round 1) per eta, averaged over the repeats: the ceiling a perfectly
+trained ICPO adapter would reach.
 """
 
 from __future__ import annotations
