@@ -6,7 +6,8 @@ when the run saved it without a checkpoint of the same step. Each evaluation get
 `icpo-infer` output directory under the evaluation directory (``InferConfig.output_dir``), so an
 interrupted evaluation resumes; a row is appended to ``results.jsonl`` there and two plots are redrawn:
 accuracy against round for every evaluated model (the self-improvement curves) and accuracy and
-self-improvement against training step.
+self-improvement against training step. One evaluator loads the base model once: the base and every
+LoRA checkpoint run on that engine, a fully fine-tuned checkpoint loads its own.
 
 Two ways to drive it: ``scripts/eval_checkpoints.py`` (after or beside training, ``--watch`` to follow
 a live run) and :class:`CheckpointEvalCallback` (inside the Trainer, at each save).
@@ -31,6 +32,8 @@ from matplotlib.figure import Figure
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from icpo_infer.backends import make_backend
+from icpo_infer.backends.base import Backend, BackendOptions
 from icpo_infer.cli import run as icpo_infer_run
 from icpo_infer.icpo import InferConfig
 from icpo_infer.report import ACCURACY_RANGE, load_metrics, plot_comparison
@@ -100,6 +103,7 @@ class CheckpointEvaluator:
         self.config = config
         self.eval_dir = Path(config.output_dir)
         self.rows = read_results(self.eval_dir / RESULTS_FILE)
+        self._base_backend: Backend | None = None  # loaded once; the base and every adapter run on it
 
     @property
     def evaluated_steps(self) -> set[int]:
@@ -130,7 +134,8 @@ class CheckpointEvaluator:
             model, adapter = str(saved.path), None
         output_dir = self.eval_dir / saved.name
         metrics = icpo_infer_run(
-            dataclasses.replace(self.config, model=model, adapter=adapter, output_dir=str(output_dir))
+            dataclasses.replace(self.config, model=model, adapter=adapter, output_dir=str(output_dir)),
+            self._backend_of(model),
         )
         row = {
             "step": saved.step,
@@ -144,6 +149,17 @@ class CheckpointEvaluator:
         self.rows.append(row)
         self.plot()
         return row
+
+    def _backend_of(self, model: str) -> Backend | None:
+        """The base model's backend, shared by its evaluations; None (icpo-infer loads its own) for a
+        fully fine-tuned checkpoint, which is evaluated once."""
+        if model != self.config.model:
+            return None
+        if self._base_backend is None:
+            options = BackendOptions.from_config(self.config)
+            options = dataclasses.replace(options, adapter=None, enable_lora=True)
+            self._base_backend = make_backend(self.config.backend, options)
+        return self._base_backend
 
     def evaluate_pending(self, include_base: bool = True) -> list[dict[str, Any]]:
         return [self.evaluate(saved) for saved in self.pending(include_base)]

@@ -53,8 +53,10 @@ BACKENDS = [
 
 def _options(name: str, model: Path, **changes) -> BackendOptions:
     if name == "vllm":
-        extra = {"enable_lora": True, "max_model_len": 512, "enforce_eager": True}
-        return BackendOptions(str(model), dtype="float32", gpu_memory_utilization=0.3, extra=extra, **changes)
+        extra = {"max_model_len": 512, "enforce_eager": True}
+        return BackendOptions(
+            str(model), dtype="float32", gpu_memory_utilization=0.3, enable_lora=True, extra=extra, **changes
+        )
     return BackendOptions(str(model), dtype="float32", **changes)
 
 

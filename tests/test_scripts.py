@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -13,9 +14,18 @@ from script_modules import load_script
 from trajectory_fixtures import build_trajectories, integer_problems
 from transformers import AutoModelForCausalLM
 
+from icpo_infer.backends import make_backend
+from icpo_infer.cli import run as icpo_infer_run
 from icpo_infer.config import parse_config
 from icpo_infer.icpo import InferConfig
-from icpo_train.callbacks import RESULTS_FILE, ROUND_PLOT, STEP_PLOT, CheckpointEvalCallback
+from icpo_train import callbacks
+from icpo_train.callbacks import (
+    RESULTS_FILE,
+    ROUND_PLOT,
+    STEP_PLOT,
+    CheckpointEvalCallback,
+    CheckpointEvaluator,
+)
 from icpo_train.trainer import ICPOConfig, ICPOTrainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,6 +122,31 @@ def test_eval_checkpoints_evaluates_base_and_each_checkpoint(evaluated_run, tiny
     assert base != first and first != second  # the adapters were applied
     for plot in (ROUND_PLOT, STEP_PLOT):
         assert (eval_dir / plot).read_bytes().startswith(PNG_MAGIC)
+
+
+def test_the_base_model_is_loaded_once_and_adapters_sample_as_on_a_fresh_load(
+    tiny_model_dir, dataset_file, tmp_path, monkeypatch
+):
+    run_dir = tmp_path / "run"
+    for step in (1, 2):
+        save_checkpoint(tiny_model_dir, run_dir, step)
+    loads = []
+
+    def counted_make_backend(name, options):
+        loads.append(options)
+        return make_backend(name, options)
+
+    monkeypatch.setattr(callbacks, "make_backend", counted_make_backend)
+    argv = ["--config", str(INFER_RECIPE), "--model", str(tiny_model_dir), "--dataset", str(dataset_file)]
+    config = parse_config(InferConfig, [*argv, "--output-dir", str(tmp_path / "eval"), *EVAL_ARGS])
+    rows = CheckpointEvaluator(run_dir, config).evaluate_pending()
+    assert [row["name"] for row in rows] == ["base", "checkpoint-1", "checkpoint-2"]
+    assert len(loads) == 1 and loads[0].model == str(tiny_model_dir) and loads[0].adapter is None
+
+    for row in rows:  # each model alone, as `icpo-infer run` loads it
+        fresh = tmp_path / f"fresh-{row['name']}"
+        icpo_infer_run(dataclasses.replace(config, adapter=row["adapter"], output_dir=str(fresh)))
+        assert sample_texts(str(fresh)) == sample_texts(row["output_dir"])
 
 
 def test_rerun_evaluates_only_new_complete_saves(evaluated_run, tiny_model_dir, dataset_file, monkeypatch):

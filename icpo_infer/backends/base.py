@@ -115,6 +115,7 @@ class BackendOptions:
     data_parallel_size: int = 1
     gpu_memory_utilization: float = 0.9
     max_lora_rank: int = 64
+    enable_lora: bool = False  # serve adapters passed per call although no default adapter is set
     extra: dict = field(default_factory=dict)
 
     @classmethod

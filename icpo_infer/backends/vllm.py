@@ -31,7 +31,7 @@ class VLLMBackend:
 
     Adapters: ``adapter=PATH`` on a call runs that adapter (registered once per path); ``adapter=None``
     runs ``options.adapter`` when one was given, else the base model. LoRA is enabled in the engine
-    when ``options.adapter`` is set, or with ``extra={"enable_lora": True}``. ``options.extra`` is passed
+    when ``options.adapter`` or ``options.enable_lora`` is set. ``options.extra`` is passed
     to ``vllm.LLM`` as is (e.g. ``max_model_len``, ``enforce_eager``).
     """
 
@@ -59,7 +59,7 @@ class VLLMBackend:
             "tensor_parallel_size": options.tensor_parallel_size,
             "gpu_memory_utilization": options.gpu_memory_utilization,
             "enable_prefix_caching": True,
-            "enable_lora": options.adapter is not None,
+            "enable_lora": options.enable_lora or options.adapter is not None,
             "max_lora_rank": options.max_lora_rank,
         }
         if options.data_parallel_size > 1:
@@ -112,7 +112,7 @@ class VLLMBackend:
         check(
             self.lora_enabled,
             f"adapter '{path}': this vLLM engine was started without LoRA; pass the adapter in "
-            "BackendOptions.adapter (--adapter) or extra={'enable_lora': True}.",
+            "BackendOptions.adapter (--adapter) or set BackendOptions.enable_lora.",
         )
         if path not in self._lora_requests:
             from vllm.lora.request import LoRARequest
