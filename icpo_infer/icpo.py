@@ -23,12 +23,20 @@ import random
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
 from icpo_infer.backends import BACKENDS
-from icpo_infer.backends.base import Backend, Generation, SamplingParams, derive_seed, encode_prompt
+from icpo_infer.backends.base import (
+    ADAPTER_CONFIG,
+    Backend,
+    Generation,
+    SamplingParams,
+    derive_seed,
+    encode_prompt,
+)
 from icpo_infer.config import ConfigError, check, option
 from icpo_infer.data import Problem
 from icpo_infer.grading import equivalence_classes, extract_answer, is_equivalent, vote
@@ -127,6 +135,13 @@ class InferConfig:
             self.sampling(n=1, max_new_tokens=1, seed=0, summary=summary)
         if self.templates is not None:  # a bad templates file fails now, not after the model loads
             PromptTemplates.from_yaml(self.templates)
+        check(
+            self.adapter is None
+            or not Path(self.adapter).is_dir()
+            or (Path(self.adapter) / ADAPTER_CONFIG).is_file(),
+            f"adapter '{self.adapter}' holds no {ADAPTER_CONFIG}, so it is not a LoRA adapter; a fully "
+            "fine-tuned model goes in --model (and --adapter is left out).",
+        )
 
     @property
     def iterative(self) -> bool:

@@ -33,7 +33,7 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from icpo_infer.backends import make_backend
-from icpo_infer.backends.base import Backend, BackendOptions
+from icpo_infer.backends.base import ADAPTER_CONFIG, Backend, BackendOptions
 from icpo_infer.cli import run as icpo_infer_run
 from icpo_infer.icpo import InferConfig
 from icpo_infer.report import ACCURACY_RANGE, load_metrics, plot_comparison
@@ -43,7 +43,6 @@ RESULTS_FILE = "results.jsonl"
 ROUND_PLOT = "accuracy_vs_round.png"
 STEP_PLOT = "accuracy_vs_step.png"
 STATE_FILE = "trainer_state.json"  # written last: see the module docstring
-ADAPTER_CONFIG = "adapter_config.json"
 CHECKPOINT_NAME = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 SUMMARY_KEYS = (
     "k",

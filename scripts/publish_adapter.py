@@ -29,12 +29,13 @@ import yaml
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 from huggingface_hub.utils import HFValidationError, filter_repo_objects, validate_repo_id
 
+from icpo_infer.backends.base import ADAPTER_CONFIG
 from icpo_infer.config import ConfigError, check
 from icpo_infer.icpo import RUN_ONLY_FIELDS
 from icpo_infer.report import load_metrics
 
 CARD_FILE = "README.md"
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+ADAPTER_FILES = (ADAPTER_CONFIG, "adapter_model.safetensors")
 ALLOW_PATTERNS = [
     *ADAPTER_FILES,
     CARD_FILE,
@@ -72,7 +73,7 @@ def read_adapter_config(checkpoint: Path) -> dict[str, Any]:
             f"--checkpoint: '{checkpoint}' has no {name}; pass a directory saved by the ICPO trainer "
             "(e.g. runs/NAME/checkpoint-500) that holds a safetensors LoRA adapter.",
         )
-    return json.loads((checkpoint / "adapter_config.json").read_text())
+    return json.loads((checkpoint / ADAPTER_CONFIG).read_text())
 
 
 def resolve_base_model(adapter_config: dict[str, Any], override: str | None) -> str:
@@ -177,7 +178,7 @@ def build_card(
     evaluations: tuple[dict[str, Any], dict[str, Any]] | None = None,
 ) -> ModelCard:
     """The model card of the adapter in ``checkpoint``."""
-    adapter_config = json.loads((checkpoint / "adapter_config.json").read_text())
+    adapter_config = json.loads((checkpoint / ADAPTER_CONFIG).read_text())
     state_file = checkpoint / "trainer_state.json"
     state = json.loads(state_file.read_text()) if state_file.is_file() else {}
     data = ModelCardData(

@@ -134,6 +134,12 @@ def test_bad_input_is_a_clean_error(infer, tmp_path, capsys, args, message):
     assert not (tmp_path / "run" / "results.jsonl").exists()
 
 
+def test_a_full_model_passed_as_adapter_is_a_clean_error(infer, boxed_model_dir, tmp_path, capsys):
+    assert infer(tmp_path / "run", "--adapter", str(boxed_model_dir)) == 2
+    err = capsys.readouterr().err
+    assert "no adapter_config.json" in err and "goes in --model" in err and "Traceback" not in err
+
+
 def test_compare_needs_finished_runs(tmp_path, capsys):
     assert main(["compare", str(tmp_path)]) == 2
     assert "metrics.json does not exist" in capsys.readouterr().err

@@ -14,6 +14,8 @@ from typing import Any, Protocol, runtime_checkable
 
 from transformers import PreTrainedTokenizerBase
 
+ADAPTER_CONFIG = "adapter_config.json"  # what a saved PEFT adapter holds and a full model does not
+
 
 @dataclass(frozen=True)
 class SamplingParams:
