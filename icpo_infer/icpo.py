@@ -10,9 +10,9 @@ sampled from the final prompt.
 Each phase is ONE backend call over all questions of a chunk and all their candidates, so the
 number of engine calls per round does not grow with the number of questions or with ``k``.
 Randomness on our side comes from a per-question generator seeded by the run seed and the question
-id; each engine call carries a seed derived from the run seed, the phase and the questions in it.
-Chunks are cut from the full question list, so a resumed run redoes the same chunks with the same
-seeds and reproduces the results.
+id; each engine call carries a seed derived from the run seed and the phase, and the backends draw a
+prompt's samples from that seed and the prompt alone. A question's results therefore do not depend
+on the questions run with it: any ``batch_questions`` and a resumed run reproduce them.
 """
 
 from __future__ import annotations
@@ -98,8 +98,7 @@ class InferConfig:
     trust_remote_code: bool = option(False, "Run the model repository's own code (only for repos you trust).")
     batch_questions: int = option(
         64,
-        "Questions per chunk; an interrupted run loses at most one chunk. A chunk's sampling seeds derive "
-        "from its questions: another value draws other samples.",
+        "Questions per chunk; an interrupted run loses at most one chunk. The samples do not depend on it.",
     )
     overwrite: bool = option(False, "Start over in an output dir that holds results.")
 
@@ -328,14 +327,14 @@ class _Run:
     ) -> list[Generation]:
         """ONE engine call for a whole phase: ``n`` samples for each (question, prompt, room) request.
 
-        The call's seed derives from the run seed, the phase and the questions taking part, so it
-        does not depend on anything else in flight: a resumed run redoes the same chunks and samples
-        the same. One seed per call (not per prompt) keeps equal parameters, which the backends batch.
+        The seed derives from the run seed and the phase; the backends draw each prompt's samples
+        from (seed, prompt) alone, so a question samples the same whatever else is in flight: in any
+        chunk of ``batch_questions`` and in a resumed run.
         """
         self.progress.set_postfix_str(phase)
         generations = []
         if requests:
-            seed = derive_seed(self.config.seed, phase, *(q.problem.id for q, _, _ in requests))
+            seed = derive_seed(self.config.seed, phase)
             limit = self.config.summary_max_tokens if summary else self.config.max_new_tokens
             params = [self.config.sampling(n, min(limit, room), seed, summary) for _, _, room in requests]
             # The run's adapter on every call, so one loaded backend can evaluate several adapters.
@@ -509,15 +508,12 @@ def run_method(
 ) -> list[QuestionResult]:
     """Run ``config.method`` on the problems (unique ids) not in ``done_ids``.
 
-    Questions go through in chunks of ``config.batch_questions``, cut from the full list so that a
-    resumed run meets the same chunks. ``on_result`` gets each question's result as soon as its
-    chunk finishes (results.jsonl appends there): an interrupted run loses at most one chunk.
+    Questions go through in chunks of ``config.batch_questions``. ``on_result`` gets each question's
+    result as soon as its chunk finishes (results.jsonl appends there): an interrupted run loses at
+    most one chunk.
     """
     done = set(done_ids)
-    chunks = [
-        [p for p in chunk if p.id not in done] for chunk in _chunks(list(problems), config.batch_questions)
-    ]
-    chunks = [chunk for chunk in chunks if chunk]
+    chunks = list(_chunks([p for p in problems if p.id not in done], config.batch_questions))
     run = _Run(backend, config)
     for chunk in chunks:  # refuse before any work when a bare question cannot fit the context
         for p in chunk:

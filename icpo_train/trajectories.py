@@ -180,7 +180,7 @@ def sample_groups(
     """
     tokenizer = backend.tokenizer
     prompts = [render_prompt(tokenizer, p.problem, [], answer_type_of(p.answer), templates) for p in problems]
-    seed = derive_seed(config.seed, "group", *(p.id for p in problems))
+    seed = derive_seed(config.seed, "group")
     params = [
         config.group_sampling(
             min(config.max_new_tokens, config.context_length - len(encode_prompt(tokenizer, q))), seed
@@ -307,11 +307,9 @@ def build_trajectories(config: TrajectoryConfig, backend: Backend | None = None)
                 f"question {p.id} alone fills context_length={config.context_length}; raise --context-length.",
             )
         fingerprint = tokenizer_fingerprint(backend.tokenizer)
-        # Chunks are cut from the full list, so that a resumed run meets the same chunks.
-        for start in range(0, len(problems), config.batch_questions):
-            todo = [p for p in problems[start : start + config.batch_questions] if p.id not in done]
-            if not todo:
-                continue
+        remaining = [p for p in problems if p.id not in done]
+        for start in range(0, len(remaining), config.batch_questions):
+            todo = remaining[start : start + config.batch_questions]
             groups = sample_groups(backend, todo, config, templates)
             histories = icpo_histories(backend, todo, config)
             for problem, group, question_histories in zip(todo, groups, histories, strict=True):

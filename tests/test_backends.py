@@ -23,6 +23,7 @@ from icpo_infer.backends.base import (
     encode_completion,
     encode_prompt,
 )
+from icpo_infer.backends.hf import _RowSampler
 from icpo_infer.cli import run
 from icpo_infer.config import ConfigError
 from icpo_infer.icpo import InferConfig
@@ -228,6 +229,18 @@ def test_seeded_sampling_is_reproducible(backend, prompts):
     assert first != other
 
 
+def test_a_seeded_prompt_samples_the_same_whatever_it_is_sent_with(backend, prompts):
+    params = SamplingParams(n=3, temperature=1.0, top_p=0.9, max_new_tokens=8, seed=7)
+    together = texts(backend.generate(prompts, params))
+    alone = [texts(backend.generate([prompt], params))[0] for prompt in reversed(prompts)][::-1]
+    assert together == alone
+    # The stream is the prompt's, not the call's: the same prompt twice samples the same, and the
+    # samples of one prompt are not copies of each other.
+    twice = texts(backend.generate([prompts[0], prompts[0]], params))
+    assert twice[0] == twice[1] == together[0]
+    assert len(set(together[0])) > 1
+
+
 def test_stop_strings_cut_each_sample_before_the_first_one(backend, prompts):
     params = SamplingParams(n=1, max_new_tokens=16, seed=3)
     full = [g.completions[0].text for g in backend.generate(prompts, params)]
@@ -309,11 +322,37 @@ def test_hf_batches_under_a_token_budget_give_the_same_results(tiny_model_dir):
     big = make_backend("hf", BackendOptions(str(tiny_model_dir), dtype="float32"))
     small = make_backend("hf", BackendOptions(str(tiny_model_dir), dtype="float32", max_batch_tokens=1))
     prompts = [big.tokenizer.bos_token + q for q in QUESTIONS]
-    greedy = SamplingParams(n=2, temperature=0, max_new_tokens=6)
-    assert texts(small.generate(prompts, greedy)) == texts(big.generate(prompts, greedy))
+    for params in [
+        SamplingParams(n=2, temperature=0, max_new_tokens=6),
+        SamplingParams(n=3, max_new_tokens=6, seed=5),
+    ]:
+        assert texts(small.generate(prompts, params)) == texts(big.generate(prompts, params))
     completions = ["4", " The answer is 25", ""]
     for a, b in zip(small.score(prompts, completions), big.score(prompts, completions), strict=True):
         assert a.logprob == pytest.approx(b.logprob, rel=1e-5, abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("params", "allowed"),
+    [
+        (SamplingParams(temperature=0.7), range(6)),
+        (SamplingParams(top_k=3), range(3)),
+        (SamplingParams(temperature=2.0, top_p=0.5), range(2)),
+    ],
+)
+def test_hf_row_sampler_draws_from_the_filtered_distribution(params, allowed):
+    logits = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -0.5])
+    rows = 20000
+    sampler = _RowSampler(params, seeds=list(range(rows)))
+    picked = sampler(torch.zeros(rows, 1, dtype=torch.long), logits.repeat(rows, 1))
+    assert (picked.isfinite().sum(-1) == 1).all()  # one token per row, which greedy decoding then takes
+    counts = torch.bincount(picked.argmax(-1), minlength=6).double() / rows
+    expected = (logits / params.temperature).softmax(-1)
+    expected[[a for a in range(6) if a not in allowed]] = 0  # top-p 0.5 at temperature 2: the top two
+    expected /= expected.sum()
+    assert counts.tolist() == pytest.approx(expected.tolist(), abs=0.01)
+    again = _RowSampler(params, seeds=list(range(rows)))
+    assert torch.equal(again(torch.zeros(rows, 1, dtype=torch.long), logits.repeat(rows, 1)), picked)
 
 
 def test_hf_default_adapter_is_used_when_none_is_named(model_dir, lora_dir):

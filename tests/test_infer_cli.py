@@ -90,6 +90,17 @@ def test_rerun_resumes_refuses_other_settings_and_overwrite_starts_over(infer, t
     assert rows(out) == first  # seeded end to end: the same questions give the same results
 
 
+def test_results_do_not_depend_on_which_questions_run_together(infer, tmp_path):
+    assert infer(tmp_path / "together", "--limit", "3", "--batch-questions", "3") == 0
+    assert infer(tmp_path / "apart", "--limit", "3", "--batch-questions", "1") == 0
+    together = rows(tmp_path / "together")
+    assert rows(tmp_path / "apart") == together
+    # A resumed run whose first chunk is cut elsewhere samples the third question as the others did.
+    assert infer(tmp_path / "resumed", "--limit", "1", "--batch-questions", "2") == 0
+    assert infer(tmp_path / "resumed", "--limit", "3", "--batch-questions", "2") == 0
+    assert rows(tmp_path / "resumed") == together
+
+
 def test_an_interrupted_write_is_dropped_and_redone(infer, tmp_path):
     out = tmp_path / "run"
     assert infer(out, "--limit", "2", "--method", "single") == 0

@@ -41,16 +41,18 @@ def test_sampling_params_translate_to_vllm_keywords():
         "max_tokens": 500,
         "repetition_penalty": 1.1,
         "stop": ["</s>"],
-        "seed": derive_seed(3, 0),
+        "seed": derive_seed(3, ""),
     }
 
 
-def test_each_prompt_of_a_call_gets_its_own_seed():
+def test_each_prompt_gets_its_own_seed_from_its_text():
     # vLLM seeds sample i of a request with seed + i: a shared seed would correlate all prompts' samples.
+    # Derived from the text, not the place in the call, a prompt's seed is the same in any call.
     params = SamplingParams(n=4, seed=3)
-    seeds = [to_vllm_sampling_kwargs(params, index)["seed"] for index in range(8)]
+    prompts = [f"question {index}" for index in range(8)]
+    seeds = [to_vllm_sampling_kwargs(params, prompt)["seed"] for prompt in prompts]
     assert len(set(seeds)) == 8
-    assert seeds == [to_vllm_sampling_kwargs(params, index)["seed"] for index in range(8)]  # reproducible
+    assert seeds == [to_vllm_sampling_kwargs(params, prompt)["seed"] for prompt in prompts]  # reproducible
 
 
 def test_switched_off_top_k_and_greedy_decoding_keep_their_meaning():

@@ -19,7 +19,12 @@ ADAPTER_CONFIG = "adapter_config.json"  # what a saved PEFT adapter holds and a 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to sample; ``n`` completions per prompt. ``top_k=0`` and ``top_p=1`` switch those filters off."""
+    """How to sample; ``n`` completions per prompt. ``top_k=0`` and ``top_p=1`` switch those filters off.
+
+    ``seed`` makes a prompt's samples a function of the prompt, these parameters and the seed alone:
+    every backend draws them from a stream derived from (seed, prompt), so they do not depend on the
+    other prompts of the call, their order or how the backend batches them.
+    """
 
     n: int = 1
     temperature: float = 1.0
@@ -139,6 +144,6 @@ def encode_completion(tokenizer: PreTrainedTokenizerBase, completion: str) -> li
 
 
 def derive_seed(*parts: Any) -> int:
-    """A 32-bit seed from a run seed and names (question id, phase, batch or prompt index), stable across runs."""
+    """A 32-bit seed from a run seed and names (phase, prompt, sample index), stable across runs."""
     digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
     return int.from_bytes(digest[:4], "big")

@@ -13,7 +13,15 @@ from collections.abc import Iterator
 
 import torch
 from peft import PeftModel
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LogitsProcessor,
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from icpo_infer.backends import encode_prompts, params_per_prompt, resolve_device, resolve_dtype
 from icpo_infer.backends.base import (
@@ -76,21 +84,27 @@ class HFBackend:
         per_prompt = params_per_prompt(prompts, params)
         prompt_ids = encode_prompts(self.tokenizer, prompts)
         completions: list[list[Completion | None]] = [[None] * p.n for p in per_prompt]
-        # Rows (prompt i, sample j) with equal sampling parameters, n aside, share batches.
+        # Rows (prompt i, sample j) with equal sampling parameters, n and seed aside, share batches;
+        # each row draws from its own stream (see _RowSampler).
         groups: dict[SamplingParams, list[tuple[int, int]]] = {}
         for i, p in enumerate(per_prompt):
-            groups.setdefault(p.replace(n=1), []).extend((i, j) for j in range(p.n))
-        batch_index = 0
+            groups.setdefault(p.replace(n=1, seed=None), []).extend((i, j) for j in range(p.n))
+        seeds = [
+            [None if p.seed is None else derive_seed(p.seed, prompt, j) for j in range(p.n)]
+            for prompt, p in zip(prompts, per_prompt, strict=True)
+        ]
         with self._adapter(adapter), torch.inference_mode():
             for group_params, group_rows in groups.items():
                 lengths = [len(prompt_ids[i]) + group_params.max_new_tokens for i, _ in group_rows]
                 for batch in pack(lengths, self.options.max_batch_tokens):
                     batch_rows = [group_rows[k] for k in batch]
-                    seed = None if group_params.seed is None else derive_seed(group_params.seed, batch_index)
-                    outputs = self._generate_batch([prompt_ids[i] for i, _ in batch_rows], group_params, seed)
+                    outputs = self._generate_batch(
+                        [prompt_ids[i] for i, _ in batch_rows],
+                        group_params,
+                        [seeds[i][j] for i, j in batch_rows],
+                    )
                     for (i, j), tokens in zip(batch_rows, outputs, strict=True):
                         completions[i][j] = self._completion(tokens, group_params)
-                    batch_index += 1
         generations = [
             Generation(len(ids), samples) for ids, samples in zip(prompt_ids, completions, strict=True)
         ]
@@ -124,30 +138,25 @@ class HFBackend:
         return {"input_ids": input_ids.to(self.device), "attention_mask": attention_mask.to(self.device)}
 
     def _generate_batch(
-        self, prompt_ids: list[list[int]], params: SamplingParams, seed: int | None
+        self, prompt_ids: list[list[int]], params: SamplingParams, seeds: list[int | None]
     ) -> list[list[int]]:
-        """The new tokens of each row (EOS and any padding after the row stopped included)."""
+        """The new tokens of each row (EOS and any padding after the row stopped included).
+
+        ``seeds``: each row's sampling seed (None: torch's global generator).
+        """
         inputs = self._left_padded(prompt_ids)
         kwargs = {
             "max_new_tokens": params.max_new_tokens,
             "repetition_penalty": params.repetition_penalty,
             "eos_token_id": self.eos_ids,
             "pad_token_id": self.pad_id,
+            "do_sample": False,  # sampling, when asked for, is _RowSampler's: generate() then takes its pick
         }
-        if params.temperature == 0:
-            kwargs["do_sample"] = False
-        else:
-            kwargs.update(
-                do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k
-            )
+        if params.temperature > 0:
+            kwargs["logits_processor"] = LogitsProcessorList([_RowSampler(params, seeds)])
         if params.stop:
             kwargs.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)
-        # generate() samples from torch's global generator: seed a forked copy so callers' RNG is untouched.
-        devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices, enabled=seed is not None):
-            if seed is not None:
-                torch.manual_seed(seed)
-            output = self.model.generate(**inputs, **kwargs)
+        output = self.model.generate(**inputs, **kwargs)
         return output[:, inputs["input_ids"].shape[1] :].tolist()
 
     def _completion(self, tokens: list[int], params: SamplingParams) -> Completion:
@@ -210,6 +219,32 @@ class HFBackend:
                 self.model = PeftModel.from_pretrained(self.model, path, adapter_name=name).eval()
             self._adapter_names[path] = name
         return self._adapter_names[path]
+
+
+class _RowSampler(LogitsProcessor):
+    """Samples each row's next token from the row's own random stream; generate() decodes greedily after it.
+
+    transformers' sampling draws a whole batch from torch's global generator, so a row's sample would
+    depend on the rows batched with it. Here a seeded row draws from its own generator only, as vLLM
+    draws each seeded request, and keeps its samples however the prompts are batched. The filters are
+    transformers' own, in its order (temperature, top-k, top-p), after the repetition penalty.
+    """
+
+    def __init__(self, params: SamplingParams, seeds: list[int | None]) -> None:
+        warpers = [TemperatureLogitsWarper(params.temperature)] if params.temperature != 1 else []
+        if params.top_k > 0:
+            warpers.append(TopKLogitsWarper(params.top_k))
+        if params.top_p < 1:
+            warpers.append(TopPLogitsWarper(params.top_p))
+        self.warpers = LogitsProcessorList(warpers)
+        self.generators = [None if seed is None else torch.Generator().manual_seed(seed) for seed in seeds]
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        cdf = self.warpers(input_ids, scores).float().softmax(-1).cumsum(-1)
+        uniforms = torch.cat([torch.rand(1, generator=g) for g in self.generators]).to(cdf.device)
+        # Inverse CDF: the first token whose cumulative mass exceeds u * total, always one with mass > 0.
+        tokens = torch.searchsorted(cdf, (uniforms * cdf[:, -1]).unsqueeze(-1), right=True)
+        return torch.full_like(scores, float("-inf")).scatter_(-1, tokens, 0.0)
 
 
 def pack(lengths: list[int], budget: int) -> list[list[int]]:

@@ -78,8 +78,8 @@ class VLLMBackend:
     ) -> list[Generation]:
         """``n`` completions per prompt, all prompts in one ``LLM.generate`` call."""
         sampling = [
-            self._vllm.SamplingParams(**to_vllm_sampling_kwargs(p, index))
-            for index, p in enumerate(params_per_prompt(prompts, params))
+            self._vllm.SamplingParams(**to_vllm_sampling_kwargs(p, prompt))
+            for prompt, p in zip(prompts, params_per_prompt(prompts, params), strict=True)
         ]
         requests = [{"prompt_token_ids": ids} for ids in encode_prompts(self.tokenizer, prompts)]
         outputs = self.llm.generate(
@@ -122,11 +122,12 @@ class VLLMBackend:
         return self._lora_requests[path]
 
 
-def to_vllm_sampling_kwargs(params: SamplingParams, prompt_index: int = 0) -> dict[str, Any]:
-    """Keyword arguments of ``vllm.SamplingParams`` that sample as ``params`` says.
+def to_vllm_sampling_kwargs(params: SamplingParams, prompt: str = "") -> dict[str, Any]:
+    """Keyword arguments of ``vllm.SamplingParams`` that sample ``prompt`` as ``params`` says.
 
     vLLM seeds a request's i-th sample with ``seed + i``: one seed shared by every prompt of a call
-    would make the i-th samples of all prompts draw the same numbers, so each prompt gets its own.
+    would make the i-th samples of all prompts draw the same numbers, so each prompt's seed derives
+    from its text (not its place in the call, which would tie its samples to the other prompts).
     """
     return {
         "n": params.n,
@@ -136,7 +137,7 @@ def to_vllm_sampling_kwargs(params: SamplingParams, prompt_index: int = 0) -> di
         "max_tokens": params.max_new_tokens,
         "repetition_penalty": params.repetition_penalty,
         "stop": list(params.stop),
-        "seed": None if params.seed is None else derive_seed(params.seed, prompt_index),
+        "seed": None if params.seed is None else derive_seed(params.seed, prompt),
     }
 
 
