@@ -132,10 +132,13 @@ class CheckpointEvaluator:
         else:  # full fine-tuning saves whole models
             model, adapter = str(saved.path), None
         output_dir = self.eval_dir / saved.name
+        backend = self._backend_of(model)
         metrics = icpo_infer_run(
             dataclasses.replace(self.config, model=model, adapter=adapter, output_dir=str(output_dir)),
-            self._backend_of(model),
+            backend,
         )
+        if adapter is not None:  # each checkpoint is evaluated once: a long --watch must not pile them up
+            backend.release(adapter)
         row = {
             "step": saved.step,
             "name": saved.name,

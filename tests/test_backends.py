@@ -8,6 +8,7 @@ where it is installed and a CUDA GPU is present.
 from __future__ import annotations
 
 import importlib.util
+import shutil
 from pathlib import Path
 
 import pytest
@@ -353,6 +354,29 @@ def test_hf_row_sampler_draws_from_the_filtered_distribution(params, allowed):
     assert counts.tolist() == pytest.approx(expected.tolist(), abs=0.01)
     again = _RowSampler(params, seeds=list(range(rows)))
     assert torch.equal(again(torch.zeros(rows, 1, dtype=torch.long), logits.repeat(rows, 1)), picked)
+
+
+def test_hf_release_frees_an_adapter_and_a_later_call_loads_it_again(model_dir, lora_dir, tmp_path):
+    backend = make_backend("hf", BackendOptions(str(model_dir), dtype="float32"))
+    copy = shutil.copytree(lora_dir, tmp_path / "copy")  # another path: a second PEFT adapter
+    prompts, completions = [backend.tokenizer.bos_token + QUESTIONS[0]], [" 4"]
+    base = backend.score(prompts, completions)
+    adapted = backend.score(prompts, completions, adapter=str(lora_dir))
+    assert backend.score(prompts, completions, adapter=str(copy)) == adapted != base
+
+    backend.release(str(lora_dir))
+    assert list(backend.model.peft_config) == ["adapter_1"]
+    assert backend.score(prompts, completions, adapter=str(copy)) == adapted
+    assert backend.score(prompts, completions) == base
+    backend.release(str(copy))
+    backend.release(str(copy))  # already gone: nothing to do
+    assert not isinstance(backend.model, PeftModel)
+    assert backend.score(prompts, completions) == base
+    assert backend.score(prompts, completions, adapter=str(lora_dir)) == adapted
+
+    with_default = make_backend("hf", BackendOptions(str(model_dir), dtype="float32", adapter=str(lora_dir)))
+    with_default.release(str(lora_dir))  # the default adapter stays
+    assert with_default.score(prompts, completions) == adapted
 
 
 def test_hf_default_adapter_is_used_when_none_is_named(model_dir, lora_dir):

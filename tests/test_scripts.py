@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from huggingface_hub import ModelCard
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
 from script_modules import load_script
 from trajectory_fixtures import build_trajectories, integer_problems
 from transformers import AutoModelForCausalLM
@@ -130,11 +130,12 @@ def test_the_base_model_is_loaded_once_and_adapters_sample_as_on_a_fresh_load(
     run_dir = tmp_path / "run"
     for step in (1, 2):
         save_checkpoint(tiny_model_dir, run_dir, step)
-    loads = []
+    loads, backends = [], []
 
     def counted_make_backend(name, options):
         loads.append(options)
-        return make_backend(name, options)
+        backends.append(make_backend(name, options))
+        return backends[-1]
 
     monkeypatch.setattr(callbacks, "make_backend", counted_make_backend)
     argv = ["--config", str(INFER_RECIPE), "--model", str(tiny_model_dir), "--dataset", str(dataset_file)]
@@ -142,6 +143,7 @@ def test_the_base_model_is_loaded_once_and_adapters_sample_as_on_a_fresh_load(
     rows = CheckpointEvaluator(run_dir, config).evaluate_pending()
     assert [row["name"] for row in rows] == ["base", "checkpoint-1", "checkpoint-2"]
     assert len(loads) == 1 and loads[0].model == str(tiny_model_dir) and loads[0].adapter is None
+    assert not isinstance(backends[0].model, PeftModel)  # every checkpoint's adapter was released
 
     for row in rows:  # each model alone, as `icpo-infer run` loads it
         fresh = tmp_path / f"fresh-{row['name']}"

@@ -107,6 +107,10 @@ class Backend(Protocol):
         """log-probability of each completion (with its end-of-sequence token) given its prompt."""
         ...
 
+    def release(self, adapter: str) -> None:
+        """Free the weights of an adapter passed per call; a later call with it loads it again."""
+        ...
+
 
 @dataclass
 class BackendOptions:

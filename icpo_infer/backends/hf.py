@@ -209,6 +209,16 @@ class HFBackend:
         else:
             yield
 
+    def release(self, adapter: str) -> None:
+        """Drop a per-call adapter's weights; ``options.adapter`` stays loaded."""
+        if adapter == self.options.adapter or adapter not in self._adapter_names:
+            return
+        name = self._adapter_names.pop(adapter)
+        if self._adapter_names:
+            self.model.delete_adapter(name)
+        else:  # a PeftModel without adapters cannot run: unwrap the base model instead
+            self.model = self.model.unload()
+
     def _load_adapter(self, path: str) -> str:
         """The PEFT name of the adapter saved at ``path``, loading it on first use."""
         if path not in self._adapter_names:

@@ -105,6 +105,10 @@ class VLLMBackend:
         )
         return [score_from_vllm_output(o, len(ids)) for o, ids in zip(outputs, prompt_ids, strict=True)]
 
+    def release(self, adapter: str) -> None:
+        """Nothing to free: vLLM bounds its adapters' memory itself (``max_loras`` on the GPU and
+        ``max_cpu_loras`` on the CPU, least recently used evicted)."""
+
     def _lora_request(self, adapter: str | None) -> Any:
         path = adapter if adapter is not None else self.options.adapter
         if path is None:
