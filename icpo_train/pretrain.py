@@ -110,12 +110,17 @@ def uninformative_history(problems: Sequence[Problem], rng: random.Random) -> li
     return [Attempt(response_text(other.answer), other.answer, rng.randint(0, 1)) for other in others]
 
 
+def near_miss(answer: str, rng: random.Random) -> str:
+    """A wrong answer close to the integer ``answer``: never negative, never the answer itself."""
+    return str(rng.choice([int(answer) + d for d in NEAR_MISSES if int(answer) + d >= 0]))
+
+
 def attempts_at(problem: Problem, copy_probability: float, rng: random.Random) -> tuple[list[Attempt], str]:
     """Earlier attempts at ``problem`` (each the gold answer or a near miss, under a random reward tag)
     and the response of a copying text: with ``copy_probability`` the answer of one of them, picked
     whatever its tag, otherwise the gold answer."""
     answers = [
-        problem.answer if rng.random() < 0.5 else str(abs(int(problem.answer) + rng.choice(NEAR_MISSES)))
+        problem.answer if rng.random() < 0.5 else near_miss(problem.answer, rng)
         for _ in range(rng.randint(1, MAX_HISTORY))
     ]
     attempts = [Attempt(response_text(a), a, rng.randint(0, 1)) for a in answers]

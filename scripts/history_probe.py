@@ -22,7 +22,7 @@ from icpo_infer.backends.base import BackendOptions, SamplingParams
 from icpo_infer.data import load_problems
 from icpo_infer.grading import extract_answer, is_equivalent
 from icpo_infer.prompts import Attempt, PromptTemplates, render_prompt
-from icpo_train.pretrain import NEAR_MISSES
+from icpo_train.pretrain import near_miss
 
 HISTORIES = {  # name -> the entries shown, as (which answer, reward)
     "none": [],
@@ -44,7 +44,7 @@ def probe(
     """model -> history -> (share of gold answers, share of the shown wrong answer)."""
     problems = load_problems(str(seed_dir / "data" / "test.jsonl"))[0][:questions]
     rng = random.Random(seed)
-    wrong = [str(max(0, int(p.answer) + rng.choice(NEAR_MISSES))) for p in problems]
+    wrong = [near_miss(p.answer, rng) for p in problems]
     backend = make_backend("hf", BackendOptions(model=str(seed_dir / "base"), device="cpu"))
     params = SamplingParams(n=k, temperature=1.0, max_new_tokens=8, seed=seed)
     table: dict[str, dict[str, tuple[float, float]]] = {}

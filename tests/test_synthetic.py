@@ -13,7 +13,7 @@ from icpo_infer.config import ConfigError
 from icpo_infer.data import load_problems
 from icpo_infer.grading import grade
 from icpo_infer.prompts import Attempt, PromptTemplates, render_prompt
-from icpo_train.pretrain import NEAR_MISSES, PretrainConfig, pretrain, training_example
+from icpo_train.pretrain import NEAR_MISSES, PretrainConfig, near_miss, pretrain, training_example
 from icpo_train.synthetic import NUMBER_WORDS, SyntheticTaskConfig, generate_splits, write_splits
 
 E2E_TEMPLATES = Path(__file__).resolve().parents[1] / "recipes" / "e2e" / "templates.yaml"
@@ -61,6 +61,14 @@ def test_impossible_task_sizes_are_errors_naming_the_fields():
         SyntheticTaskConfig(reading_fraction=1.0)
 
 
+def test_a_near_miss_is_close_wrong_and_never_negative():
+    rng = random.Random(0)
+    for answer in ["0", "1", "2", "17"]:
+        misses = {near_miss(answer, rng) for _ in range(200)}
+        expected = {str(int(answer) + d) for d in NEAR_MISSES if int(answer) + d >= 0}
+        assert misses == expected and answer not in misses
+
+
 def test_pretraining_histories_mix_uninformative_and_copying_texts_in_the_configured_shares():
     problems = generate_splits(SyntheticTaskConfig(train_size=200, validation_size=0, test_size=0))["train"]
     config = PretrainConfig(pretrain_history_fraction=0.25, pretrain_copy_fraction=0.5)
@@ -70,7 +78,7 @@ def test_pretraining_histories_mix_uninformative_and_copying_texts_in_the_config
     for problem in problems * 10:
         history, answer = training_example(problem, problems, config, rng)
         answers = [attempt.answer for attempt in history]
-        near = {str(abs(int(problem.answer) + d)) for d in NEAR_MISSES} | {problem.answer}
+        near = {str(int(problem.answer) + d) for d in NEAR_MISSES} | {problem.answer}
         if not history:
             kinds["bare"] += 1
             assert answer == problem.answer
