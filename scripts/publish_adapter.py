@@ -178,7 +178,7 @@ def build_card(
     evaluations: tuple[dict[str, Any], dict[str, Any]] | None = None,
 ) -> ModelCard:
     """The model card of the adapter in ``checkpoint``."""
-    adapter_config = json.loads((checkpoint / ADAPTER_CONFIG).read_text())
+    adapter_config = read_adapter_config(checkpoint)
     state_file = checkpoint / "trainer_state.json"
     state = json.loads(state_file.read_text()) if state_file.is_file() else {}
     data = ModelCardData(
