@@ -494,7 +494,8 @@ def _result(q: _Question, method: str) -> QuestionResult:
     )
 
 
-def _chunks(items: list, size: int) -> Iterable[list]:
+def in_chunks(items: list, size: int) -> Iterable[list]:
+    """``items`` in consecutive slices of ``size`` (the last may be shorter)."""
     for start in range(0, len(items), size):
         yield items[start : start + size]
 
@@ -513,7 +514,7 @@ def run_method(
     most one chunk.
     """
     done = set(done_ids)
-    chunks = list(_chunks([p for p in problems if p.id not in done], config.batch_questions))
+    chunks = list(in_chunks([p for p in problems if p.id not in done], config.batch_questions))
     run = _Run(backend, config)
     for chunk in chunks:  # refuse before any work when a bare question cannot fit the context
         for p in chunk:

@@ -38,7 +38,7 @@ from icpo_infer.backends.base import Backend, BackendOptions, SamplingParams, en
 from icpo_infer.config import ConfigError, check, option, option_like, parse_config, to_dict
 from icpo_infer.data import Problem, load_run_problems
 from icpo_infer.grading import extract_answer, is_equivalent
-from icpo_infer.icpo import RUN_ONLY_FIELDS, InferConfig, derive_seed, run_method
+from icpo_infer.icpo import RUN_ONLY_FIELDS, InferConfig, derive_seed, in_chunks, run_method
 from icpo_infer.prompts import Attempt, PromptTemplates, answer_type_of, render_prompt
 from icpo_infer.results import append_line, prepare_resumable, read_results
 from icpo_train import trajectory_data
@@ -307,9 +307,7 @@ def build_trajectories(config: TrajectoryConfig, backend: Backend | None = None)
                 f"question {p.id} alone fills context_length={config.context_length}; raise --context-length.",
             )
         fingerprint = tokenizer_fingerprint(backend.tokenizer)
-        remaining = [p for p in problems if p.id not in done]
-        for start in range(0, len(remaining), config.batch_questions):
-            todo = remaining[start : start + config.batch_questions]
+        for todo in in_chunks([p for p in problems if p.id not in done], config.batch_questions):
             groups = sample_groups(backend, todo, config, templates)
             histories = icpo_histories(backend, todo, config)
             for problem, group, question_histories in zip(todo, groups, histories, strict=True):
