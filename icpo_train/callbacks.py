@@ -201,6 +201,8 @@ class CheckpointEvalCallback(TrainerCallback):
         self.evaluate_base = evaluate_base
 
     def _evaluate(self, args, saved: SavedModel) -> None:
+        # A fresh evaluator per save, dropped when its evaluation ends: a kept one would hold a second
+        # copy of the base model (or a vLLM engine's memory pool) beside training between saves.
         evaluator = CheckpointEvaluator(args.output_dir, self.config)
         if saved.step in evaluator.evaluated_steps:
             return
