@@ -10,6 +10,7 @@ from script_modules import load_script
 
 from icpo_infer.config import ConfigError, parse_config
 from icpo_train.pipeline import MODELS, PipelineConfig, format_report, main, run_pipeline
+from icpo_train.trajectory_data import load_trajectories
 
 E2E_RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "e2e"
 # Tiny everything: two seeds finish in well under a minute on one CPU thread.
@@ -163,10 +164,26 @@ def test_the_history_probe_counts_answers_after_each_kind_of_history(finished, c
     assert "wrong, reward 1" in capsys.readouterr().out
 
 
-def test_trajectory_fit_measures_each_model_against_the_target_per_round(finished, capsys):
+def rewarded_copy(seed_dir: Path, copy: Path) -> Path:
+    """``seed_dir`` with its trajectories' later rounds rewarding their first member: the micro base
+    model's answers are mostly invalid, so its own histories may hold nothing to reward."""
+    copy.mkdir()
+    for name in ("base", "adapters"):
+        (copy / name).symlink_to(seed_dir / name)
+
+    def reward_first(row: dict) -> dict:
+        rewards = [0.0] * len(row["icl_rewards"])
+        rewards[0] = float(row["round"] > 1)
+        return {"icl_rewards": rewards}
+
+    load_trajectories(seed_dir / "trajectories").map(reward_first).save_to_disk(str(copy / "trajectories"))
+    return copy
+
+
+def test_trajectory_fit_measures_each_model_against_the_target_per_round(finished, capsys, tmp_path):
     trajectory_fit = load_script("trajectory_fit")
     config, _ = finished
-    seed_dir = Path(config.output_dir) / "seed-0"
+    seed_dir = rewarded_copy(Path(config.output_dir) / "seed-0", tmp_path / "seed-0")
     table = trajectory_fit.fit(seed_dir, ["base", "icpo"], "fw", 2.0, rows=8, templates=config.templates)
     assert list(table) == ["base", "icpo", trajectory_fit.IGNORE]
     assert all(set(row) == {1, 2} for row in table.values())
@@ -185,5 +202,5 @@ def test_trajectory_fit_measures_each_model_against_the_target_per_round(finishe
         trajectory_fit.main(["--seed-dir", str(seed_dir), "--models", "base", "nope"])
     assert "no adapter ['nope']" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        trajectory_fit.main(["--seed-dir", str(seed_dir.parent / "missing"), "--models", "base"])
+        trajectory_fit.main(["--seed-dir", str(tmp_path / "missing"), "--models", "base"])
     assert "--trajectories:" in capsys.readouterr().err
