@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from tiny_recipe import recipe_args
 from trajectory_fixtures import build_trajectories
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
@@ -32,8 +33,6 @@ from icpo_train.trajectory_data import (
     trajectory_prompt,
 )
 
-TINY_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "icpo" / "tiny.yaml"
-
 
 @pytest.fixture(scope="module")
 def trajectories(tiny_model_dir):
@@ -45,21 +44,6 @@ def trajectories_dir(trajectories, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("trajectories")
     trajectories.save_to_disk(str(path))
     return path
-
-
-def recipe_args(model_dir: Path, trajectories_dir: Path, output_dir: Path, *overrides: str) -> list[str]:
-    """The command line of `icpo-train train` on the tiny recipe."""
-    return [
-        "--config",
-        str(TINY_RECIPE),
-        "--model_name_or_path",
-        str(model_dir),
-        "--trajectories",
-        str(trajectories_dir),
-        "--output_dir",
-        str(output_dir),
-        *overrides,
-    ]
 
 
 def make_config(*args, **kwargs) -> ICPOConfig:
