@@ -574,6 +574,14 @@ class ICPOTrainer(Trainer):
             self.teacher.requires_grad_(False).eval().to(self.accelerator.device)
         self._metrics: dict[str, list[torch.Tensor]] = defaultdict(list)
 
+    def _prepare_input(self, data):
+        """Moves tensors to the device, keeping their dtype. Under DeepSpeed the parent casts float
+        inputs to the engine's dtype, for models whose inputs are features; in bf16 that rounded
+        ``ref_logps`` (sums of many token log-probabilities, a few hundred nats) to whole nats."""
+        if isinstance(data, torch.Tensor):
+            return data.to(self.args.device)
+        return super()._prepare_input(data)
+
     # -- losses ---------------------------------------------------------------------------------
 
     def _policy_logps(self, model: torch.nn.Module, inputs: dict, rows: slice = slice(None)) -> torch.Tensor:

@@ -23,7 +23,9 @@ class SamplingParams:
 
     ``seed`` makes a prompt's samples a function of the prompt, these parameters and the seed alone:
     every backend draws them from a stream derived from (seed, prompt), so they do not depend on the
-    other prompts of the call, their order or how the backend batches them.
+    other prompts of the call, their order or how the backend batches them. That holds exactly in
+    fp32; in bf16 a batch of another shape rounds the logits differently, and a sample can change by a
+    token (seen with the hf backend on an H100). A repeated call is still identical.
     """
 
     n: int = 1
