@@ -31,10 +31,14 @@ def trajectories_dir(tiny_model_dir, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def prompts_and_responses(tiny_model_dir) -> tuple[list[str], list[str]]:
-    backend = HFBackend(BackendOptions(model=str(tiny_model_dir), device="cpu", dtype="float32"))
+def cpu_backend(tiny_model_dir) -> HFBackend:
+    return HFBackend(BackendOptions(model=str(tiny_model_dir), device="cpu", dtype="float32"))
+
+
+@pytest.fixture(scope="module")
+def prompts_and_responses(cpu_backend) -> tuple[list[str], list[str]]:
     problems = integer_problems(4)
-    prompts = [render_prompt(backend.tokenizer, p["problem"], [], "integer") for p in problems]
+    prompts = [render_prompt(cpu_backend.tokenizer, p["problem"], [], "integer") for p in problems]
     return prompts, [SOLUTIONS[0] % p["answer"] for p in problems]
 
 
@@ -44,13 +48,11 @@ def test_auto_device_and_dtype_are_cuda_and_bf16(tiny_model_dir):
     assert backend.model.dtype == torch.bfloat16
 
 
-def test_bf16_scores_on_cuda_match_fp32_on_cpu(tiny_model_dir, prompts_and_responses):
+def test_bf16_scores_on_cuda_match_fp32_on_cpu(tiny_model_dir, cpu_backend, prompts_and_responses):
     """The trajectory builder's reference log-probabilities do not depend on where they were computed."""
     prompts, responses = prompts_and_responses
     cuda = HFBackend(BackendOptions(model=str(tiny_model_dir))).score(prompts, responses)
-    cpu = HFBackend(BackendOptions(model=str(tiny_model_dir), device="cpu", dtype="float32")).score(
-        prompts, responses
-    )
+    cpu = cpu_backend.score(prompts, responses)
     assert [s.num_tokens for s in cuda] == [s.num_tokens for s in cpu]
     assert [s.logprob for s in cuda] == pytest.approx([s.logprob for s in cpu], rel=1e-2)
 
@@ -94,11 +96,15 @@ def test_lora_in_bf16_on_cuda_learns_and_its_adapter_serves(
     assert history[-1] < 0.5 * history[0]
     trainer.save_model()
     prompts, responses = prompts_and_responses
-    scores = {}
-    for dtype in ("bfloat16", "float32"):
-        backend = HFBackend(BackendOptions(model=str(tiny_model_dir), dtype=dtype))
-        scores[dtype] = [s.logprob for s in backend.score(prompts, responses, adapter=str(tmp_path))]
-    base = [s.logprob for s in backend.score(prompts, responses)]
+    backends = {
+        dtype: HFBackend(BackendOptions(model=str(tiny_model_dir), dtype=dtype))
+        for dtype in ("bfloat16", "float32")
+    }
+    scores = {
+        dtype: [s.logprob for s in backend.score(prompts, responses, adapter=str(tmp_path))]
+        for dtype, backend in backends.items()
+    }
+    base = [s.logprob for s in backends["float32"].score(prompts, responses)]
     assert max(abs(t - b) for t, b in zip(scores["float32"], base, strict=True)) > 0.1
     # The adapter serves on the bf16 base as on the fp32 one.
     assert scores["bfloat16"] == pytest.approx(scores["float32"], abs=2e-2)
