@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from tiny_recipe import recipe_args
+from tiny_recipe import losses, recipe_args
 from trajectory_fixtures import build_trajectories
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
@@ -48,10 +48,6 @@ def trajectories_dir(trajectories, tmp_path_factory) -> Path:
 
 def make_config(*args, **kwargs) -> ICPOConfig:
     return parse_config(ICPOConfig, recipe_args(*args, **kwargs))
-
-
-def logged(history: list[dict], key: str = "loss") -> list[float]:
-    return [entry[key] for entry in history if key in entry and "train_runtime" not in entry]
 
 
 def test_response_losses_on_known_groups():
@@ -103,28 +99,30 @@ def test_tail_bucket_losses_match_exact_distributions():
     exact = buckets(probs) * torch.exp(eta * torch.nn.functional.pad(rewards, (0, 1)))
     target = exact / exact.sum(-1, keepdim=True)  # p* = pi_ref exp(eta R) / Z over the buckets, tail R = 0
 
-    def losses(loss_type, policy_probs):
+    def bucket_losses(loss_type, policy_probs):
         return response_losses(loss_type, policy_probs.log(), ref, rewards, eta, mask, tail_bucket=True)
 
     for loss_type in ("fw", "kl", "mse"):  # zero exactly at the target distribution
-        torch.testing.assert_close(losses(loss_type, target[:, :3]), torch.zeros(3, dtype=torch.float64))
+        torch.testing.assert_close(
+            bucket_losses(loss_type, target[:, :3]), torch.zeros(3, dtype=torch.float64)
+        )
     # fw is 1/2 Var_{p*}[log q - log p*] over the buckets, kl its exact counterpart.
     student = torch.tensor([[0.3, 0.3, 0.1], [0.5, 0.4, 0.9], [0.2, 0.9, 0.9]], dtype=torch.float64)
     q = buckets(student)
     d = torch.where(q > 0, q.log() - target.log(), 0.0)
     variance = (target * d**2).sum(-1) - (target * d).sum(-1) ** 2
-    torch.testing.assert_close(losses("fw", student), 0.5 * variance)
+    torch.testing.assert_close(bucket_losses("fw", student), 0.5 * variance)
     at_policy = response_losses("fw", student.log(), ref, rewards, eta, mask, True, fisher_at="policy")
     torch.testing.assert_close(at_policy, 0.5 * ((q * d**2).sum(-1) - (q * d).sum(-1) ** 2))
     kl = (target * torch.where(target > 0, target.log() - q.log(), 0.0)).sum(-1)
-    torch.testing.assert_close(losses("kl", student), kl)
+    torch.testing.assert_close(bucket_losses("kl", student), kl)
     near = target[:, :3] * (1 + 1e-3 * torch.tensor([1.0, -1.0, 0.5]))
-    torch.testing.assert_close(losses("kl", near), losses("fw", near), rtol=2e-2, atol=0)
+    torch.testing.assert_close(bucket_losses("kl", near), bucket_losses("fw", near), rtol=2e-2, atol=0)
     # Moving half the group's mass out of the group: invisible to the group-restricted loss, not here.
     half = target[:, :3] / 2
     group_fw = response_losses("fw", half.log(), ref, rewards, eta, mask)
     torch.testing.assert_close(group_fw, torch.zeros(3, dtype=torch.float64))
-    assert (losses("fw", half) > 1e-2).all()
+    assert (bucket_losses("fw", half) > 1e-2).all()
 
 
 def test_fingerprint_is_stable_and_tells_tokenizers_apart(tiny_model_dir, tiny_chat_model_dir):
@@ -176,9 +174,9 @@ def test_loss_decreases_and_logs_the_fw_terms(tiny_model_dir, trajectories_dir, 
     trainer = ICPOTrainer(config)
     trainer.train()
     history = trainer.state.log_history
-    losses = logged(history)
-    assert len(losses) == config.max_steps
-    assert losses[-1] < 0.5 * losses[0]
+    history_losses = losses(history)
+    assert len(history_losses) == config.max_steps
+    assert history_losses[-1] < 0.5 * history_losses[0]
     for entry in history[:-1]:  # FW loss = 1/2 Var_w[d]; ESS between 1 and the group size
         assert entry["d_weighted_var"] == pytest.approx(2 * entry["loss"], rel=1e-4)
         assert 1 <= entry["ess"] <= entry["group_size"] <= 4
@@ -236,8 +234,8 @@ def resumed_run(tiny_model_dir, trajectories_dir, tmp_path_factory):
 
 def test_resume_reproduces_the_uninterrupted_run(resumed_run):
     reference, resumed, _ = resumed_run
-    assert len(logged(resumed)) == 6
-    assert logged(resumed) == pytest.approx(logged(reference), rel=1e-5)
+    assert len(losses(resumed)) == 6
+    assert losses(resumed) == pytest.approx(losses(reference), rel=1e-5)
 
 
 def test_saved_adapter_loads_in_the_hf_backend_and_changes_outputs(tiny_model_dir, trajectories, resumed_run):
@@ -284,7 +282,7 @@ def test_token_level_learns_from_a_teacher_dense_or_top_k(
         make_config(tiny_model_dir, "unused", tmp_path / "sparse", *token_level), train_dataset=with_topk
     )
     sparse.train()
-    dense_losses, sparse_losses = logged(dense.state.log_history), logged(sparse.state.log_history)
+    dense_losses, sparse_losses = losses(dense.state.log_history), losses(sparse.state.log_history)
     assert dense_losses == sorted(dense_losses, reverse=True)
     assert sparse_losses == pytest.approx(dense_losses, rel=1e-3)
 
@@ -336,7 +334,7 @@ def test_groups_under_two_valid_members_are_counted_and_skipped(tiny_model_dir, 
     assert stats.skipped_members == (2 + 3 + 1)  # row 0 has 3 members, row 4 has 4
     assert len(trainer.train_dataset) == 7
     trainer.train()
-    assert all(math.isfinite(loss) for loss in logged(trainer.state.log_history))
+    assert all(math.isfinite(loss) for loss in losses(trainer.state.log_history))
     with pytest.raises(ConfigError, match="none of the 9 groups has 2 valid members"):
         ICPOTrainer(
             make_config(tiny_model_dir, "unused", tmp_path, "--max_length", "20"), train_dataset=trajectories
