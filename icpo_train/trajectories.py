@@ -4,7 +4,9 @@ For every training question:
 
 1. icpo_infer's ICPO loop (``random-icpo`` or ``me-icpo``; history rewards from the gold answer or
    the majority vote) gives the history H_t shown before each round t = 1..R (H_1 is empty). Only
-   R - 1 rounds run: the history the loop ends with is H_R.
+   R - 1 rounds run: the history the loop ends with is H_R. pi_ref runs the loop, or with
+   ``history_adapter`` a policy trained from it, so that a second iteration trains on the histories
+   that policy builds for itself.
 2. ONE group of G responses is sampled from pi_ref(. | question) with an EMPTY history, and each
    response is scored under pi_ref (sum of token log-probs, EOS included, as ``Backend.score``
    returns it), its answer extracted and graded against the gold answer.
@@ -34,7 +36,7 @@ from datasets import Dataset, Features, List, Value
 from huggingface_hub import DatasetCard, DatasetCardData
 
 from icpo_infer.backends import make_backend
-from icpo_infer.backends.base import Backend, BackendOptions, SamplingParams, encode_prompt
+from icpo_infer.backends.base import ADAPTER_CONFIG, Backend, BackendOptions, SamplingParams, encode_prompt
 from icpo_infer.config import ConfigError, check, option, option_like, parse_config, to_dict
 from icpo_infer.data import Problem, load_run_problems
 from icpo_infer.grading import extract_answer, is_equivalent
@@ -80,6 +82,11 @@ class TrajectoryConfig:
     model: str = field(metadata={"help": "Reference model pi_ref (path or Hub id): histories and groups."})
     dataset: str = option_like(InferConfig, "dataset")
     output: str = field(metadata={"help": "Output directory: the dataset, its card and the progress file."})
+    history_adapter: str | None = option(
+        None,
+        "LoRA adapter of --model that runs the ICPO loop instead of pi_ref (iterated ICPO: a trained "
+        "policy's own histories); the groups and their log-probs stay pi_ref's.",
+    )
     rounds: int = option(3, "Rounds R: rows per question, with the histories H_1 (empty) .. H_R.")
     group_size: int = option(8, "G: responses sampled from pi_ref(. | question) per question.")
     history_reward: str = option("gt", "Rewards in the history: gt (gold answer) or self (majority vote).")
@@ -135,6 +142,13 @@ class TrajectoryConfig:
             f"selection '{self.selection}' is unknown; use one of {', '.join(SELECTIONS)}.",
         )
         self.group_sampling(max_new_tokens=1, seed=0)  # validates group_temperature
+        check(
+            self.history_adapter is None
+            or not Path(self.history_adapter).is_dir()
+            or (Path(self.history_adapter) / ADAPTER_CONFIG).is_file(),
+            f"history_adapter '{self.history_adapter}' holds no {ADAPTER_CONFIG}, so it is not a LoRA "
+            "adapter; pass a LoRA adapter of --model to --history-adapter.",
+        )
         self.infer_config()  # validates the options shared with icpo-infer
 
     def infer_config(self) -> InferConfig:
@@ -144,6 +158,7 @@ class TrajectoryConfig:
         }
         shared.update(
             output_dir=self.output,
+            adapter=self.history_adapter,
             method=SELECTIONS[self.selection],
             reward=self.history_reward,
             rounds=max(self.rounds - 1, 1),
@@ -266,7 +281,8 @@ def dataset_card(config: TrajectoryConfig, dataset: Dataset, skipped: int) -> Da
         f"Built by `icpo-train build-trajectories` with the reference model `{config.model}` from "
         f"`{config.dataset}`: {questions} questions ({skipped} invalid rows skipped), {len(dataset)} rows "
         f"({config.rounds} rounds per question), groups of {config.group_size} responses, histories from "
-        f"{SELECTIONS[config.selection]} with {config.history_reward} rewards.",
+        f"{SELECTIONS[config.selection]} with {config.history_reward} rewards"
+        + (f", run by the adapter `{config.history_adapter}`." if config.history_adapter else "."),
         "## Schema",
         trajectory_data.__doc__.strip(),
         "## Generating config",
@@ -298,7 +314,9 @@ def build_trajectories(config: TrajectoryConfig, backend: Backend | None = None)
     done = open_output(config)
     if any(p.id not in done for p in problems):
         if backend is None:
-            backend = make_backend(config.backend, BackendOptions.from_config(config))
+            options = BackendOptions.from_config(config)
+            options.enable_lora = config.history_adapter is not None  # vllm serves it per call
+            backend = make_backend(config.backend, options)
         templates = PromptTemplates.from_yaml(config.templates) if config.templates else None
         for p in problems:  # refuse before any work when a bare question cannot fit the context
             prompt = render_prompt(backend.tokenizer, p.problem, [], answer_type_of(p.answer), templates)

@@ -7,14 +7,16 @@ import json
 from pathlib import Path
 
 import pytest
-from boxed_model import teach_boxed_answers
+import torch
+from boxed_model import teach_boxed_answers, teaching_prompts
 from conftest import read_benchmark
 from datasets import Dataset, load_from_disk
 from huggingface_hub import DatasetCard
-from transformers import AutoTokenizer
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from icpo_infer.backends import make_backend
-from icpo_infer.backends.base import BackendOptions
+from icpo_infer.backends.base import BackendOptions, encode_completion, encode_prompt
 from icpo_infer.backends.hf import HFBackend
 from icpo_infer.config import ConfigError, parse_config
 from icpo_infer.data import load_problems
@@ -153,6 +155,58 @@ def test_histories_are_those_of_the_icpo_loop_with_gold_rewards(built, boxed_mod
         assert stored == [[dataclasses.asdict(a) for a in history] for history in expected]
         for entry in stored[-1]:  # gt: reward 1 exactly for correct answers
             assert entry["reward"] == int(is_equivalent(entry["answer"], result.answer))
+
+
+@pytest.fixture(scope="module")
+def sevens_adapter(boxed_model_dir, questions, tmp_path_factory) -> Path:
+    """A LoRA adapter that makes the boxed model answer 7 (the bare model mostly answers 5)."""
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(boxed_model_dir)
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(boxed_model_dir, dtype=torch.float32),
+        # lm_head: on attention alone the 32-wide model's digit barely moves (log-prob of 7: -3.2).
+        LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "o_proj", "lm_head"]),
+    )
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    answer = encode_completion(tokenizer, "\\boxed{7}")
+    prompts = [
+        encode_prompt(tokenizer, p) for p in teaching_prompts(tokenizer, [q["problem"] for q in questions])
+    ]
+    for step in range(60):
+        prompt = prompts[step % len(prompts)]
+        labels = torch.tensor([[-100] * len(prompt) + answer])
+        model(input_ids=torch.tensor([prompt + answer]), labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    directory = tmp_path_factory.mktemp("sevens")
+    model.save_pretrained(directory)
+    return directory
+
+
+def test_a_history_adapter_builds_the_histories_and_pi_ref_the_groups(
+    built, boxed_model_dir, dataset_file, sevens_adapter, tmp_path
+):
+    _, bare = built
+    adapted = load_trajectories(
+        build_trajectories(
+            make_config(boxed_model_dir, dataset_file, tmp_path, history_adapter=str(sevens_adapter))
+        )
+    )
+    # The same seeded samples of pi_ref, scored by pi_ref; only their in-context rewards follow the history.
+    for column in ("responses", "ref_logps", "ref_num_tokens", "response_answers", "gold_rewards"):
+        assert adapted[column] == bare[column], column
+
+    def history_answers(dataset: Dataset) -> list[str]:
+        return [entry["answer"] for row in dataset for entry in row["history"]]
+
+    assert history_answers(adapted).count("7") > len(history_answers(adapted)) / 2
+    assert history_answers(bare).count("7") < len(history_answers(bare)) / 2
+    assert f"run by the adapter `{sevens_adapter}`" in DatasetCard.load(tmp_path / "README.md").text
+
+
+def test_a_full_model_as_history_adapter_is_a_config_error(boxed_model_dir, dataset_file, tmp_path):
+    with pytest.raises(ConfigError, match=r"history_adapter .* not a LoRA adapter"):
+        make_config(boxed_model_dir, dataset_file, tmp_path, history_adapter=str(boxed_model_dir))
 
 
 def test_dataset_is_saved_to_disk_as_parquet_with_a_card(built):
