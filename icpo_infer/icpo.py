@@ -23,7 +23,6 @@ import random
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -36,6 +35,7 @@ from icpo_infer.backends.base import (
     SamplingParams,
     derive_seed,
     encode_prompt,
+    is_full_model_dir,
 )
 from icpo_infer.config import ConfigError, check, option
 from icpo_infer.data import Problem
@@ -135,9 +135,7 @@ class InferConfig:
         if self.templates is not None:  # a bad templates file fails now, not after the model loads
             PromptTemplates.from_yaml(self.templates)
         check(
-            self.adapter is None
-            or not Path(self.adapter).is_dir()
-            or (Path(self.adapter) / ADAPTER_CONFIG).is_file(),
+            not is_full_model_dir(self.adapter),
             f"adapter '{self.adapter}' holds no {ADAPTER_CONFIG}, so it is not a LoRA adapter; a fully "
             "fine-tuned model goes in --model (and --adapter is left out).",
         )

@@ -36,7 +36,14 @@ from datasets import Dataset, Features, List, Value
 from huggingface_hub import DatasetCard, DatasetCardData
 
 from icpo_infer.backends import make_backend
-from icpo_infer.backends.base import ADAPTER_CONFIG, Backend, BackendOptions, SamplingParams, encode_prompt
+from icpo_infer.backends.base import (
+    ADAPTER_CONFIG,
+    Backend,
+    BackendOptions,
+    SamplingParams,
+    encode_prompt,
+    is_full_model_dir,
+)
 from icpo_infer.config import ConfigError, check, option, option_like, parse_config, to_dict
 from icpo_infer.data import Problem, load_run_problems
 from icpo_infer.grading import extract_answer, is_equivalent
@@ -143,9 +150,7 @@ class TrajectoryConfig:
         )
         self.group_sampling(max_new_tokens=1, seed=0)  # validates group_temperature
         check(
-            self.history_adapter is None
-            or not Path(self.history_adapter).is_dir()
-            or (Path(self.history_adapter) / ADAPTER_CONFIG).is_file(),
+            not is_full_model_dir(self.history_adapter),
             f"history_adapter '{self.history_adapter}' holds no {ADAPTER_CONFIG}, so it is not a LoRA "
             "adapter; pass a LoRA adapter of --model to --history-adapter.",
         )

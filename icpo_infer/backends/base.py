@@ -10,11 +10,17 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from transformers import PreTrainedTokenizerBase
 
 ADAPTER_CONFIG = "adapter_config.json"  # what a saved PEFT adapter holds and a full model does not
+
+
+def is_full_model_dir(path: str | None) -> bool:
+    """Whether ``path`` is a local directory without an adapter config: a full model passed as an adapter."""
+    return path is not None and Path(path).is_dir() and not (Path(path) / ADAPTER_CONFIG).is_file()
 
 
 @dataclass(frozen=True)
