@@ -10,8 +10,10 @@ run resumes where it stopped):
 - ``trajectories``: reflection trajectories of the base model on the validation questions
   (:mod:`icpo_train.trajectories`, resumable per question);
 - ``train``: LoRA adapters trained on those trajectories with the same data and budget: ``icpo``
-  (the Fisher-weighted response-level loss) and the baselines ``sft`` and ``mse``;
-- ``evaluate``: the base model and every adapter on the test questions with ``single``,
+  (the Fisher-weighted response-level loss) and the baselines ``sft`` and ``mse``; with
+  ``iterations`` > 1, each adapter's next iteration (``icpo2``, ...) is a fresh adapter trained on
+  trajectories whose histories the previous one built (the same pi_ref groups);
+- ``evaluate``: the base model and every adapter of every iteration on the test questions with ``single``,
   ``majority`` and ``me-icpo`` through the ``hf`` backend (:func:`icpo_infer.cli.run`, resumable
   per question);
 - ``report``: over all seeds, ``DIR/report.json``, the table of :func:`format_report` and the plot
@@ -114,6 +116,11 @@ class PipelineConfig(SyntheticTaskConfig, PretrainConfig):
     )
     lora_r: int = option(16, "LoRA rank.")
     lora_alpha: int = option(32, "LoRA alpha.")
+    iterations: int = option(
+        1,
+        "Build-then-train iterations: from the second on, each adapter's trajectories take their histories "
+        "from its previous iteration (the groups stay pi_ref's) and a fresh adapter is trained on them.",
+    )
     # Evaluation and engine.
     eval_methods: list[str] = field(
         default_factory=lambda: list(EVAL_METHODS),
@@ -139,6 +146,7 @@ class PipelineConfig(SyntheticTaskConfig, PretrainConfig):
         check(self.validation_size > 0, "validation_size=0: the trajectories need validation questions.")
         check(self.test_size > 0, "test_size=0: the evaluation needs test questions.")
         check(self.train_steps >= 1, f"train_steps={self.train_steps}: use at least 1 step.")
+        check(self.iterations >= 1, f"iterations={self.iterations}: use at least 1 iteration.")
         if self.templates is not None:
             PromptTemplates.from_yaml(self.templates)  # a bad templates file fails before any work
         # The other stages' configs validate their own fields: build them once now.
@@ -171,11 +179,31 @@ class PipelineConfig(SyntheticTaskConfig, PretrainConfig):
             "batch_questions": self.batch_questions,
         }
 
-    def trajectory_config(self, run: Path) -> TrajectoryConfig:
+    def adapter_name(self, model: str, iteration: int) -> str:
+        """What ``model`` is called at ``iteration``: icpo, then icpo2, icpo3, ... (base stays base)."""
+        return model if model == "base" or iteration == 1 else f"{model}{iteration}"
+
+    @property
+    def evaluated_models(self) -> list[str]:
+        """The base model, then every iteration's adapters: the models of eval/ and the report."""
+        adapters = [m for m in self.models if m != "base"]
+        iterations = range(1, self.iterations + 1)
+        return [m for m in self.models if m == "base"] + [
+            self.adapter_name(m, i) for i in iterations for m in adapters
+        ]
+
+    def trajectory_config(self, run: Path, model: str = "base", iteration: int = 1) -> TrajectoryConfig:
+        """Iteration 1: the base model's trajectories, shared by every adapter. Later iterations: those
+        whose histories ``model``'s adapter of the previous iteration builds."""
+        later = iteration > 1
+        previous = run / "adapters" / self.adapter_name(model, iteration - 1)
         return TrajectoryConfig(
             model=str(run / "base"),
+            history_adapter=str(previous) if later else None,
             dataset=str(run / "data" / "validation.jsonl"),
-            output=str(run / "trajectories"),
+            output=str(
+                run / (f"trajectories-{self.adapter_name(model, iteration)}" if later else "trajectories")
+            ),
             rounds=self.trajectory_rounds,
             group_size=self.group_size,
             history_reward=self.history_reward,
@@ -183,11 +211,11 @@ class PipelineConfig(SyntheticTaskConfig, PretrainConfig):
             **self.icpo_loop(),
         )
 
-    def train_config(self, run: Path, model: str) -> ICPOConfig:
+    def train_config(self, run: Path, model: str, iteration: int = 1) -> ICPOConfig:
         return ICPOConfig(
-            output_dir=str(_partial(run / "adapters" / model)),
+            output_dir=str(_partial(run / "adapters" / self.adapter_name(model, iteration))),
             model_name_or_path=str(run / "base"),
-            trajectories=str(run / "trajectories"),
+            trajectories=self.trajectory_config(run, model, iteration).output,
             templates=self.templates,
             loss_type=LOSS_OF_MODEL[model],
             eta=self.eta,
@@ -300,21 +328,32 @@ class _SeedRun:
         return True
 
     def train(self) -> bool:
-        todo = [m for m in self.config.models if m != "base" and not (self.dir / "adapters" / m).is_dir()]
-        if todo:
-            self.require(self.trajectory_dir / PARQUET_FILE, "trajectories")
-        for model in todo:
-            self.say(f"train: {model} adapter (loss {LOSS_OF_MODEL[model]}), {self.config.train_steps} steps")
-            with _building(self.dir / "adapters" / model) as partial:
-                trainer = ICPOTrainer(self.config.train_config(self.dir, model))
-                trainer.train()
-                trainer.save_model(str(partial))
-        return bool(todo)
+        config, ran = self.config, False
+        for iteration in range(1, config.iterations + 1):
+            for model in [m for m in config.models if m != "base"]:
+                name = config.adapter_name(model, iteration)
+                if (self.dir / "adapters" / name).is_dir():
+                    continue
+                if iteration == 1:
+                    self.require(self.trajectory_dir / PARQUET_FILE, "trajectories")
+                else:  # its previous iteration is trained: the loop goes iteration by iteration
+                    previous = config.adapter_name(model, iteration - 1)
+                    self.say(f"train: trajectories whose histories the {previous} adapter builds")
+                    build_trajectories(
+                        config.trajectory_config(self.dir, model, iteration), self.base_backend()
+                    )
+                self.say(f"train: {name} adapter (loss {LOSS_OF_MODEL[model]}), {config.train_steps} steps")
+                with _building(self.dir / "adapters" / name) as partial:
+                    trainer = ICPOTrainer(config.train_config(self.dir, model, iteration))
+                    trainer.train()
+                    trainer.save_model(str(partial))
+                ran = True
+        return ran
 
     def evaluate(self) -> bool:
         num_questions = len(load_problems(str(self.dir / "data" / "test.jsonl"))[0])
         ran = False
-        for model in self.config.models:
+        for model in self.config.evaluated_models:
             todo = [
                 method
                 for method in self.config.eval_methods
@@ -380,7 +419,7 @@ def build_report(config: PipelineConfig) -> dict[str, Any]:
     per_seed = {
         str(seed): {
             model: _model_metrics(root / f"seed-{seed}" / "eval" / model, config.eval_methods)
-            for model in config.models
+            for model in config.evaluated_models
         }
         for seed in config.seeds
     }
@@ -390,10 +429,12 @@ def build_report(config: PipelineConfig) -> dict[str, Any]:
         return _aggregate([per_seed[str(s)][model][key] for s in config.seeds], reduce)
 
     comparisons = {}
+    icpo = config.adapter_name("icpo", config.iterations)  # the last iterations compared
     for other in ("base", "sft", "mse"):
         if "icpo" in config.models and other in config.models and "me-icpo" in config.eval_methods:
+            other_last = config.adapter_name(other, config.iterations)
             gaps = [
-                per_seed[str(s)]["icpo"]["self_improvement"] - per_seed[str(s)][other]["self_improvement"]
+                per_seed[str(s)][icpo]["self_improvement"] - per_seed[str(s)][other_last]["self_improvement"]
                 for s in config.seeds
             ]
             comparisons[f"icpo-{other}"] = {"self_improvement_gap": statistics.mean(gaps), "std": _std(gaps)}
@@ -403,13 +444,15 @@ def build_report(config: PipelineConfig) -> dict[str, Any]:
         timings[str(seed)] = json.loads(path.read_text()) if path.is_file() else {}
     num_questions = len(load_problems(str(root / f"seed-{config.seeds[0]}" / "data" / "test.jsonl"))[0])
     return {
-        "models": {m: {key: across(m, key, statistics.mean) for key in keys} for m in config.models},
+        "models": {
+            m: {key: across(m, key, statistics.mean) for key in keys} for m in config.evaluated_models
+        },
         "seeds": {
             "values": config.seeds,
-            "std": {m: {key: across(m, key, _std) for key in keys} for m in config.models},
+            "std": {m: {key: across(m, key, _std) for key in keys} for m in config.evaluated_models},
             "per_seed": per_seed,
         },
-        "comparisons": comparisons,  # paired over seeds: ICPO's self-improvement minus the other's
+        "comparisons": comparisons,  # paired over seeds: ICPO's self-improvement minus the other's, last iterations
         "num_questions": num_questions,
         "k": config.final_k,
         "rounds": config.rounds,
@@ -472,8 +515,10 @@ def format_report(report: dict[str, Any]) -> str:
         f"Accuracy (%) on {report['num_questions']} test questions, k={k}: single = mean@{k} without history, "
         f"majority = maj@{k}, round r / final = ME-ICPO mean@{k}; seeds {seeds['values']}"
     )
+    iterations = report["config"]["iterations"]
+    last = f" (iteration {iterations})" if iterations > 1 else ""
     comparisons = [
-        f"ICPO self-improvement minus {name.split('-')[1]}'s: {100 * c['self_improvement_gap']:+.1f}"
+        f"ICPO self-improvement minus {name.split('-')[1]}'s{last}: {100 * c['self_improvement_gap']:+.1f}"
         + (f" ± {100 * c['std']:.1f}" if len(seeds["values"]) > 1 else "")
         + " points"
         for name, c in report["comparisons"].items()
@@ -489,7 +534,7 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
         return {}
     root = Path(config.output_dir)
     for seed in config.seeds:
-        for model in config.models:
+        for model in config.evaluated_models:
             for method in config.eval_methods:
                 _require_finished(root / f"seed-{seed}" / "eval" / model / method)
     report = build_report(config)

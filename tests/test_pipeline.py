@@ -101,6 +101,26 @@ def test_stages_run_alone_and_name_the_missing_stage(tmp_path, capsys):
         run_pipeline(micro_config(tmp_path, stages=["train"]))
 
 
+def test_a_second_iteration_trains_on_the_histories_of_the_first_and_is_reported(tmp_path):
+    config = micro_config(tmp_path, models=["base", "icpo", "sft"], iterations=2)
+    report = run_pipeline(config)
+    run = tmp_path / "seed-0"
+    assert list(report["models"]) == ["base", "icpo", "sft", "icpo2", "sft2"]
+    first = load_trajectories(run / "trajectories")
+    for model in ("icpo", "sft"):
+        assert (run / "adapters" / f"{model}2" / "adapter_model.safetensors").is_file()
+        card = (run / f"trajectories-{model}2" / "README.md").read_text()
+        assert f"run by the adapter `{run / 'adapters' / model}`" in card
+        second = load_trajectories(run / f"trajectories-{model}2")
+        assert second["responses"] == first["responses"] and second["ref_logps"] == first["ref_logps"]
+    per_seed = report["seeds"]["per_seed"]["0"]
+    gap = per_seed["icpo2"]["self_improvement"] - per_seed["sft2"]["self_improvement"]
+    assert report["comparisons"]["icpo-sft"]["self_improvement_gap"] == pytest.approx(gap)
+    assert "minus sft's (iteration 2)" in format_report(report)
+    with pytest.raises(ConfigError, match="iterations"):
+        micro_config(tmp_path, iterations=0)
+
+
 def test_the_cli_reads_a_recipe_and_rejects_bad_values_before_any_work(tmp_path):
     recipe = tmp_path / "micro.yaml"
     recipe.write_text("\n".join(f"{key}: {value}" for key, value in MICRO.items()))
