@@ -437,7 +437,11 @@ def build_report(config: PipelineConfig) -> dict[str, Any]:
                 per_seed[str(s)][icpo]["self_improvement"] - per_seed[str(s)][other_last]["self_improvement"]
                 for s in config.seeds
             ]
-            comparisons[f"icpo-{other}"] = {"self_improvement_gap": statistics.mean(gaps), "std": _std(gaps)}
+            comparisons[f"icpo-{other}"] = {
+                "models": [icpo, other_last],
+                "self_improvement_gap": statistics.mean(gaps),
+                "std": _std(gaps),
+            }
     timings = {}
     for seed in config.seeds:
         path = root / f"seed-{seed}" / TIMINGS_FILE
@@ -515,14 +519,15 @@ def format_report(report: dict[str, Any]) -> str:
         f"Accuracy (%) on {report['num_questions']} test questions, k={k}: single = mean@{k} without history, "
         f"majority = maj@{k}, round r / final = ME-ICPO mean@{k}; seeds {seeds['values']}"
     )
-    iterations = report["config"]["iterations"]
-    last = f" (iteration {iterations})" if iterations > 1 else ""
-    comparisons = [
-        f"ICPO self-improvement minus {name.split('-')[1]}'s{last}: {100 * c['self_improvement_gap']:+.1f}"
-        + (f" ± {100 * c['std']:.1f}" if len(seeds["values"]) > 1 else "")
-        + " points"
-        for name, c in report["comparisons"].items()
-    ]
+    comparisons = []
+    for c in report["comparisons"].values():
+        icpo, other = c["models"]
+        comparisons.append(
+            f"ICPO{'' if icpo == 'icpo' else f' ({icpo})'} self-improvement minus {other}'s: "
+            f"{100 * c['self_improvement_gap']:+.1f}"
+            + (f" ± {100 * c['std']:.1f}" if len(seeds["values"]) > 1 else "")
+            + " points"
+        )
     return "\n".join([title, *lines, *comparisons])
 
 

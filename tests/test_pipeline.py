@@ -115,8 +115,9 @@ def test_a_second_iteration_trains_on_the_histories_of_the_first_and_is_reported
         assert second["responses"] == first["responses"] and second["ref_logps"] == first["ref_logps"]
     per_seed = report["seeds"]["per_seed"]["0"]
     gap = per_seed["icpo2"]["self_improvement"] - per_seed["sft2"]["self_improvement"]
+    assert report["comparisons"]["icpo-sft"]["models"] == ["icpo2", "sft2"]
     assert report["comparisons"]["icpo-sft"]["self_improvement_gap"] == pytest.approx(gap)
-    assert "minus sft's (iteration 2)" in format_report(report)
+    assert "ICPO (icpo2) self-improvement minus sft2's" in format_report(report)
     with pytest.raises(ConfigError, match="iterations"):
         micro_config(tmp_path, iterations=0)
 
