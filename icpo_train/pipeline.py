@@ -195,15 +195,15 @@ class PipelineConfig(SyntheticTaskConfig, PretrainConfig):
     def trajectory_config(self, run: Path, model: str = "base", iteration: int = 1) -> TrajectoryConfig:
         """Iteration 1: the base model's trajectories, shared by every adapter. Later iterations: those
         whose histories ``model``'s adapter of the previous iteration builds."""
-        later = iteration > 1
-        previous = run / "adapters" / self.adapter_name(model, iteration - 1)
+        history_adapter, output = None, run / "trajectories"
+        if iteration > 1:
+            history_adapter = str(run / "adapters" / self.adapter_name(model, iteration - 1))
+            output = run / f"trajectories-{self.adapter_name(model, iteration)}"
         return TrajectoryConfig(
             model=str(run / "base"),
-            history_adapter=str(previous) if later else None,
+            history_adapter=history_adapter,
             dataset=str(run / "data" / "validation.jsonl"),
-            output=str(
-                run / (f"trajectories-{self.adapter_name(model, iteration)}" if later else "trajectories")
-            ),
+            output=str(output),
             rounds=self.trajectory_rounds,
             group_size=self.group_size,
             history_reward=self.history_reward,
