@@ -29,13 +29,12 @@ from tqdm.auto import tqdm
 
 from icpo_infer.backends import BACKENDS
 from icpo_infer.backends.base import (
-    ADAPTER_CONFIG,
     Backend,
     Generation,
     SamplingParams,
+    adapter_problem,
     derive_seed,
     encode_prompt,
-    is_full_model_dir,
 )
 from icpo_infer.config import ConfigError, check, option
 from icpo_infer.data import Problem
@@ -134,10 +133,11 @@ class InferConfig:
             self.sampling(n=1, max_new_tokens=1, seed=0, summary=summary)
         if self.templates is not None:  # a bad templates file fails now, not after the model loads
             PromptTemplates.from_yaml(self.templates)
+        problem = adapter_problem(self.adapter)
         check(
-            not is_full_model_dir(self.adapter),
-            f"adapter '{self.adapter}' holds no {ADAPTER_CONFIG}, so it is not a LoRA adapter; a fully "
-            "fine-tuned model goes in --model (and --adapter is left out).",
+            problem is None,
+            f"adapter '{self.adapter}' {problem}; --adapter takes a LoRA adapter of --model (a fully "
+            "fine-tuned model goes in --model, and --adapter is left out).",
         )
 
     @property

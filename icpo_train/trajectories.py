@@ -37,12 +37,11 @@ from huggingface_hub import DatasetCard, DatasetCardData
 
 from icpo_infer.backends import make_backend
 from icpo_infer.backends.base import (
-    ADAPTER_CONFIG,
     Backend,
     BackendOptions,
     SamplingParams,
+    adapter_problem,
     encode_prompt,
-    is_full_model_dir,
 )
 from icpo_infer.config import ConfigError, check, option, option_like, parse_config, to_dict
 from icpo_infer.data import Problem, load_run_problems
@@ -149,10 +148,11 @@ class TrajectoryConfig:
             f"selection '{self.selection}' is unknown; use one of {', '.join(SELECTIONS)}.",
         )
         self.group_sampling(max_new_tokens=1, seed=0)  # validates group_temperature
+        problem = adapter_problem(self.history_adapter)
         check(
-            not is_full_model_dir(self.history_adapter),
-            f"history_adapter '{self.history_adapter}' holds no {ADAPTER_CONFIG}, so it is not a LoRA "
-            "adapter; pass a LoRA adapter of --model to --history-adapter.",
+            problem is None,
+            f"history_adapter '{self.history_adapter}' {problem}; pass a LoRA adapter of --model to "
+            "--history-adapter.",
         )
         self.infer_config()  # validates the options shared with icpo-infer
 

@@ -136,6 +136,10 @@ def test_compare_prints_differences_and_saves_a_plot(infer, tmp_path, capsys):
         (["--method", "beam"], "use one of single, majority, random-icpo, me-icpo"),
         (["--backend", "tgi"], "use one of hf, vllm"),
         (["--problem-field", "question"], "--problem-field"),
+        (
+            ["--adapter", "runs/x/adapters/icpo"],
+            "is no directory, nor a Hub repo id: train the adapter first",
+        ),
     ],
 )
 def test_bad_input_is_a_clean_error(infer, tmp_path, capsys, args, message):

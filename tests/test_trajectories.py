@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -204,9 +205,18 @@ def test_a_history_adapter_builds_the_histories_and_pi_ref_the_groups(
     assert f"run by the adapter `{sevens_adapter}`" in DatasetCard.load(tmp_path / "README.md").text
 
 
-def test_a_full_model_as_history_adapter_is_a_config_error(boxed_model_dir, dataset_file, tmp_path):
-    with pytest.raises(ConfigError, match=r"history_adapter .* not a LoRA adapter"):
-        make_config(boxed_model_dir, dataset_file, tmp_path, history_adapter=str(boxed_model_dir))
+@pytest.mark.parametrize(
+    ("history_adapter", "problem"),
+    [("boxed", "it is a full model, not a LoRA adapter"), ("missing", "is no directory, nor a Hub repo id")],
+)
+def test_a_history_adapter_that_cannot_load_is_a_config_error(
+    boxed_model_dir, dataset_file, tmp_path, history_adapter, problem
+):
+    path = {"boxed": boxed_model_dir, "missing": tmp_path / "adapters" / "icpo"}[history_adapter]
+    with pytest.raises(
+        ConfigError, match=rf"history_adapter '{re.escape(str(path))}' .*{problem}.*--history-adapter"
+    ):
+        make_config(boxed_model_dir, dataset_file, tmp_path, history_adapter=str(path))
 
 
 def test_dataset_is_saved_to_disk_as_parquet_with_a_card(built):

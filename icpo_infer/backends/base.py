@@ -13,14 +13,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 from transformers import PreTrainedTokenizerBase
 
 ADAPTER_CONFIG = "adapter_config.json"  # what a saved PEFT adapter holds and a full model does not
 
 
-def is_full_model_dir(path: str | None) -> bool:
-    """Whether ``path`` is a local directory without an adapter config: a full model passed as an adapter."""
-    return path is not None and Path(path).is_dir() and not (Path(path) / ADAPTER_CONFIG).is_file()
+def adapter_problem(path: str | None) -> str | None:
+    """Why ``path`` cannot be a LoRA adapter, or None when it can.
+
+    Backends load an adapter on its first call, after work has been done, so configs check it first:
+    a local directory must hold an adapter config, and anything else must be a valid Hub repo id.
+    """
+    if path is None:
+        return None
+    if Path(path).is_dir():
+        if (Path(path) / ADAPTER_CONFIG).is_file():
+            return None
+        return f"holds no {ADAPTER_CONFIG}, so it is a full model, not a LoRA adapter"
+    try:
+        validate_repo_id(path)
+    except HFValidationError:
+        return "is no directory, nor a Hub repo id: train the adapter first or fix the path"
+    return None
 
 
 @dataclass(frozen=True)
