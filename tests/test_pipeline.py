@@ -147,12 +147,16 @@ def test_tail_bucket_and_fisher_at_reach_the_adapters_they_apply_to(tmp_path):
         micro_config(tmp_path, fisher_at="nowhere")
 
 
-@pytest.mark.parametrize("recipe", ["tiny.yaml", "full.yaml"])
-def test_the_shipped_recipes_are_valid(recipe, tmp_path):
+@pytest.mark.parametrize(
+    ("recipe", "models", "iterations"),
+    [("tiny.yaml", set(MODELS), 1), ("full.yaml", {"base", "icpo", "sft"}, 2)],
+)
+def test_the_shipped_recipes_are_valid(recipe, models, iterations, tmp_path):
     config = parse_config(
         PipelineConfig, ["--config", str(E2E_RECIPES / recipe), "--output_dir", str(tmp_path)]
     )
-    assert config.templates is not None and set(config.models) == set(MODELS)
+    assert config.templates is not None
+    assert (set(config.models), config.iterations) == (models, iterations)
 
 
 def test_the_demo_runs_the_toy_theory_then_the_pipeline_and_ends_with_the_table(tmp_path, capsys):
