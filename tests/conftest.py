@@ -41,7 +41,7 @@ def _save_tiny_model(directory: Path, chat_template: bool) -> Path:
         for row in read_benchmark("math500")
     ]
     tokenizer = train_tokenizer(texts, vocab_size=384, chat_template=chat_template)
-    model = init_tiny_llama(tokenizer, hidden_size=32, num_layers=2, num_heads=2, context_length=4096, seed=0)
+    model = init_tiny_llama(tokenizer, hidden_size=32, num_layers=2, num_heads=1, context_length=4096, seed=0)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
