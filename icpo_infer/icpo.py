@@ -94,6 +94,13 @@ class InferConfig:
     tensor_parallel_size: int = option(1, "vllm backend: tensor parallel size.")
     data_parallel_size: int = option(1, "vllm backend: data parallel size.")
     gpu_memory_utilization: float = option(0.9, "vllm backend: fraction of GPU memory to use.")
+    kv_cache_gb: float | None = option(
+        None,
+        "vllm backend: GiB of KV cache (default: what --gpu-memory-utilization leaves on a GPU, 4 on a CPU).",
+    )
+    enforce_eager: bool = option(
+        False, "vllm backend: no torch.compile or CUDA graphs: the engine starts in seconds, decodes slower."
+    )
     trust_remote_code: bool = option(False, "Run the model repository's own code (only for repos you trust).")
     batch_questions: int = option(
         64,
@@ -182,6 +189,8 @@ RUN_ONLY_FIELDS = frozenset(
         "tensor_parallel_size",
         "data_parallel_size",
         "gpu_memory_utilization",
+        "kv_cache_gb",
+        "enforce_eager",
     }
 )
 

@@ -129,6 +129,8 @@ class TrajectoryConfig:
     tensor_parallel_size: int = option_like(InferConfig, "tensor_parallel_size")
     data_parallel_size: int = option_like(InferConfig, "data_parallel_size")
     gpu_memory_utilization: float = option_like(InferConfig, "gpu_memory_utilization")
+    kv_cache_gb: float | None = option_like(InferConfig, "kv_cache_gb")
+    enforce_eager: bool = option_like(InferConfig, "enforce_eager")
     trust_remote_code: bool = option_like(InferConfig, "trust_remote_code")
     batch_questions: int = option_like(InferConfig, "batch_questions")
     overwrite: bool = option(False, "Start over in an output directory that holds trajectories.")

@@ -1,20 +1,21 @@
 """Backend conformance: every importable backend against the same tiny saved models.
 
 References are computed with a plain transformers model: a token-by-token greedy decode without
-cache or padding, and one unpadded forward pass per scored pair. ``hf`` always runs; ``vllm`` runs
-where it is installed and a CUDA GPU is present.
+cache or padding, and one unpadded forward pass per scored pair. Both backends pass the same tests
+in fp32: ``hf``, and ``vllm`` through the real engine (vLLM's CPU build here), so where both equal
+the reference, they equal each other (greedy tokens, scores, LoRA).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import save_tiny_model
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from icpo_infer.backends import make_backend
 from icpo_infer.backends.base import (
@@ -37,41 +38,25 @@ QUESTIONS = [
 ]
 
 
-def _vllm_skip_reason() -> str | None:
-    if importlib.util.find_spec("vllm") is None:
-        return "vllm is not installed"
-    if not torch.cuda.is_available():
-        return "vllm needs a CUDA GPU"
-    return None
-
-
-BACKENDS = [
-    "hf",
-    pytest.param(
-        "vllm", marks=pytest.mark.skipif(_vllm_skip_reason() is not None, reason=str(_vllm_skip_reason()))
-    ),
-]
+BACKENDS = ["hf", pytest.param("vllm", marks=pytest.mark.vllm)]
 
 
 def _options(name: str, model: Path, **changes) -> BackendOptions:
+    options = {"dtype": "float32"}
     if name == "vllm":
-        extra = {"max_model_len": 512, "enforce_eager": True}
-        return BackendOptions(
-            str(model), dtype="float32", gpu_memory_utilization=0.3, enable_lora=True, extra=extra, **changes
-        )
-    return BackendOptions(str(model), dtype="float32", **changes)
+        options |= {"kv_cache_gb": 1, "max_model_len": 512, "enforce_eager": True, "enable_lora": True}
+    return BackendOptions(str(model), **(options | changes))
 
 
 @pytest.fixture(scope="module")
-def model_dir(tiny_chat_model_dir, tmp_path_factory) -> Path:
-    """The tiny chat model with its EOS embedding scaled up: a random tiny model almost never ends a
-    completion, this one ends some early and runs others to max_new_tokens."""
-    model = AutoModelForCausalLM.from_pretrained(tiny_chat_model_dir)
+def model_dir(tmp_path_factory) -> Path:
+    """A tiny chat model (two heads) with its EOS embedding scaled up: a random tiny model almost never
+    ends a completion, this one ends some early and runs others to max_new_tokens."""
+    directory = save_tiny_model(tmp_path_factory.mktemp("tiny-ending"), True, hidden_size=64, num_heads=2)
+    model = AutoModelForCausalLM.from_pretrained(directory)
     with torch.no_grad():
-        model.get_input_embeddings().weight[model.config.eos_token_id] *= 30
-    directory = tmp_path_factory.mktemp("tiny-ending")
+        model.get_input_embeddings().weight[model.config.eos_token_id] *= 4
     model.save_pretrained(directory)
-    AutoTokenizer.from_pretrained(tiny_chat_model_dir).save_pretrained(directory)
     return directory
 
 
@@ -107,7 +92,10 @@ def reference_lora(model_dir, lora_dir) -> torch.nn.Module:
 
 @pytest.fixture(scope="module", params=BACKENDS)
 def backend(request, model_dir) -> Backend:
-    return make_backend(request.param, _options(request.param, model_dir))
+    backend = make_backend(request.param, _options(request.param, model_dir))
+    yield backend
+    if hasattr(backend, "close"):
+        backend.close()
 
 
 @pytest.fixture(scope="module")
@@ -316,6 +304,74 @@ def test_lora_adapter_changes_outputs_and_scores_and_leaves_the_base_alone(
     assert texts(backend.generate(prompts, greedy)) == base_texts
 
 
+@pytest.fixture(scope="module")
+def mlp_lora_dir(model_dir, tmp_path_factory) -> Path:
+    """A second adapter of ``model_dir``, on the MLP instead of attention."""
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(model_dir),
+        LoraConfig(r=8, lora_alpha=8, target_modules=["gate_proj", "up_proj", "down_proj"]),
+    )
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, weight in model.named_parameters():
+            if "lora_B" in name:
+                weight.copy_(torch.randn(weight.shape, generator=generator))
+    directory = tmp_path_factory.mktemp("tiny-mlp-lora")
+    model.save_pretrained(directory)
+    return directory
+
+
+def test_adapters_per_call_through_one_backend_with_the_base_between_them(
+    backend, prompts, reference, reference_lora, lora_dir, mlp_lora_dir
+):
+    tokenizer = backend.tokenizer
+    completions = [" The answer is \\boxed{5}."] * len(prompts)
+    mlp_reference = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(backend.options.model, dtype=torch.float32), mlp_lora_dir
+    ).eval()
+    expected = {None: reference, str(lora_dir): reference_lora, str(mlp_lora_dir): mlp_reference}
+    seen = {}
+    for adapter in [str(lora_dir), None, str(mlp_lora_dir), str(lora_dir), None, str(mlp_lora_dir)]:
+        scores = backend.score(prompts, completions, adapter=adapter)
+        for prompt, completion, score in zip(prompts, completions, scores, strict=True):
+            want = logprob_reference(
+                expected[adapter], encode_prompt(tokenizer, prompt), encode_completion(tokenizer, completion)
+            )
+            assert score.logprob == pytest.approx(want, rel=1e-4, abs=1e-4), adapter
+        seen[adapter] = tuple(s.logprob for s in scores)
+    assert len(set(seen.values())) == 3  # three different models
+
+
+def test_release_drops_an_adapter_and_a_later_call_loads_it_again(backend, prompts, lora_dir):
+    completions = ["4", " The answer is 25", "", "x", "7", " so 15"]
+    base = backend.score(prompts, completions)
+    adapted = backend.score(prompts, completions, adapter=str(lora_dir))
+    backend.release(str(lora_dir))
+    backend.release(str(lora_dir))  # already gone: nothing to do
+    assert backend.score(prompts, completions) == base
+    again = backend.score(prompts, completions, adapter=str(lora_dir))
+    assert [s.logprob for s in again] == pytest.approx([s.logprob for s in adapted], rel=1e-6, abs=1e-6)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_bf16_on_the_cpu_scores_and_decodes_close_to_fp32(name, model_dir, reference):
+    backend = make_backend(name, _options(name, model_dir, dtype="bfloat16"))
+    tokenizer = backend.tokenizer
+    prompts = [tokenizer.bos_token + q for q in QUESTIONS]
+    completions = [" The answer is \\boxed{5}.", "7", " so 15"]
+    for prompt, completion, score in zip(
+        prompts, completions, backend.score(prompts, completions), strict=True
+    ):
+        want = logprob_reference(
+            reference, encode_prompt(tokenizer, prompt), encode_completion(tokenizer, completion)
+        )
+        assert score.logprob == pytest.approx(want, rel=0.05, abs=0.2)
+    generations = backend.generate(prompts, SamplingParams(temperature=0, max_new_tokens=4))
+    assert all(g.completions[0].num_tokens >= 1 for g in generations)
+    if hasattr(backend, "close"):
+        backend.close()
+
+
 # The options below are the transformers backend's own.
 
 
@@ -365,7 +421,7 @@ def test_hf_release_frees_an_adapter_and_a_later_call_loads_it_again(model_dir, 
     assert backend.score(prompts, completions, adapter=str(copy)) == adapted != base
 
     backend.release(str(lora_dir))
-    assert list(backend.model.peft_config) == ["adapter_1"]
+    assert list(backend.model.peft_config) == ["adapter_2"]  # the second load; the first is gone
     assert backend.score(prompts, completions, adapter=str(copy)) == adapted
     assert backend.score(prompts, completions) == base
     backend.release(str(copy))

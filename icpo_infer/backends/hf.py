@@ -71,6 +71,7 @@ class HFBackend:
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else self.eos_ids[0]
         self._adapter_names: dict[str, str] = {}
+        self._adapters_loaded = 0
         if options.adapter is not None:
             self._load_adapter(options.adapter)
 
@@ -216,13 +217,18 @@ class HFBackend:
         name = self._adapter_names.pop(adapter)
         if self._adapter_names:
             self.model.delete_adapter(name)
+            # PEFT keeps a deleted adapter's name as the active one, which its disable_adapter() then
+            # looks up: make a loaded one active (each call sets its own anyway).
+            self.model.set_adapter(next(iter(self._adapter_names.values())))
         else:  # a PeftModel without adapters cannot run: unwrap the base model instead
             self.model = self.model.unload()
 
     def _load_adapter(self, path: str) -> str:
         """The PEFT name of the adapter saved at ``path``, loading it on first use."""
         if path not in self._adapter_names:
-            name = f"adapter_{len(self._adapter_names)}"  # PEFT names are module keys: no dots or slashes
+            # PEFT names are module keys (no dots or slashes); a count of loads, never reused after a release.
+            self._adapters_loaded += 1
+            name = f"adapter_{self._adapters_loaded}"
             if isinstance(self.model, PeftModel):
                 self.model.load_adapter(path, adapter_name=name)
             else:
