@@ -53,12 +53,16 @@ class OneCallPerPrompt:
         ]
 
 
-def build_model(directory: Path, questions: list[str]) -> Path:
-    """conftest's tiny base model, saved, then taught to answer in \\boxed{}."""
+def build_model(directory: Path, questions: list[str], hidden_size: int = 32, num_layers: int = 2) -> Path:
+    """conftest's tiny base model (or a larger one of its kind), saved, then taught to answer in \\boxed{}.
+
+    Heads of 64 dimensions (32 at hidden size 32), which vLLM's CPU attention serves."""
     math500, _ = load_problems(SHARED_DATA / "math500.jsonl")
     texts = [f"{p.problem} The answer is \\boxed{{{p.answer}}}" for p in math500]
     tokenizer = train_tokenizer(texts, vocab_size=384)
-    model = init_tiny_llama(tokenizer, hidden_size=32, num_layers=2, num_heads=2, context_length=4096, seed=0)
+    model = init_tiny_llama(
+        tokenizer, hidden_size, num_layers, num_heads=max(1, hidden_size // 64), context_length=4096, seed=0
+    )
     model.save_pretrained(directory / "base")
     tokenizer.save_pretrained(directory / "base")
     return teach_boxed_answers(directory / "base", directory / "boxed", questions)
