@@ -31,6 +31,7 @@ from pathlib import Path
 from transformers import PreTrainedTokenizerBase
 
 from icpo_infer.config import check, check_keys, load_recipe
+from icpo_infer.grading import choice_letter
 
 ANSWER_TYPES = ("integer", "expression", "choice")
 
@@ -137,11 +138,12 @@ def _fill(template: str, **values: str) -> str:
 
 def answer_type_of(gold: str) -> str:
     """The answer type of a reference answer: "integer" (``25``, ``025``, AMC's ``142.0``),
-    "choice" (a single option letter such as ``C`` or ``(C)``) or "expression"."""
+    "choice" (an option letter such as ``C``, ``(C)`` or ``\\text{(C)}``, see
+    :func:`icpo_infer.grading.choice_letter`) or "expression"."""
     gold = str(gold).strip().strip("$").strip()
     if re.fullmatch(r"[-+]?\d+(?:\.0*)?", gold):
         return "integer"
-    if re.fullmatch(r"(?:\\text(?:bf)?\{)?\(?[A-E]\)?\}?", gold):
+    if choice_letter(gold):
         return "choice"
     return "expression"
 
