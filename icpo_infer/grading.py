@@ -56,9 +56,9 @@ _DECLARATION = re.compile(
 # What a declaration may declare, right after it: a math span, a number or fraction (units after it
 # are ignored), or an option letter ("(C)", or "C" ending the sentence).
 _DECLARED_VALUE = re.compile(
-    r"\$\$(?P<display>.+?)\$\$|\$(?P<inline>[^$\n]+)\$|\\\((?P<paren>.+?)\\\)|\\\[(?P<bracket>.+?)\\\]"
-    r"|(?P<number>[-+]?(?:\d{1,3}(?:,\d{3})+|\d+|(?=\.\d))(?:\.\d+)?(?:\s*/\s*\d+)?(?:\s*\\?%)?)"
-    r"(?=[.,;:!?)*]*(?:\s|$))"
+    r"\$\$(?P<display>.+?)\$\$|\$(?P<inline>(?:\\\$|[^$\n])+?)\$|\\\((?P<paren>.+?)\\\)|\\\[(?P<bracket>.+?)\\\]"
+    r"|(?P<number>[-+−]?(?:\d{1,3}(?:,\d{3})+|\d+|(?=\.\d))(?:\.\d+)?(?:\s*/\s*\d+)?(?:\s*\\?%)?)"
+    r"(?=[.,;:!?)*]*(?:\s|$))(?![ \t]*[-+−*/=^×÷<>])"  # not the start of a formula
     r"|(?P<choice>\(?[A-E]\)|[A-E](?=[.*]*\s*$|[.*]+\s))",
     re.DOTALL | re.MULTILINE,
 )
@@ -156,12 +156,12 @@ def choice_letter(answer: str) -> str | None:
 
 
 def normalise_answer(answer: str) -> str:
-    """The answer in the form it is stored, voted and verified in: whitespace runs collapsed, an
-    option letter reduced to the letter, a closing period dropped, LaTeX spacing between digit
-    groups removed ("1\\,000"), a number and its unit in one ``\\text{}`` split, degree signs
-    written ``^\\circ``. math-verify normalises the rest (``\\dfrac``, ``\\text{}`` units, ``\\%``,
-    thousands commas, ``x =``)."""
-    answer = " ".join(answer.split()).removesuffix("\\.").rstrip(".").strip()
+    """The answer in the form it is stored, voted and verified in: whitespace runs collapsed, the
+    Unicode minus written "-", an option letter reduced to the letter, a closing period dropped,
+    LaTeX spacing between digit groups removed ("1\\,000"), a number and its unit in one
+    ``\\text{}`` split, degree signs written ``^\\circ``. math-verify normalises the rest
+    (``\\dfrac``, ``\\text{}`` units, ``\\%``, thousands commas, ``x =``)."""
+    answer = " ".join(answer.replace("−", "-").split()).removesuffix("\\.").rstrip(".").strip()
     letter = choice_letter(answer)
     if letter:
         return letter

@@ -118,8 +118,15 @@ ANSWER_FORMS = [
             "\\boxed{\\text{18 dollars}}",
             "\\boxed{18 \\mbox{ cm}}",
             "\\boxed{\\$18}",
+            "The answer is $\\$18$.",
         ],
         ["\\boxed{118\\text{ dollars}}", "\\boxed{\\text{1 8 dollars}}"],
+    ),
+    (
+        "minus signs",
+        "-3",
+        ["\\boxed{-3}", "\\boxed{−3}", "The answer is −3.", "The answer is $-3$."],
+        ["\\boxed{3}", "\\boxed{--3}"],
     ),
     (
         "degrees inside the box",
@@ -181,6 +188,7 @@ ANSWER_FORMS = [
         [
             "The final answer is the ratio of 1 and 2, which",
             "the answer is not obvious; we compute 1/2 + 1/4",
+            "the answer is 1 + 1/2 = 3/2, then",  # a formula, not a declared value
             "We need the answer: first 1/2 then",
         ],
     ),
