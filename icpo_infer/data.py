@@ -147,13 +147,13 @@ def _is_empty(value: object) -> bool:
     return value is None or (isinstance(value, str) and not value.strip())
 
 
-def benchmark_named(dataset: str) -> Benchmark | None:
-    """The benchmark ``dataset`` names (case-insensitive, aliases allowed), or None when it is no
-    benchmark name or an existing local path (a local file or folder always wins)."""
+def benchmark_name(dataset: str) -> str | None:
+    """The name in :data:`BENCHMARKS` that ``dataset`` names (case-insensitive, aliases allowed), or
+    None when it is no benchmark name or an existing local path (a local file or folder always wins)."""
     if Path(dataset).exists():
         return None
-    name = dataset.lower()
-    return BENCHMARKS.get(BENCHMARK_ALIASES.get(name, name))
+    name = BENCHMARK_ALIASES.get(dataset.lower(), dataset.lower())
+    return name if name in BENCHMARKS else None
 
 
 def load_run_problems(config: Any) -> tuple[list[Problem], int]:
@@ -165,8 +165,9 @@ def load_run_problems(config: Any) -> tuple[list[Problem], int]:
     """
     source, split = config.dataset, config.split
     fields = {name: getattr(config, name) for name in ("problem_field", "answer_field", "id_field")}
-    benchmark = benchmark_named(config.dataset)
-    if benchmark is not None:
+    name = benchmark_name(config.dataset)
+    if name is not None:
+        benchmark = BENCHMARKS[name]
         source, split = benchmark.hub_id, split or benchmark.split
         defaults = {f.name: f.default for f in dataclasses.fields(config) if f.name in fields}
         for name, value in fields.items():

@@ -5,7 +5,8 @@ then a table of the measured accuracy and cost next to the paper's figures.
         --output-dir runs/reproduce/qwen2.5-math-7b [--methods single,me-icpo] [--FIELD VALUE ...]
 
 A recipe is an `icpo-infer run` recipe plus ``methods`` (the methods to run, in order) and, where the
-paper reports them, ``paper_mean_at_k`` (method: mean@k in percent). Every other option is an
+paper reports them, ``paper_mean_at_k`` (benchmark: method: mean@k in percent); the table shows the
+figures of the benchmark the run used. Every other option is an
 `icpo-infer run` option (`icpo-infer run --help`) and applies to every method, e.g. ``--limit 5`` or
 ``--dataset math500``. The model is loaded once; each method is an `icpo-infer run` output directory
 (OUTPUT_DIR/METHOD), so a rerun resumes where it stopped. OUTPUT_DIR/table.md holds the table, and
@@ -26,6 +27,7 @@ from icpo_infer.backends import make_backend
 from icpo_infer.backends.base import BackendOptions
 from icpo_infer.cli import run
 from icpo_infer.config import ConfigError, check, load_recipe, parse_config
+from icpo_infer.data import BENCHMARKS, benchmark_name
 from icpo_infer.icpo import InferConfig
 
 PROG = "reproduce.py"
@@ -34,7 +36,8 @@ RUN_RECIPE_FILE = "run_recipe.yaml"
 
 
 def plan(argv: Sequence[str] | None) -> tuple[list[InferConfig], dict[str, float], Path]:
-    """One validated config per method (before any model loads), the paper's figures, the output dir."""
+    """One validated config per method (before any model loads), the paper's figures for the run's
+    benchmark (method: mean@k), the output dir."""
     parser = argparse.ArgumentParser(
         prog=PROG,
         description=__doc__,
@@ -56,8 +59,15 @@ def plan(argv: Sequence[str] | None) -> tuple[list[InferConfig], dict[str, float
         "or pass --methods.",
     )
     check(
-        isinstance(paper, dict) and all(isinstance(v, (int, float)) for v in paper.values()),
-        f"recipe '{args.config}': 'paper_mean_at_k' must map methods to mean@k in percent.",
+        isinstance(paper, dict)
+        and all(
+            benchmark in BENCHMARKS
+            and isinstance(figures, dict)
+            and all(isinstance(value, (int, float)) for value in figures.values())
+            for benchmark, figures in paper.items()
+        ),
+        f"recipe '{args.config}': 'paper_mean_at_k' must map benchmarks ({', '.join(BENCHMARKS)}) to "
+        "method: mean@k in percent.",
     )
     for flag in ("--method", "--output_dir"):
         check(
@@ -83,7 +93,8 @@ def plan(argv: Sequence[str] | None) -> tuple[list[InferConfig], dict[str, float
         )
         for method in methods
     ]
-    return configs, {str(method): float(value) for method, value in paper.items()}, args.output_dir
+    figures = paper.get(benchmark_name(configs[0].dataset), {})
+    return configs, {str(method): float(value) for method, value in figures.items()}, args.output_dir
 
 
 def reproduction_table(

@@ -9,7 +9,7 @@ import datasets
 import pytest
 
 from icpo_infer.config import ConfigError
-from icpo_infer.data import Problem, benchmark_named, load_problems, load_run_problems
+from icpo_infer.data import Problem, benchmark_name, load_problems, load_run_problems
 from icpo_infer.icpo import InferConfig
 
 
@@ -187,4 +187,5 @@ def test_a_local_path_wins_over_a_benchmark_name_and_flags_override_its_mapping(
     assert load_run_problems(config)[0] == [Problem("Algebra", "p3", "s")]
     with pytest.raises(ConfigError, match='--split: Unknown split "train"'):
         load_run_problems(InferConfig(model="m", dataset="math500", output_dir="out", split="train"))
-    assert benchmark_named("aime25") is None  # an unknown name is left to load_dataset (a Hub id)
+    assert benchmark_name("AIME2024") == "aime24"
+    assert benchmark_name("aime25") is None  # an unknown name is left to load_dataset (a Hub id)

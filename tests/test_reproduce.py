@@ -12,6 +12,7 @@ from pathlib import Path
 
 import datasets
 import pytest
+import torch
 from boxed_model import teach_boxed_answers
 from conftest import read_benchmark
 from script_modules import load_script
@@ -139,6 +140,7 @@ def build_tiny_model(directory: Path, family: dict) -> Path:
         eos_token_id=[wrapped.convert_tokens_to_ids(token) for token in family["stop"]],
         pad_token_id=wrapped.pad_token_id,
     )
+    torch.manual_seed(0)
     model = (Qwen2ForCausalLM if family["architecture"] == "qwen2" else LlamaForCausalLM)(config)
     model.save_pretrained(directory)
     wrapped.save_pretrained(directory)
@@ -240,7 +242,7 @@ def test_recipe_runs_as_written_on_a_tiny_model_of_its_family(name, tiny_models,
             rows = [json.loads(line) for line in (output / method / "results.jsonl").read_text().splitlines()]
             rounds = [r for row in rows for r in row["rounds"]]
             assert any(r["chosen"] is not None and any(e is not None for e in r["entropies"]) for r in rounds)
-        reported = recipe.get("paper_mean_at_k", {}).get(method)
+        reported = recipe.get("paper_mean_at_k", {}).get("aime24", {}).get(method)
         row = next(line for line in table.splitlines() if line.startswith(f"| {method} |"))
         assert row.split("|")[3].strip() == ("-" if reported is None else f"{reported:.1f}")
 
@@ -254,6 +256,21 @@ def test_recipe_runs_as_written_on_a_tiny_model_of_its_family(name, tiny_models,
     else:
         chat_marker = FAMILIES[family]["special"][2]  # <|start_header_id|> or <｜User｜>
         assert prompt.startswith(tokenizer.bos_token + chat_marker) and "What is 1+1?" in prompt
+
+
+def test_a_local_file_runs_without_the_paper_figures_of_another_benchmark(
+    tiny_models, aime_stand_in, tmp_path, shared_data
+):
+    recipe = str(RECIPES / "qwen2.5-math-7b.yaml")
+    model = str(tiny_models["qwen2.5-math"])
+    args = ["--model", model, "--dataset", str(shared_data / "amc.jsonl"), "--methods", "single", *SIZES]
+    assert reproduce.main(["--config", recipe, "--output-dir", str(tmp_path / "out"), *args]) == 0
+    row = next(
+        line
+        for line in (tmp_path / "out" / "table.md").read_text().splitlines()
+        if line.startswith("| single")
+    )
+    assert row.split("|")[3].strip() == "-"  # the recipe's figures are AIME 2024's
 
 
 def test_methods_can_be_chosen_and_per_method_flags_are_refused(tiny_models, aime_stand_in, tmp_path, capsys):
@@ -274,4 +291,7 @@ def test_methods_can_be_chosen_and_per_method_flags_are_refused(tiny_models, aim
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: m\ndataset: aime24\n")
     with pytest.raises(ConfigError, match="'methods' must list the methods"):
+        reproduce.plan(["--config", str(bad), "--output-dir", str(output)])
+    bad.write_text("methods: [single]\nmodel: m\ndataset: aime24\npaper_mean_at_k: {single: 11.0}\n")
+    with pytest.raises(ConfigError, match="'paper_mean_at_k' must map benchmarks"):
         reproduce.plan(["--config", str(bad), "--output-dir", str(output)])
