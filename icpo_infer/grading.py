@@ -67,6 +67,7 @@ _DECLARED_VALUE = re.compile(
 _CHOICE = re.compile(
     r"(?:\\(?:text|textbf|textrm|mathrm|mathbf|mbox)\s*\{\s*)?"
     r"(?:\(\s*(?P<paren>[A-E])\s*\)|(?P<bare>[A-E])(?:\s*\}\s*$|\s*$|\)))"
+    r"(?!.*(?:\(\s*[A-E]\s*\)|(?<![A-Za-z])[A-E]\)))"  # several options ("(A), (C)") are no one letter
 )
 # Digit groups separated by LaTeX spacing ("1\,000", "1\ 000", "1~000"); commas are math-verify's.
 _SPACED_THOUSANDS = re.compile(r"(?<![\d.])\d{1,3}(?:(?:\\[,;: ]|~)\d{3})+(?![\d])")

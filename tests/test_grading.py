@@ -212,6 +212,8 @@ ANSWER_FORMS = [
             "The answer is Clearly 12",
             "\\boxed{AC}",
             "Options (C) and (D) remain, so",
+            "\\boxed{(C), (D)}",
+            "\\boxed{C), D)}",
         ],
     ),
 ]
