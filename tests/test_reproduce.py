@@ -16,7 +16,7 @@ import torch
 from boxed_model import teach_boxed_answers
 from conftest import read_benchmark
 from script_modules import load_script
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     AutoTokenizer,
     LlamaConfig,
@@ -26,6 +26,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from icpo_infer.backends.base import encode_prompt
 from icpo_infer.config import ConfigError, load_recipe
 from icpo_infer.prompts import PromptTemplates, render_prompt
 
@@ -123,6 +124,13 @@ def build_tiny_model(directory: Path, family: dict) -> Path:
         show_progress=False,
     )
     tokenizer.train_from_iterator(texts, trainer)
+    if family["bos"]:  # Llama tokenizers add BOS when asked for special tokens (the chat template has it too)
+        bos_id = tokenizer.token_to_id(family["bos"])
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{family['bos']} $A",
+            pair=f"{family['bos']} $A $B",
+            special_tokens=[(family["bos"], bos_id)],
+        )
     wrapped = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, bos_token=family["bos"], eos_token=family["eos"], pad_token=family["pad"]
     )
@@ -256,6 +264,8 @@ def test_recipe_runs_as_written_on_a_tiny_model_of_its_family(name, tiny_models,
     else:
         chat_marker = FAMILIES[family]["special"][2]  # <|start_header_id|> or <｜User｜>
         assert prompt.startswith(tokenizer.bos_token + chat_marker) and "What is 1+1?" in prompt
+        assert tokenizer("x")["input_ids"][0] == tokenizer.bos_token_id  # as the real tokenizer
+        assert encode_prompt(tokenizer, prompt).count(tokenizer.bos_token_id) == 1  # not doubled
 
 
 def test_a_local_file_runs_without_the_paper_figures_of_another_benchmark(
