@@ -1,7 +1,9 @@
-"""Benchmark problems from a local JSON / JSONL / Parquet file or a Hugging Face dataset, via `datasets`."""
+"""Benchmark problems from a local JSON / JSONL / Parquet file, a Hugging Face dataset, or a benchmark
+by name (``aime24``, ``amc``, ``math500``: :data:`BENCHMARKS`), via `datasets`."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,6 +14,35 @@ from datasets.exceptions import DatasetGenerationError
 from icpo_infer.config import ConfigError, check
 
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """A public benchmark on the Hub and how its columns map to a problem."""
+
+    hub_id: str
+    split: str
+    description: str
+    problem_field: str = "problem"
+    answer_field: str = "answer"
+    id_field: str = "id"
+
+
+# Column names and splits as the datasets' cards list them.
+BENCHMARKS = {
+    "aime24": Benchmark(
+        "HuggingFaceH4/aime_2024", "train", "AIME 2024 I and II, 30 problems, integer answers"
+    ),
+    "amc": Benchmark(
+        "AI-MO/aimo-validation-amc",
+        "train",
+        "AMC 12 2022 and 2023, 83 problems, answers stored as floats (142.0)",
+    ),
+    "math500": Benchmark(
+        "HuggingFaceH4/MATH-500", "test", "MATH-500, 500 problems of the MATH test set", id_field="unique_id"
+    ),
+}
+BENCHMARK_ALIASES = {"aime2024": "aime24", "amc23": "amc", "math-500": "math500"}
 
 
 @dataclass(frozen=True)
@@ -116,17 +147,34 @@ def _is_empty(value: object) -> bool:
     return value is None or (isinstance(value, str) and not value.strip())
 
 
+def benchmark_name(dataset: str) -> str | None:
+    """The name in :data:`BENCHMARKS` that ``dataset`` names (case-insensitive, aliases allowed), or
+    None when it is no benchmark name or an existing local path (a local file or folder always wins)."""
+    if Path(dataset).exists():
+        return None
+    name = BENCHMARK_ALIASES.get(dataset.lower(), dataset.lower())
+    return name if name in BENCHMARKS else None
+
+
 def load_run_problems(config: Any) -> tuple[list[Problem], int]:
     """:func:`load_problems` with the options a run's config carries (``dataset``, ``split``, the field
-    names, ``limit``, ``skip_invalid``); a run needs at least one question."""
+    names, ``limit``, ``skip_invalid``); a run needs at least one question.
+
+    A benchmark name as ``dataset`` loads its Hub dataset with its split and column mapping; a split or
+    field the config sets to other than its default overrides the benchmark's.
+    """
+    source, split = config.dataset, config.split
+    fields = {name: getattr(config, name) for name in ("problem_field", "answer_field", "id_field")}
+    name = benchmark_name(config.dataset)
+    if name is not None:
+        benchmark = BENCHMARKS[name]
+        source, split = benchmark.hub_id, split or benchmark.split
+        defaults = {f.name: f.default for f in dataclasses.fields(config) if f.name in fields}
+        for name, value in fields.items():
+            if value == defaults.get(name):
+                fields[name] = getattr(benchmark, name)
     problems, skipped = load_problems(
-        config.dataset,
-        split=config.split,
-        problem_field=config.problem_field,
-        answer_field=config.answer_field,
-        id_field=config.id_field,
-        limit=config.limit,
-        skip_invalid=config.skip_invalid,
+        source, split=split, limit=config.limit, skip_invalid=config.skip_invalid, **fields
     )
     check(bool(problems), f"dataset '{config.dataset}' has no questions to run; check --dataset and --split.")
     return problems, skipped

@@ -1,9 +1,22 @@
 """Answer extraction, equivalence and majority voting, built on math-verify.
 
-Answers travel through the framework as strings (the content of the response's last ``\\boxed{}``):
-they are stored in results and trajectories and shown back to the model in the history. Two
-answers are the same when math-verify says so (``0.5`` = ``\\frac{1}{2}``, ``025`` = ``25``,
-``142.0`` = ``142``), and majority votes count equivalence classes, not raw strings.
+Answers travel through the framework as strings (what the response declares as its final answer,
+normalised): they are stored in results and trajectories and shown back to the model in the
+history. Two answers are the same when math-verify says so (``0.5`` = ``\\frac{1}{2}``, ``025`` =
+``25``, ``142.0`` = ``142``), and majority votes count equivalence classes, not raw strings.
+
+What counts as a final answer (README, "Grading", lists the same): the last of
+
+- a box: ``\\boxed{...}`` (nested braces), ``\\fbox{...}``, ``boxed{...}`` written without its
+  backslash, ``\\boxed 5`` (one token, as LaTeX allows);
+- an ``<answer>...</answer>`` tag;
+- a declaration: "final answer is / final answer: / the answer is / Answer:" followed directly by a
+  math span (``$...$``, ``\\(...\\)``, ``\\[...\\]``), a number or fraction, or an option letter.
+
+A number elsewhere in free text is not an answer: unanchored extraction (the last number anywhere)
+turns a truncated or rambling response into a confident-looking answer, which would poison
+majority votes. math-verify's own anchored patterns are not used for declarations either, since
+they reach past the anchor ("final answer is the sum of 3 and 4" reads as 3).
 
 Votes run on every group of samples many times per round, so parses and pairwise verdicts are
 cached, identical strings skip math-verify, and each new answer is compared with one
@@ -23,22 +36,45 @@ from collections import Counter
 from collections.abc import Sequence
 from functools import lru_cache
 
-from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+from math_verify import LatexExtractionConfig, parse, verify
 
 MATH_VERIFY_TIMEOUT_S = 5
 
 # How a lone answer string is read: as the content of a \boxed{}, with math-verify's normalisation.
 _ANSWER_CONFIG = (LatexExtractionConfig(boxed_match_priority=0),)
-# Without a \boxed{}, only answers the text itself declares ("... final answer is $x$") count:
-# unanchored extraction (the last number or formula anywhere) turns a truncated or rambling
-# response into a confident-looking answer, which would poison majority votes.
-_DECLARED_CONFIG = (
-    LatexExtractionConfig(try_extract_without_anchor=False, boxed_match_priority=-1),
-    ExprExtractionConfig(try_extract_without_anchor=False),
-)
 _THINK_BLOCK = re.compile(r"<think>.*?</think>", re.DOTALL)
-_BOX_OPENING = re.compile(r"\\(?:boxed|fbox)\s*\{")
-_DECLARATION = re.compile(r"final answer\s*(?:is|:)[^\n]*", re.IGNORECASE)
+# A box opening: \boxed{ / \fbox{ / boxed{ without its backslash (not inside a word such as
+# "unboxed{"), or \boxed followed by a single token.
+_BOX = re.compile(r"(?:\\fbox|(?<![A-Za-z])\\?boxed)\s*\{|\\boxed[ \t]+(?!\{)(?P<token>[^\s$]+)")
+_ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL | re.IGNORECASE)
+# "final answer is", "Final Answer:", "the answer is", or "Answer:" opening a line, with Markdown
+# emphasis around it.
+_DECLARATION = re.compile(
+    r"(?:\bfinal answer|\bthe answer|^[\s*_#>-]*answer)\b[\s*_]*(?:is\b|:|=)[\s*_:]*",
+    re.IGNORECASE | re.MULTILINE,
+)
+# What a declaration may declare, right after it: a math span, a number or fraction (units after it
+# are ignored), or an option letter ("(C)", or "C" ending the sentence).
+_DECLARED_VALUE = re.compile(
+    r"\$\$(?P<display>.+?)\$\$|\$(?P<inline>(?:\\\$|[^$\n])+?)\$|\\\((?P<paren>.+?)\\\)|\\\[(?P<bracket>.+?)\\\]"
+    r"|(?P<number>[-+−]?(?:\d{1,3}(?:,\d{3})+|\d+|(?=\.\d))(?:\.\d+)?(?:\s*/\s*\d+)?(?:\s*\\?%)?)"
+    r"(?=[.,;:!?)*]*(?:\s|$))(?![ \t]*[-+−*/=^×÷<>])"  # not the start of a formula
+    r"|(?P<choice>\(?[A-E]\)|[A-E](?=[.*]*\s*$|[.*]+\s))",
+    re.DOTALL | re.MULTILINE,
+)
+# A multiple-choice answer: an option letter, bare or in parentheses, optionally wrapped in a text
+# or bold command, optionally followed by the option's content ("\textbf{(C) }12" is C).
+_CHOICE = re.compile(
+    r"(?:\\(?:text|textbf|textrm|mathrm|mathbf|mbox)\s*\{\s*)?"
+    r"(?:\(\s*(?P<paren>[A-E])\s*\)|(?P<bare>[A-E])(?:\s*\}\s*$|\s*$|\)))"
+    r"(?!.*(?:\(\s*[A-E]\s*\)|(?<![A-Za-z])[A-E]\)))"  # several options ("(A), (C)") are no one letter
+)
+# Digit groups separated by LaTeX spacing ("1\,000", "1\ 000", "1~000"); commas are math-verify's.
+_SPACED_THOUSANDS = re.compile(r"(?<![\d.])\d{1,3}(?:(?:\\[,;: ]|~)\d{3})+(?![\d])")
+_THOUSANDS_SPACING = re.compile(r"\\[,;: ]|~")
+# A number with its unit written inside one text command: "\text{5 apples}".
+_NUMBER_IN_TEXT = re.compile(r"^\\(?:text|textrm|mbox)\s*\{\s*([-+]?[\d.,]+)\s+([^{}]*)\}$")
+_DEGREES = re.compile(r"\s*(?:\\degree\b|°|\^\s*\{?\\circ\}?)")
 
 
 def _timeout() -> int | None:
@@ -56,54 +92,104 @@ def strip_thinking(text: str) -> str:
     return text.split("<think>", 1)[0]
 
 
-def _last_boxed(text: str) -> str | None:
-    """Content of the last complete, non-empty ``\\boxed{...}`` or ``\\fbox{...}`` (nested braces
-    allowed). math-verify's own box extraction joins neighbouring boxes ("\\boxed{3}, so
-    \\boxed{5}" -> "3,5"); a response that corrects itself must be graded on its last box only."""
-    for opening in reversed(list(_BOX_OPENING.finditer(text))):
+def _boxes(text: str) -> list[tuple[int, str]]:
+    """(end position, content) of every complete, non-empty box, in order. math-verify's own box
+    extraction joins neighbouring boxes ("\\boxed{3}, so \\boxed{5}" -> "3,5"); a response that
+    corrects itself must be graded on its last box only."""
+    found = []
+    for opening in _BOX.finditer(text):
+        if opening["token"]:
+            found.append((opening.end(), opening["token"]))
+            continue
         depth = 1
         for end in range(opening.end(), len(text)):
             depth += {"{": 1, "}": -1}.get(text[end], 0)
             if depth == 0:
-                content = text[opening.end() : end].strip()
-                if content:
-                    return content
+                if text[opening.end() : end].strip():
+                    found.append((end + 1, text[opening.end() : end]))
                 break
-    return None
+    return found
 
 
-def _declared_answer(text: str) -> str | None:
-    """The answer declared on the text's last "final answer is ..." / "final answer: ..." line,
-    read by math-verify's anchored patterns."""
-    declarations = _DECLARATION.findall(text)
-    if not declarations:
-        return None
-    found = parse(
-        declarations[-1],
-        extraction_config=_DECLARED_CONFIG,
-        fallback_mode="first_match",
-        parsing_timeout=_timeout(),
-    )
-    # A sentence's closing period can stick to an expression ("... is 3/4.").
-    return next((item.strip().rstrip(".") for item in found if isinstance(item, str) and item.strip()), None)
+def _unwrap(value: str) -> str | None:
+    """A declared or tagged value as an answer: the box inside it if it has one, else the value
+    without its math delimiters."""
+    boxes = _boxes(value)
+    if boxes:
+        return boxes[-1][1]
+    value = value.strip()
+    for opening, closing in (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]")):
+        if value.startswith(opening) and value.endswith(closing) and len(value) > len(opening + closing):
+            value = value[len(opening) : -len(closing)]
+            break
+    return value.strip() or None
+
+
+def _declarations(text: str) -> list[tuple[int, str]]:
+    """(end position, value) of every declaration followed directly by a value."""
+    found = []
+    for declaration in _DECLARATION.finditer(text):
+        value = _DECLARED_VALUE.match(text, declaration.end())
+        if value:
+            content = _unwrap(next(group for group in value.groups() if group is not None))
+            if content:
+                found.append((value.end(), content))
+    return found
+
+
+def _tags(text: str) -> list[tuple[int, str]]:
+    """(end position, content) of every non-empty ``<answer>`` tag."""
+    found = []
+    for tag in _ANSWER_TAG.finditer(text):
+        inner = tag[1]
+        declared = _declarations(inner)
+        content = declared[-1][1] if declared and not _boxes(inner) else _unwrap(inner)
+        if content:
+            found.append((tag.end(), content))
+    return found
+
+
+def choice_letter(answer: str) -> str | None:
+    """The option letter A-E that ``answer`` names ("C", "(C)", "\\text{(C)}", "\\textbf{(C) } 12",
+    "C) 12"), or None when it is no option letter."""
+    match = _CHOICE.match(answer.strip())
+    return (match["paren"] or match["bare"]) if match else None
+
+
+def normalise_answer(answer: str) -> str:
+    """The answer in the form it is stored, voted and verified in: whitespace runs collapsed, the
+    Unicode minus written "-", an option letter reduced to the letter, a closing period dropped,
+    LaTeX spacing between digit groups removed ("1\\,000"), a number and its unit in one
+    ``\\text{}`` split, degree signs written ``^\\circ``. math-verify normalises the rest
+    (``\\dfrac``, ``\\text{}`` units, ``\\%``, thousands commas, ``x =``)."""
+    answer = " ".join(answer.replace("−", "-").split()).removesuffix("\\.").rstrip(".").strip()
+    letter = choice_letter(answer)
+    if letter:
+        return letter
+    answer = _SPACED_THOUSANDS.sub(lambda m: _THOUSANDS_SPACING.sub("", m[0]), answer)
+    answer = _NUMBER_IN_TEXT.sub(r"\1\\text{ \2}", answer)
+    return _DEGREES.sub(r"^\\circ", answer)
 
 
 def extract_answer(text: str | None) -> str | None:
-    """The final answer of a response, or None when it gives none (an invalid response).
+    """The final answer of a response (normalised), or None when it gives none (an invalid response).
 
-    Reasoning blocks are ignored; the last complete ``\\boxed{}``/``\\fbox{}`` counts; without
-    one, an answer the text declares ("The final answer is $x$", "Final answer: x") counts;
-    anything else (a bare last number, a truncated solution) is None.
+    Reasoning blocks are ignored; of the boxes, ``<answer>`` tags and declarations ("The final
+    answer is $x$", "Answer: x") the one that ends last counts; anything else (a bare last number,
+    a truncated solution) is None.
     """
     if not text:
         return None
     text = strip_thinking(text)
-    return _last_boxed(text) or _declared_answer(text)
+    found = _boxes(text) + _tags(text) + _declarations(text)
+    if not found:
+        return None
+    return normalise_answer(max(found, key=lambda item: item[0])[1]) or None
 
 
 def _key(answer: str | None) -> str:
-    """The answer with whitespace runs collapsed: equal keys are the same answer, no parse needed."""
-    return " ".join(answer.split()) if answer else ""
+    """The normalised answer: equal keys are the same answer, no parse needed."""
+    return normalise_answer(answer) if answer else ""
 
 
 @lru_cache(maxsize=1 << 16)

@@ -58,7 +58,9 @@ class InferConfig:
     """Everything `icpo-infer run` takes; recipes in recipes/infer/ set these fields."""
 
     model: str = field(metadata={"help": "Model path or Hub id."})
-    dataset: str = field(metadata={"help": "Local .json/.jsonl/.parquet file or a Hub dataset id."})
+    dataset: str = field(
+        metadata={"help": "Local .json/.jsonl/.parquet file, a Hub dataset id, or aime24, amc, math500."}
+    )
     output_dir: str = field(metadata={"help": "Where results.jsonl, metrics.json and the plot go."})
     adapter: str | None = option(None, "LoRA adapter path to apply to the model.")
     split: str | None = option(None, "Dataset split (Hub datasets).")

@@ -17,7 +17,8 @@ Layout of the question prompt (the history part only from round 2 on)::
     - (none yet)
 
 Models with a chat template get it as one user message (plus an optional system message); base
-models get the text after their BOS token, followed by a cue such as "Solution:".
+models get the text after their BOS token, followed by a cue such as "Solution:" (also those whose
+tokenizer ships a chat template, with ``prompt_format: plain``).
 """
 
 from __future__ import annotations
@@ -31,8 +32,10 @@ from pathlib import Path
 from transformers import PreTrainedTokenizerBase
 
 from icpo_infer.config import check, check_keys, load_recipe
+from icpo_infer.grading import choice_letter
 
 ANSWER_TYPES = ("integer", "expression", "choice")
+PROMPT_FORMATS = ("auto", "chat", "plain")
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,9 @@ class PromptTemplates:
     literal text, so LaTeX needs no escaping: ``\\boxed{{answer}}`` renders ``\\boxed{42}``."""
 
     system: str = ""  # a system message for chat models; empty = none
+    # auto: the chat template when the tokenizer has one; chat: always (an error without one); plain:
+    # never. Base models such as Qwen2.5-Math ship a chat template but are prompted with plain text.
+    prompt_format: str = "auto"
     answer_format_integer: str = (
         "Solve the following math problem. The answer is an integer. "
         "Reason step by step and put your final answer within \\boxed{}."
@@ -89,6 +95,10 @@ class PromptTemplates:
     summary_plain_cue: str = "Summary:"
 
     def __post_init__(self) -> None:
+        check(
+            self.prompt_format in PROMPT_FORMATS,
+            f"prompt template 'prompt_format' is '{self.prompt_format}'; use one of {', '.join(PROMPT_FORMATS)}.",
+        )
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
             check(isinstance(value, str), f"prompt template '{field.name}' must be a string, got {value!r}.")
@@ -137,11 +147,12 @@ def _fill(template: str, **values: str) -> str:
 
 def answer_type_of(gold: str) -> str:
     """The answer type of a reference answer: "integer" (``25``, ``025``, AMC's ``142.0``),
-    "choice" (a single option letter such as ``C`` or ``(C)``) or "expression"."""
+    "choice" (an option letter such as ``C``, ``(C)`` or ``\\text{(C)}``, see
+    :func:`icpo_infer.grading.choice_letter`) or "expression"."""
     gold = str(gold).strip().strip("$").strip()
     if re.fullmatch(r"[-+]?\d+(?:\.0*)?", gold):
         return "integer"
-    if re.fullmatch(r"(?:\\text(?:bf)?\{)?\(?[A-E]\)?\}?", gold):
+    if choice_letter(gold):
         return "choice"
     return "expression"
 
@@ -149,8 +160,13 @@ def answer_type_of(gold: str) -> str:
 def _chat_or_plain(
     tokenizer: PreTrainedTokenizerBase, user: str, cue: str, templates: PromptTemplates
 ) -> str:
-    """The final prompt string: chat template when the tokenizer has one, else BOS + text + cue."""
-    if tokenizer.chat_template:
+    """The final prompt string: the chat template (``templates.prompt_format``: auto when the tokenizer has
+    one, or chat), else BOS + text + cue."""
+    check(
+        templates.prompt_format != "chat" or bool(tokenizer.chat_template),
+        "prompt_format 'chat': the model's tokenizer has no chat template; use prompt_format auto or plain.",
+    )
+    if tokenizer.chat_template and templates.prompt_format != "plain":
         system = [{"role": "system", "content": templates.system}] if templates.system else []
         messages = [*system, {"role": "user", "content": user}]
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import datasets
 import pytest
 
 from icpo_infer.config import ConfigError
-from icpo_infer.data import Problem, load_problems
+from icpo_infer.data import Problem, benchmark_name, load_problems, load_run_problems
+from icpo_infer.icpo import InferConfig
 
 
 def write_jsonl(path, rows):
@@ -122,3 +124,68 @@ def test_dataset_folders_go_through_load_dataset_with_splits(tmp_path):
         load_problems(folder, split="validation")
     with pytest.raises(ConfigError, match="has no split 'test'"):
         load_problems(folder / "train.jsonl", split="test")
+
+
+# Stand-ins for the Hub datasets: the same columns and split, in a local folder at the path of the Hub id
+# (`datasets.load_dataset` reads a local folder of that name before asking the Hub).
+STAND_INS = {
+    "HuggingFaceH4/aime_2024": (
+        "train",
+        [{"id": 60, "problem": "p1", "solution": "s", "answer": "204", "url": "u", "year": "2024"}],
+    ),
+    "AI-MO/aimo-validation-amc": ("train", [{"id": 0, "problem": "p2", "answer": 142.0, "url": "u"}]),
+    "HuggingFaceH4/MATH-500": (
+        "test",
+        [
+            {
+                "problem": "p3",
+                "solution": "s",
+                "answer": "\\frac{1}{2}",
+                "subject": "Algebra",
+                "level": 2,
+                "unique_id": "test/algebra/1.json",
+            }
+        ],
+    ),
+}
+
+
+@pytest.fixture
+def hub_stand_ins(tmp_path, monkeypatch):
+    for hub_id, (split, rows) in STAND_INS.items():
+        folder = tmp_path / hub_id
+        folder.mkdir(parents=True)
+        datasets.Dataset.from_list(rows).to_parquet(folder / f"{split}.parquet")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("aime24", Problem("60", "p1", "204")),
+        ("AIME2024", Problem("60", "p1", "204")),
+        ("amc", Problem("0", "p2", "142.0")),
+        ("amc23", Problem("0", "p2", "142.0")),
+        ("math500", Problem("test/algebra/1.json", "p3", "\\frac{1}{2}")),
+    ],
+)
+def test_benchmarks_by_name_load_their_hub_dataset_split_and_columns(hub_stand_ins, tmp_path, name, expected):
+    config = InferConfig(model="m", dataset=name, output_dir=str(tmp_path / "out"))
+    assert load_run_problems(config) == ([expected], 0)
+
+
+def test_a_local_path_wins_over_a_benchmark_name_and_flags_override_its_mapping(hub_stand_ins, tmp_path):
+    (tmp_path / "math500").mkdir()  # a local dataset folder of that name
+    write_jsonl(tmp_path / "math500" / "data.jsonl", [{"id": "a", "problem": "local", "answer": "1"}])
+    config = InferConfig(model="m", dataset="math500", output_dir="out")
+    assert load_run_problems(config)[0] == [Problem("a", "local", "1")]
+    shutil.rmtree(tmp_path / "math500")
+    config = InferConfig(
+        model="m", dataset="math500", output_dir="out", id_field="subject", answer_field="solution"
+    )
+    assert load_run_problems(config)[0] == [Problem("Algebra", "p3", "s")]
+    with pytest.raises(ConfigError, match='--split: Unknown split "train"'):
+        load_run_problems(InferConfig(model="m", dataset="math500", output_dir="out", split="train"))
+    assert benchmark_name("AIME2024") == "aime24"
+    assert benchmark_name("aime25") is None  # an unknown name is left to load_dataset (a Hub id)

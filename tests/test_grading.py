@@ -88,6 +88,178 @@ def test_responses_without_an_answer_are_invalid(text):
     assert majority_vote([text, text]) is None
 
 
+# Every answer form a careful human grader accepts, as (form, gold, accepted responses, rejected
+# responses): the rejected ones are that form's near misses (no answer, or not this answer).
+ANSWER_FORMS = [
+    (
+        "boxed without backslash",
+        "204",
+        ["Thus, the answer is boxed{204.0}", "so boxed{204}."],
+        ["Thus, the answer is boxed{204", "the answer should be boxed{} as asked", "boxed{240}"],
+    ),
+    (
+        "bold inside the box",
+        "204",
+        ["\\boxed{\\textbf{204}}", "\\boxed{\\mathbf{204}}"],
+        ["We get \\textbf{204} apples in the first step, then", "\\boxed{\\textbf{240}}"],
+    ),
+    ("fbox", "12", ["The result is \\fbox{12}.", "\\fbox{$12$}"], ["\\fbox{12", "\\fbox{}", "\\fbox{21}"]),
+    (
+        "box of one token",
+        "5",
+        ["so \\boxed 5", "hence \\boxed 5.", "$\\boxed 5$"],
+        ["the value in the boxed 5 cells is", "\\boxed", "\\boxed 6"],
+    ),
+    (
+        "units inside the box",
+        "18",
+        [
+            "\\boxed{18\\text{ dollars}}",
+            "\\boxed{\\text{18 dollars}}",
+            "\\boxed{18 \\mbox{ cm}}",
+            "\\boxed{\\$18}",
+            "The answer is $\\$18$.",
+        ],
+        ["\\boxed{118\\text{ dollars}}", "\\boxed{\\text{1 8 dollars}}"],
+    ),
+    (
+        "minus signs",
+        "-3",
+        ["\\boxed{-3}", "\\boxed{−3}", "The answer is −3.", "The answer is $-3$."],
+        ["\\boxed{3}", "\\boxed{--3}"],
+    ),
+    (
+        "degrees inside the box",
+        "30",
+        ["\\boxed{30^\\circ}", "\\boxed{30^{\\circ}}", "\\boxed{30°}", "\\boxed{30\\degree}"],
+        ["\\boxed{30^2}", "\\boxed{60^\\circ}"],
+    ),
+    (
+        "dfrac and tfrac",
+        "\\frac{14}{3}",
+        ["\\boxed{\\dfrac{14}{3}}", "\\boxed{\\tfrac{14}{3}}", "\\boxed{\\dfrac{28}{6}}"],
+        ["\\boxed{\\dfrac{3}{14}}", "\\boxed{\\dfrac{14}{3"],
+    ),
+    (
+        "thousands separators",
+        "1000",
+        [
+            "\\boxed{1,000}",
+            "\\boxed{1{,}000}",
+            "\\boxed{1\\,000}",
+            "\\boxed{1\\ 000}",
+            "The answer is 1,000.",
+        ],
+        ["\\boxed{1,2}", "\\boxed{1\\,2}", "\\boxed{10,00}", "The answer is 1,2"],
+    ),
+    (
+        "trailing period",
+        "5",
+        ["\\boxed{5.}", "\\boxed{5\\.}", "The answer is $5.$", "Final answer: 5."],
+        ["\\boxed{5.5}", "\\boxed{.5}"],
+    ),
+    (
+        "math delimiters around the box",
+        "5",
+        ["$\\boxed{5}$", "$$\\boxed{5}$$", "\\[ \\boxed{5} \\]", "\\(\\boxed{5}\\)."],
+        ["$5$", "We find $x = 5$ and then"],
+    ),
+    (
+        "answer tags",
+        "\\frac{1}{2}",
+        [
+            "<answer>\\frac{1}{2}</answer>",
+            "<answer> $0.5$ </answer>",
+            "<answer>\\boxed{1/2}</answer>",
+            "<answer>The final answer is $\\frac{1}{2}$.</answer>",
+        ],
+        ["<answer>\\frac{1}{2}", "<answer></answer>", "<answer>\\frac{1}{3}</answer>"],
+    ),
+    (
+        "declared final answer",
+        "\\frac{1}{2}",
+        [
+            "The final answer is $\\frac{1}{2}$. I hope it is correct.",
+            "**Final Answer:** $\\frac{1}{2}$",
+            "So the answer is \\(\\frac{1}{2}\\).",
+            "Answer: 1/2",
+            "The final answer is: 0.5",
+        ],
+        [
+            "The final answer is the ratio of 1 and 2, which",
+            "the answer is not obvious; we compute 1/2 + 1/4",
+            "the answer is 1 + 1/2 = 3/2, then",  # a formula, not a declared value
+            "We need the answer: first 1/2 then",
+        ],
+    ),
+    (
+        "choice letters",
+        "C",
+        [
+            "\\boxed{C}",
+            "\\boxed{(C)}",
+            "\\boxed{\\text{(C)}}",
+            "\\boxed{\\textbf{(C) } 12}",
+            "\\boxed{\\mathrm{(C)}}",
+            "\\boxed{C.}",
+            "The answer is (C).",
+            "**Answer:** C",
+            "The final answer is $\\textbf{(C)}$",
+        ],
+        [
+            "\\boxed{D}",
+            "\\boxed{(D) 12}",
+            "The answer is Clearly 12",
+            "\\boxed{AC}",
+            "Options (C) and (D) remain, so",
+            "\\boxed{(C), (D)}",
+            "\\boxed{C), D)}",
+        ],
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("gold", "accepted", "rejected"), [f[1:] for f in ANSWER_FORMS], ids=[f[0] for f in ANSWER_FORMS]
+)
+def test_every_answer_form_a_human_grader_accepts_and_its_near_misses(gold, accepted, rejected):
+    assert [text for text in accepted if not grade(text, gold)] == []
+    assert [text for text in rejected if grade(text, gold)] == []
+    # Stored answers are the normalised ones: they grade against the gold and vote as one class.
+    answers = [extract_answer(text) for text in accepted]
+    assert all(is_equivalent(gold, answer) for answer in answers)
+    assert vote(answers) == (answers[0], len(answers))
+
+
+def test_choice_golds_in_any_form_match_a_letter():
+    for gold in ("C", "(C)", "\\text{(C)}", "\\textbf{(C)}", "$\\text{(C)}$"):
+        assert grade("\\boxed{\\textbf{(C)}\\ 12}", gold) and grade("The answer is C.", gold)
+        assert not grade("\\boxed{B}", gold)
+    assert extract_answer("\\boxed{A + B}") == "A + B"  # a formula in letters is no option letter
+    assert not grade("\\boxed{A+B}", "A")
+
+
+def test_the_last_declared_answer_wins_whatever_its_form():
+    assert extract_answer("\\boxed{5}. Wait, that is wrong: the final answer is $6$.") == "6"
+    assert extract_answer("The answer is $6$. Let me check... no, it is \\boxed{5}") == "5"
+    assert extract_answer("<answer>7</answer> Also, boxed{8}") == "8"
+    # A later sentence that declares nothing does not override a box.
+    assert extract_answer("\\boxed{5}. I hope the final answer is correct.") == "5"
+    assert extract_answer("\\boxed{5}, so the answer is not 6 but 5 as boxed") == "5"
+
+
+def test_votes_group_the_same_answer_written_in_different_forms():
+    texts = [
+        "\\boxed{1\\,000}",
+        "so boxed{1000.0}",
+        "The answer is 1,000.",
+        "<answer>1000</answer>",
+        "\\boxed{999}",
+        "I think it is 1000 but I am not sure",  # no answer
+    ]
+    assert majority_vote(texts) == ("1000", 4)
+
+
 def test_is_equivalent_is_symmetric_and_rejects_missing_answers():
     for a, b in [("0.5", "\\frac{1}{2}"), ("x=5", "5"), ("10\\%", "10"), ("\\{1,2\\}", "\\{2,1\\}")]:
         assert is_equivalent(a, b) and is_equivalent(b, a)

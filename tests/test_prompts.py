@@ -203,3 +203,19 @@ def test_bad_template_files_are_config_errors(tmp_path, yaml_text, message):
     path.write_text(yaml_text)
     with pytest.raises(ConfigError, match=message):
         PromptTemplates.from_yaml(path)
+
+
+def test_prompt_format_forces_plain_text_or_the_chat_template(plain_tokenizer, chat_tokenizer):
+    plain = PromptTemplates(prompt_format="plain")
+    forced = render_prompt(chat_tokenizer, QUESTION, HISTORY, "integer", plain)
+    assert "<|im_start|>" not in forced and forced.endswith(PromptTemplates().plain_cue + "\n")
+    assert forced == render_prompt(plain_tokenizer, QUESTION, HISTORY, "integer", plain)
+    assert "<|im_start|>" not in render_summary_prompt(chat_tokenizer, QUESTION, "R", plain)
+    chat = PromptTemplates(prompt_format="chat")
+    assert render_prompt(chat_tokenizer, QUESTION, HISTORY, "integer", chat) == render_prompt(
+        chat_tokenizer, QUESTION, HISTORY, "integer"
+    )
+    with pytest.raises(ConfigError, match="has no chat template; use prompt_format auto or plain"):
+        render_prompt(plain_tokenizer, QUESTION, HISTORY, "integer", chat)
+    with pytest.raises(ConfigError, match="'prompt_format' is 'text'; use one of auto, chat, plain"):
+        PromptTemplates(prompt_format="text")
