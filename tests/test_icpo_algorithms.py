@@ -290,12 +290,22 @@ def test_empty_and_answerless_generations_are_invalid_not_errors(tokenizer, tmp_
     [result] = run_method(backend, problems(1), cfg)
     assert all(r.rewards == [None] * 3 and r.chosen is None for r in result.rounds)
     assert result.history == []
+    nothing_to_reward = {
+        "pseudo_label_correct": False,
+        "candidates": 0,
+        "candidates_correct": 0,
+        "rewards_right": 0,
+        "pick_correct": None,
+        "reward_1_entries": 0,
+        "reward_1_entries_correct": 0,
+    }
     assert result.metrics == {
         "mean": 0,
         "maj": 0,
         "pass": 0,
         "mean_per_round": [0, 0],
         "maj_per_round": [0, 0],
+        "self_reward": [nothing_to_reward] * 2,
     }
     assert len(backend.calls) == 3  # two rounds of sampling and the final: nothing to summarise or probe
 
@@ -329,7 +339,9 @@ def test_single_and_majority_sample_k_without_history(tokenizer, tmp_path):
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"method": "beam"}, "single, majority, random-icpo, me-icpo"),
+        ({"method": "beam"}, "single, majority, best-of-n, self-refine, random-icpo, me-icpo"),
+        ({"method": "me-icpo", "reward_model": "rm"}, "only best-of-n uses --reward-model"),
+        ({"feedback_max_tokens": 0}, "feedback_max_tokens >= 1"),
         ({"backend": "tgi"}, "hf, vllm"),
         ({"reward": "oracle"}, "self, gt"),
         ({"entropy_k": 1}, "entropy_k >= 2"),

@@ -133,7 +133,7 @@ def test_compare_prints_differences_and_saves_a_plot(infer, tmp_path, capsys):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--method", "beam"], "use one of single, majority, random-icpo, me-icpo"),
+        (["--method", "beam"], "use one of single, majority, best-of-n, self-refine, random-icpo, me-icpo"),
         (["--backend", "tgi"], "use one of hf, vllm"),
         (["--problem-field", "question"], "--problem-field"),
         (

@@ -103,6 +103,11 @@ class Usage:
             self.prompt_tokens += generation.prompt_tokens
             self.generated_tokens += sum(c.num_tokens for c in generation.completions)
 
+    def record_scoring(self, num_tokens: int) -> None:
+        """One scoring call: it reads ``num_tokens`` (prompts and completions) and generates nothing."""
+        self.engine_calls += 1
+        self.prompt_tokens += num_tokens
+
 
 @dataclass
 class Score:

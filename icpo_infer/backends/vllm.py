@@ -103,6 +103,7 @@ class VLLMBackend:
         outputs = self.llm.generate(
             requests, sampling, lora_request=self._lora_request(adapter), use_tqdm=False
         )
+        self.usage.record_scoring(sum(len(r["prompt_token_ids"]) for r in requests))
         return [score_from_vllm_output(o, len(ids)) for o, ids in zip(outputs, prompt_ids, strict=True)]
 
     def release(self, adapter: str) -> None:
