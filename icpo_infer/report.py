@@ -128,13 +128,12 @@ def self_reward_table(labels: Sequence[str], runs: Sequence[dict[str, Any]]) -> 
             )
     if not lines:
         return ""
-    title = (
-        "self-reward diagnostics (% per round): pseudo-label = majority is gold; reward = reward as gold's;"
+    legend = (
+        "self-reward per round (%): pseudo-label = majority answer correct; reward = rewards equal to the\n"
+        "gold ones; pick = picked candidate correct (2+ candidates); candidates = candidates correct;\n"
+        "reward-1 hist. = reward-1 history entries correct"
     )
-    note = (
-        "pick = picked candidate correct (2+ candidates); candidates = all correct; reward-1 hist. = correct"
-    )
-    return "\n".join([title, note, header, "-" * len(header), *lines])
+    return "\n".join([legend, header, "-" * len(header), *lines])
 
 
 def plot_comparison(labels: Sequence[str], runs: Sequence[dict[str, Any]], path: str | Path) -> None:
