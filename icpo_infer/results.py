@@ -132,12 +132,15 @@ def prepare_resumable(
     what: str,
     flag: str,
     config_file: str = CONFIG_FILE,
+    defaults: dict[str, Any] | None = None,
 ) -> bool:
     """Make ``directory`` ready for a run with ``settings``; True when its earlier results can be resumed.
 
     ``overwrite`` deletes ``outputs``. Otherwise a stored config must agree with ``settings`` on every key
     outside ``ignore`` (each difference is named), and results without a stored config are refused,
-    since nothing says how they were made. ``outputs[0]`` is the file holding the results.
+    since nothing says how they were made. ``outputs[0]`` is the file holding the results. A key of
+    ``defaults`` that the stored config lacks is a setting added since it was written: the stored run
+    had its default.
     """
     directory.mkdir(parents=True, exist_ok=True)
     stored = directory / config_file
@@ -146,7 +149,7 @@ def prepare_resumable(
         for name in outputs:
             (directory / name).unlink(missing_ok=True)
     elif stored.is_file():
-        previous = json.loads(stored.read_text())
+        previous = {**(defaults or {}), **json.loads(stored.read_text())}
         changed = [
             f"{key} ({previous.get(key)!r} there, {settings.get(key)!r} now)"
             for key in sorted(set(previous) | set(settings))
@@ -187,6 +190,11 @@ class RunDirectory:
             ignore=RUN_ONLY_FIELDS,
             what="a run",
             flag="--output-dir",
+            defaults={
+                f.name: f.default
+                for f in dataclasses.fields(InferConfig)
+                if f.default is not dataclasses.MISSING
+            },
         )
         if resumed:
             self.rows = read_results(self.path / RESULTS_FILE)

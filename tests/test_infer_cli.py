@@ -90,6 +90,19 @@ def test_rerun_resumes_refuses_other_settings_and_overwrite_starts_over(infer, t
     assert rows(out) == first  # seeded end to end: the same questions give the same results
 
 
+def test_a_run_written_before_a_setting_existed_resumes_at_its_default(infer, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert infer(out, "--limit", "1", "--method", "single") == 0
+    stored = json.loads((out / "config.json").read_text())
+    del stored["feedback_max_tokens"], stored["reward_model"]
+    (out / "config.json").write_text(json.dumps(stored))
+    assert infer(out, "--limit", "2", "--method", "single") == 0
+    assert len(rows(out)) == 2
+    (out / "config.json").write_text(json.dumps(stored))
+    assert infer(out, "--limit", "2", "--method", "single", "--feedback-max-tokens", "9") == 2
+    assert "feedback_max_tokens (1024 there, 9 now)" in capsys.readouterr().err
+
+
 def test_results_do_not_depend_on_which_questions_run_together(infer, tmp_path):
     assert infer(tmp_path / "together", "--limit", "3", "--batch-questions", "3") == 0
     assert infer(tmp_path / "apart", "--limit", "3", "--batch-questions", "1") == 0
