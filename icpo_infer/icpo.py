@@ -39,6 +39,7 @@ from icpo_infer.backends.base import (
     adapter_problem,
     derive_seed,
     encode_prompt,
+    location_problem,
 )
 from icpo_infer.config import ConfigError, check, option
 from icpo_infer.data import Problem
@@ -159,6 +160,11 @@ class InferConfig:
         check(
             self.reward_model is None or self.method == "best-of-n",
             f"reward_model is set but method is '{self.method}'; only best-of-n uses --reward-model.",
+        )
+        problem = self.reward_model and location_problem(self.reward_model)
+        check(
+            not problem,
+            f"reward_model '{self.reward_model}' {problem}; pass a sequence-classification model's path.",
         )
         for summary in (False, True):  # SamplingParams validates the sampling fields
             self.sampling(n=1, max_new_tokens=1, seed=0, summary=summary)

@@ -404,6 +404,7 @@ def test_single_and_majority_sample_k_without_history(tokenizer, tmp_path):
         ({"method": "beam"}, "single, majority, best-of-n, self-refine, random-icpo, me-icpo"),
         ({"method": "me-icpo", "reward_model": "rm"}, "only best-of-n uses --reward-model"),
         ({"feedback_max_tokens": 0}, "feedback_max_tokens >= 1"),
+        ({"method": "best-of-n", "reward_model": "no/such/dir"}, "is no directory, nor a Hub repo id"),
         ({"backend": "tgi"}, "hf, vllm"),
         ({"reward": "oracle"}, "self, gt"),
         ({"entropy_k": 1}, "entropy_k >= 2"),

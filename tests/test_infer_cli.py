@@ -155,6 +155,19 @@ def test_other_methods_resume_and_report_their_cost(infer, tmp_path, method, cal
         assert len(metrics(tmp_path / "whole")["mean_per_round"]) == 2
 
 
+def test_best_of_n_with_a_reward_model_counts_its_cost(infer, tiny_reward_model_dir, tmp_path):
+    out = tmp_path / "run"
+    assert (
+        infer(out, "--limit", "2", "--method", "best-of-n", "--reward-model", str(tiny_reward_model_dir)) == 0
+    )
+    for result in rows(out):
+        assert result["pick"]["scorer"] == str(tiny_reward_model_dir) and len(result["pick"]["scores"]) == 2
+    m = metrics(out)
+    assert m["engine_calls"] == 2  # the generator's sampling call and the reward model's scoring call
+    sampled = sum(len(r["final"]["texts"]) for r in rows(out))
+    assert m["prompt_tokens"] > sampled and "best@k" in m
+
+
 def test_compare_prints_differences_and_saves_a_plot(infer, tmp_path, capsys):
     assert infer(tmp_path / "single", "--limit", "3", "--method", "single") == 0
     assert infer(tmp_path / "me-icpo", "--limit", "3") == 0

@@ -6,9 +6,8 @@ import logging
 import re
 
 import pytest
-import torch
 from scripted_backend import ScriptedBackend
-from transformers import LlamaConfig, LlamaForSequenceClassification
+from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
 
 from icpo_infer.backends.base import encode_prompt
 from icpo_infer.config import ConfigError
@@ -139,54 +138,36 @@ def test_self_refine_chain_keeps_its_response_when_the_feedback_prompt_overflows
     assert "the chain keeps its response" in caplog.text
 
 
-@pytest.fixture(scope="module")
-def reward_model_dir(tokenizer, tmp_path_factory):
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        num_labels=1,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(0)
-    directory = tmp_path_factory.mktemp("reward-model")
-    LlamaForSequenceClassification(config).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
-
-
-def test_reward_model_scores_do_not_depend_on_batching(reward_model_dir):
+def test_reward_model_scores_do_not_depend_on_batching(tiny_reward_model_dir):
     questions = ["Q1: find the number."] * 3 + ["Q2: find the number, a longer one."]
     responses = ["so \\boxed{1}", "[s2] work so \\boxed{2} and more work", "", "so \\boxed{7}"]
     alone = [
-        RewardModel(str(reward_model_dir), device="cpu", dtype="float32", max_batch_tokens=1).score([q], [r])[
-            0
-        ]
+        RewardModel(str(tiny_reward_model_dir), device="cpu", dtype="float32", max_batch_tokens=1).score(
+            [q], [r]
+        )[0]
         for q, r in zip(questions, responses, strict=True)
     ]
-    model = RewardModel(str(reward_model_dir), device="cpu", dtype="float32")
+    model = RewardModel(str(tiny_reward_model_dir), device="cpu", dtype="float32")
     together = model.score(questions, responses)
     assert together == pytest.approx(alone, abs=1e-5)
     assert len(set(together)) == 4
     assert model.usage.engine_calls == 1 and model.usage.prompt_tokens > 0
 
 
-def test_best_of_n_with_a_reward_model_picks_its_top_score(tokenizer, reward_model_dir, tmp_path):
-    cfg = config(tmp_path, method="best-of-n", reward_model=str(reward_model_dir))
-    reward_model = RewardModel(str(reward_model_dir), device="cpu", dtype="float32")
+def test_best_of_n_with_a_reward_model_picks_its_top_score(tokenizer, tiny_reward_model_dir, tmp_path):
+    cfg = config(tmp_path, method="best-of-n", reward_model=str(tiny_reward_model_dir))
+    reward_model = RewardModel(str(tiny_reward_model_dir), device="cpu", dtype="float32")
     backend = ScriptedBackend(tokenizer, samples_script(["3", "7", "5", "1"]))
     [result] = run_method(backend, problems(1), cfg, reward_model=reward_model)
     expected = reward_model.score([problems(1)[0].problem] * 4, result.final.texts)
-    assert result.pick.scorer == str(reward_model_dir)
+    assert result.pick.scorer == str(tiny_reward_model_dir)
     assert result.pick.scores == pytest.approx(expected)
     assert result.pick.chosen == max(range(4), key=expected.__getitem__)
     assert backend.scored == []  # the generator scored nothing
 
 
-def test_a_classifier_with_several_labels_is_no_reward_model(tokenizer, tmp_path):
+def test_a_classifier_with_several_labels_is_no_reward_model(tiny_reward_model_dir, tmp_path):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_reward_model_dir)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=16,

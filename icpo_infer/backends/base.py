@@ -31,10 +31,18 @@ def adapter_problem(path: str | None) -> str | None:
         if (Path(path) / ADAPTER_CONFIG).is_file():
             return None
         return f"holds no {ADAPTER_CONFIG}, so it is a full model, not a LoRA adapter"
+    problem = location_problem(path)
+    return problem and f"{problem}: train the adapter first or fix the path"
+
+
+def location_problem(path: str) -> str | None:
+    """Why ``path`` is neither a local directory nor a Hub repo id, or None when it is one of them."""
+    if Path(path).is_dir():
+        return None
     try:
         validate_repo_id(path)
     except HFValidationError:
-        return "is no directory, nor a Hub repo id: train the adapter first or fix the path"
+        return "is no directory, nor a Hub repo id"
     return None
 
 
