@@ -23,7 +23,6 @@ from icpo_infer.report import (
     self_reward_table,
 )
 from icpo_infer.results import PLOT_FILE, RunDirectory
-from icpo_infer.reward_model import RewardModel
 
 USAGE = """usage: icpo-infer run [--config recipes/infer/NAME.yaml] --model M --dataset D --output-dir DIR [--field value ...]
        icpo-infer compare DIR_A DIR_B ... [--output compare.png] [--cost-output cost_accuracy.png]
@@ -47,6 +46,8 @@ def run(config: InferConfig, backend: Backend | None = None) -> dict[str, Any]:
         backend = make_backend(config.backend, BackendOptions.from_config(config))
     reward_model = None
     if config.reward_model is not None:
+        from icpo_infer.reward_model import RewardModel  # the hf backend's modules, for best-of-n only
+
         reward_model = RewardModel(
             config.reward_model,
             config.device,

@@ -4,8 +4,8 @@ Baselines: ``single`` (k samples), ``majority`` (their majority vote), ``best-of
 model is most confident in: mean token log-probability, or a reward model's score) and
 ``self-refine`` (k chains of answer, self-feedback and refinement).
 
-In the ICPO methods every question keeps a chronological history of attempt summaries, each tagged reward 1 or 0
-(:func:`icpo_infer.prompts.render_prompt` shows them as two buckets). A round samples ``k``
+In the ICPO methods every question keeps a chronological history of attempt summaries, each tagged
+reward 1 or 0 (:func:`icpo_infer.prompts.render_prompt` shows them as two buckets). A round samples ``k``
 responses, labels them against the majority answer (or the gold answer), summarises the candidates,
 picks one to append (minimum answer entropy of a probe for ``me-icpo``, at random for
 ``random-icpo``) and trims an overfull bucket. After the last round ``final_k`` responses are
@@ -27,7 +27,7 @@ import random
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
@@ -53,7 +53,11 @@ from icpo_infer.prompts import (
     render_refine_prompt,
     render_summary_prompt,
 )
-from icpo_infer.reward_model import RewardModel
+
+if (
+    TYPE_CHECKING
+):  # loading a reward model needs the hf backend's modules; only best-of-n's users pay for them
+    from icpo_infer.reward_model import RewardModel
 
 logger = logging.getLogger(__name__)
 
