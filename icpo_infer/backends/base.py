@@ -140,7 +140,9 @@ class Backend(Protocol):
         ...
 
     def score(self, prompts: list[str], completions: list[str], adapter: str | None = None) -> list[Score]:
-        """log-probability of each completion (with its end-of-sequence token) given its prompt."""
+        """log-probability of each completion (with its end-of-sequence token) given its prompt.
+
+        One engine call in ``usage``, whose prompt and completion tokens count as prompt tokens."""
         ...
 
     def release(self, adapter: str) -> None:
