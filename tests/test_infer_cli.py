@@ -114,14 +114,17 @@ def test_results_do_not_depend_on_which_questions_run_together(infer, tmp_path):
     assert rows(tmp_path / "resumed") == together
 
 
-def test_an_interrupted_write_is_dropped_and_redone(infer, tmp_path):
+@pytest.mark.parametrize("method", ["single", "best-of-n", "self-refine"])
+def test_an_interrupted_write_is_dropped_and_redone(infer, tmp_path, method):
     out = tmp_path / "run"
-    assert infer(out, "--limit", "2", "--method", "single") == 0
+    assert infer(out, "--limit", "2", "--method", method) == 0
     complete = (out / "results.jsonl").read_text()
     lines = complete.splitlines(keepends=True)
     (out / "results.jsonl").write_text(lines[0] + lines[1][: len(lines[1]) // 2])
-    assert infer(out, "--limit", "2", "--method", "single") == 0
-    assert [r["id"] for r in rows(out)] == [json.loads(line)["id"] for line in lines]
+    assert infer(out, "--limit", "2", "--method", method) == 0
+    redone = rows(out)
+    assert [r["id"] for r in redone] == [json.loads(line)["id"] for line in lines]
+    assert redone[0] == json.loads(lines[0]) and metrics(out)["num_questions"] == 2
 
 
 @pytest.mark.parametrize(("method", "calls_per_chunk"), [("best-of-n", 2), ("self-refine", 5)])
