@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from matplotlib.figure import Figure
+from matplotlib.ticker import ScalarFormatter
 
 from icpo_infer.config import check
 from icpo_infer.icpo import ROUND_METHODS, accuracy_key
@@ -162,10 +163,14 @@ def plot_cost(labels: Sequence[str], runs: Sequence[dict[str, Any]], path: str |
             generated_per_question(run),
             accuracy(run),
             color=f"C{i}",
+            marker="osD^vP*X"[i % 8],  # runs at the same point stay visible
+            alpha=0.8,
             label=f"{label} ({method}, {accuracy_key(method)})",
         )
     if all(generated_per_question(run) > 0 for run in runs):
         ax.set_xscale("log")
+        for set_formatter in (ax.xaxis.set_major_formatter, ax.xaxis.set_minor_formatter):
+            set_formatter(ScalarFormatter())  # 30, 40 ... rather than 3x10^1
     ax.set(
         xlabel="generated tokens per question",
         ylabel="accuracy",
