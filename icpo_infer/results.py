@@ -70,7 +70,7 @@ def read_results(path: Path) -> list[dict[str, Any]]:
 def pooled_self_reward(per_question: list[list[dict[str, Any]]]) -> dict[str, list[float | None]]:
     """Per round, the self-reward diagnostics pooled over questions (None where nothing was counted):
     pseudo-label accuracy (over questions), reward accuracy (over candidates), the accuracy of the
-    pick among 2 or more candidates beside the candidates' own accuracy (what a random pick scores),
+    pick among 2 or more candidates beside the candidates' own accuracy (about what a random pick scores),
     and the share of reward-1 history entries that are correct."""
 
     def ratio(rounds: list[dict[str, Any]], hits: str, total: str | None) -> float | None:
