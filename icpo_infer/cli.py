@@ -13,36 +13,61 @@ from icpo_infer.backends.base import Backend, BackendOptions, Usage
 from icpo_infer.config import ConfigError, parse_config
 from icpo_infer.data import load_run_problems
 from icpo_infer.icpo import InferConfig, run_method
-from icpo_infer.report import compare_table, load_metrics, plot_accuracy, plot_comparison, run_labels
+from icpo_infer.report import (
+    compare_table,
+    load_metrics,
+    plot_accuracy,
+    plot_comparison,
+    plot_cost,
+    run_labels,
+    self_reward_table,
+)
 from icpo_infer.results import PLOT_FILE, RunDirectory
 
 USAGE = """usage: icpo-infer run [--config recipes/infer/NAME.yaml] --model M --dataset D --output-dir DIR [--field value ...]
-       icpo-infer compare DIR_A DIR_B ... [--output compare.png]
+       icpo-infer compare DIR_A DIR_B ... [--output compare.png] [--cost-output cost_accuracy.png]
 
-  run      ME-ICPO or a baseline (single, majority, random-icpo) on a dataset; `run --help` lists the options
-  compare  accuracy and self-improvement of finished runs, with differences against the first"""
+  run      ME-ICPO or another method (single, majority, best-of-n, self-refine, random-icpo) on a
+           dataset; `run --help` lists the options
+  compare  accuracy, self-improvement and cost of finished runs, with differences against the first"""
 
 
 def run(config: InferConfig, backend: Backend | None = None) -> dict[str, Any]:
     """The whole `icpo-infer run`: load the questions, resume the output dir, run, write metrics and plot.
 
     Pass ``backend`` to reuse a loaded model (its usage is counted from this call on); every engine
-    call runs ``config.adapter`` on it (None: the backend's own default adapter, if any).
+    call runs ``config.adapter`` on it (None: the backend's own default adapter, if any). The cost
+    counts the reward model's calls and tokens too (best-of-n with ``config.reward_model``).
     """
     problems, skipped = load_run_problems(config)
     directory = RunDirectory(config)
     done = directory.open()
     if backend is None:
         backend = make_backend(config.backend, BackendOptions.from_config(config))
-    usage_before = Usage(**vars(backend.usage))
+    reward_model = None
+    if config.reward_model is not None:
+        from icpo_infer.reward_model import RewardModel  # the hf backend's modules, for best-of-n only
+
+        reward_model = RewardModel(
+            config.reward_model,
+            config.device,
+            config.dtype,
+            config.max_batch_tokens,
+            config.trust_remote_code,
+        )
+    engines = [engine for engine in (backend, reward_model) if engine is not None]
+    usage_before = [Usage(**vars(engine.usage)) for engine in engines]
     start = time.perf_counter()
 
     def write_metrics() -> dict[str, Any]:
-        now = backend.usage
         spent = Usage(
-            engine_calls=now.engine_calls - usage_before.engine_calls,
-            prompt_tokens=now.prompt_tokens - usage_before.prompt_tokens,
-            generated_tokens=now.generated_tokens - usage_before.generated_tokens,
+            **{
+                name: sum(
+                    getattr(engine.usage, name) - getattr(before, name)
+                    for engine, before in zip(engines, usage_before, strict=True)
+                )
+                for name in vars(Usage())
+            }
         )
         return directory.write_metrics(spent, time.perf_counter() - start, skipped)
 
@@ -50,7 +75,7 @@ def run(config: InferConfig, backend: Backend | None = None) -> dict[str, Any]:
         directory.add(result)
         write_metrics()
 
-    run_method(backend, problems, config, done_ids=done, on_result=on_result)
+    run_method(backend, problems, config, done_ids=done, on_result=on_result, reward_model=reward_model)
     metrics = write_metrics()
     plot_accuracy(metrics, directory.path / PLOT_FILE)
     return metrics
@@ -61,13 +86,20 @@ def compare(argv: Sequence[str]) -> None:
     parser.add_argument(
         "dirs", nargs="+", help="Output directories of `icpo-infer run`; the first is the baseline."
     )
-    parser.add_argument("--output", default="compare.png", help="Where to save the comparison plot.")
+    parser.add_argument("--output", default="compare.png", help="Where to save accuracy against round.")
+    parser.add_argument(
+        "--cost-output", default="cost_accuracy.png", help="Where to save accuracy against generated tokens."
+    )
     args = parser.parse_args(argv)
     runs = load_metrics(args.dirs)
     labels = run_labels(args.dirs)
     print(compare_table(labels, runs))
+    diagnostics = self_reward_table(labels, runs)
+    if diagnostics:
+        print(f"\n{diagnostics}")
     plot_comparison(labels, runs, args.output)
-    print(f"plot: {args.output}")
+    plot_cost(labels, runs, args.cost_output)
+    print(f"plots: {args.output}, {args.cost_output}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -80,11 +112,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         if command == "run":
             metrics = run(parse_config(InferConfig, rest, prog="icpo-infer run"))
             k = metrics["k"]
+            best = f"best@{k} {metrics['best@k']:.3f}, " if "best@k" in metrics else ""
             print(
                 f"{metrics['num_questions']} questions: mean@{k} {metrics['mean@k']:.3f}, "
-                f"maj@{k} {metrics['maj@k']:.3f}, pass@{k} {metrics['pass@k']:.3f}, "
-                f"self-improvement {metrics['self_improvement']:+.3f} -> {metrics['config']['output_dir']}"
+                f"maj@{k} {metrics['maj@k']:.3f}, pass@{k} {metrics['pass@k']:.3f}, {best}"
+                f"self-improvement {metrics['self_improvement']:+.3f}; {metrics['engine_calls']} engine "
+                f"calls, {metrics['generated_tokens']} generated tokens -> {metrics['config']['output_dir']}"
             )
+            diagnostics = self_reward_table([metrics["config"]["method"]], [metrics])
+            if diagnostics:
+                print(diagnostics)
         elif command == "compare":
             compare(rest)
         else:

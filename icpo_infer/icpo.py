@@ -1,7 +1,11 @@
-"""ME-ICPO (Minimum-Entropy In-Context Policy Optimization) and its baselines.
+"""ME-ICPO (Minimum-Entropy In-Context Policy Optimization) and the test-time methods it is compared with.
 
-Every question keeps a chronological history of attempt summaries, each tagged reward 1 or 0
-(:func:`icpo_infer.prompts.render_prompt` shows them as two buckets). A round samples ``k``
+Baselines: ``single`` (k samples), ``majority`` (their majority vote), ``best-of-n`` (the sample the
+model is most confident in: mean token log-probability, or a reward model's score) and
+``self-refine`` (k chains of answer, self-feedback and refinement).
+
+In the ICPO methods every question keeps a chronological history of attempt summaries, each tagged
+reward 1 or 0 (:func:`icpo_infer.prompts.render_prompt` shows them as two buckets). A round samples ``k``
 responses, labels them against the majority answer (or the gold answer), summarises the candidates,
 picks one to append (minimum answer entropy of a probe for ``me-icpo``, at random for
 ``random-icpo``) and trims an overfull bucket. After the last round ``final_k`` responses are
@@ -23,7 +27,7 @@ import random
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
@@ -35,6 +39,7 @@ from icpo_infer.backends.base import (
     adapter_problem,
     derive_seed,
     encode_prompt,
+    location_problem,
 )
 from icpo_infer.config import ConfigError, check, option
 from icpo_infer.data import Problem
@@ -43,13 +48,30 @@ from icpo_infer.prompts import (
     Attempt,
     PromptTemplates,
     answer_type_of,
+    render_feedback_prompt,
     render_prompt,
+    render_refine_prompt,
     render_summary_prompt,
 )
 
+if (
+    TYPE_CHECKING
+):  # loading a reward model needs the hf backend's modules; only best-of-n's users pay for them
+    from icpo_infer.reward_model import RewardModel
+
 logger = logging.getLogger(__name__)
 
-METHODS = ("single", "majority", "random-icpo", "me-icpo")
+ICPO_METHODS = ("random-icpo", "me-icpo")
+METHODS = ("single", "majority", "best-of-n", "self-refine", *ICPO_METHODS)
+ROUND_METHODS = ("self-refine", *ICPO_METHODS)  # methods whose answers change over rounds
+
+
+def accuracy_key(method: str) -> str:
+    """The metrics.json key of a method's own accuracy: majority answers by its vote, best-of-n by its
+    pick, the others by the average of their final samples."""
+    return {"majority": "maj@k", "best-of-n": "best@k"}.get(method, "mean@k")
+
+
 REWARDS = ("self", "gt")
 
 
@@ -70,9 +92,17 @@ class InferConfig:
     id_field: str = option("id", "Dataset field holding the question id (row index when absent).")
     skip_invalid: bool = option(False, "Skip (and count) rows without a problem or answer.")
     method: str = option("me-icpo", f"One of {', '.join(METHODS)}.")
+    reward_model: str | None = option(
+        None,
+        "best-of-n: a transformers sequence-classification model (path) that picks the sample "
+        "instead of the mean token log-probability.",
+    )
     reward: str = option("self", "self: majority-vote pseudo-reward; gt: ground-truth reward (ablation).")
-    rounds: int = option(3, "Rounds of in-context refinement.")
-    k: int = option(16, "Responses sampled per question and round (single/majority: the samples).")
+    rounds: int = option(3, "Rounds of in-context refinement (self-refine: of feedback and refinement).")
+    k: int = option(
+        16,
+        "Responses sampled per question and round (single/majority/best-of-n: the samples; self-refine: the chains).",
+    )
     entropy_k: int = option(16, "Responses sampled per probe prompt to score a candidate's entropy.")
     final_k: int = option(16, "Responses sampled from the final prompt (mean@k, maj@k, pass@k).")
     temperature: float = option(0.6, "Sampling temperature for answers and probes.")
@@ -84,6 +114,7 @@ class InferConfig:
     summary: bool = option(True, "Summarise candidates (--no-summary: use the truncated response).")
     summary_max_tokens: int = option(500, "Summary length in tokens (also the truncation without summaries).")
     summary_temperature: float = option(0.05, "Sampling temperature of the summaries.")
+    feedback_max_tokens: int = option(1024, "self-refine: length of a feedback in tokens.")
     entropy_penalty: bool = option(True, "Add log2(entropy_k) * invalid fraction to a probe's entropy.")
     epsilon: float = option(0.0, "me-icpo: probability of picking a random candidate instead.")
     max_keep: int = option(5, "Most entries per bucket; an overfull bucket evicts one.")
@@ -125,6 +156,7 @@ class InferConfig:
             "max_new_tokens",
             "context_length",
             "summary_max_tokens",
+            "feedback_max_tokens",
             "max_keep",
             "batch_questions",
         ):
@@ -138,6 +170,15 @@ class InferConfig:
             f"entropy_k={self.entropy_k}: one probe sample always has entropy 0; use entropy_k >= 2 for me-icpo.",
         )
         check(0 <= self.epsilon <= 1, f"epsilon={self.epsilon} is invalid; use 0 <= epsilon <= 1.")
+        check(
+            self.reward_model is None or self.method == "best-of-n",
+            f"reward_model is set but method is '{self.method}'; only best-of-n uses --reward-model.",
+        )
+        problem = self.reward_model and location_problem(self.reward_model)
+        check(
+            not problem,
+            f"reward_model '{self.reward_model}' {problem}; pass a sequence-classification model's path.",
+        )
         for summary in (False, True):  # SamplingParams validates the sampling fields
             self.sampling(n=1, max_new_tokens=1, seed=0, summary=summary)
         if self.templates is not None:  # a bad templates file fails now, not after the model loads
@@ -150,14 +191,9 @@ class InferConfig:
         )
 
     @property
-    def iterative(self) -> bool:
-        """Whether the method refines over rounds (the ICPO methods) or only samples (baselines)."""
-        return self.method.endswith("icpo")
-
-    @property
     def eval_k(self) -> int:
         """How many samples mean@k, maj@k and pass@k are taken over."""
-        return self.final_k if self.iterative else self.k
+        return self.final_k if self.method in ICPO_METHODS else self.k
 
     def sampling(self, n: int, max_new_tokens: int, seed: int, summary: bool = False) -> SamplingParams:
         """Sampling parameters of one request (summaries use their own temperature)."""
@@ -237,6 +273,25 @@ class RoundRecord:
 
 
 @dataclass
+class RefineRound:
+    """One self-refine round of one question: each chain's response at the round's start and its feedback."""
+
+    round: int
+    samples: Samples
+    feedback: list[str | None]  # per chain; None: no room for the feedback, so the chain kept its response
+
+
+@dataclass
+class Pick:
+    """best-of-n: every sample's score and the sample picked (the best among those with an answer)."""
+
+    scorer: str  # "mean_logprob" or the reward model's path
+    scores: list[float]
+    chosen: int
+    correct: bool
+
+
+@dataclass
 class QuestionResult:
     """Everything one question went through; one line of results.jsonl."""
 
@@ -245,10 +300,13 @@ class QuestionResult:
     answer: str
     answer_type: str
     method: str
-    rounds: list[RoundRecord]
+    rounds: list[RoundRecord] | list[RefineRound]
     history: list[Attempt]  # what the final prompt showed
     final: Samples
-    metrics: dict[str, Any]  # mean, maj, pass of the final samples; mean_per_round, maj_per_round
+    # mean, maj, pass of the final samples; mean_per_round, maj_per_round; best (best-of-n);
+    # self_reward (ICPO methods: per round, the counts :func:`self_reward_counts` gives)
+    metrics: dict[str, Any]
+    pick: Pick | None = None
 
 
 def answer_entropy(answers: Sequence[str | None], invalid_penalty: bool = True) -> float:
@@ -273,13 +331,17 @@ class _Question:
     answer_type: str
     rng: random.Random
     history: list[Attempt] = field(default_factory=list)
-    rounds: list[RoundRecord] = field(default_factory=list)
+    rounds: list[RoundRecord] | list[RefineRound] = field(default_factory=list)
     final: Samples | None = None
+    pick: Pick | None = None
 
 
-def _grade(generation: Generation, q: _Question) -> Samples:
+def _texts(generation: Generation) -> list[str]:
+    return [c.text for c in generation.completions]
+
+
+def _grade(texts: list[str], q: _Question) -> Samples:
     """The question's responses with their answers, correctness and majority (ties: the question's rng)."""
-    texts = [c.text for c in generation.completions]
     answers = [extract_answer(text) for text in texts]
     gold = q.problem.answer
     voted = vote(answers, q.rng)
@@ -296,8 +358,13 @@ def _grade(generation: Generation, q: _Question) -> Samples:
 class _Run:
     """Questions through one method, a chunk at a time; each phase is one backend call."""
 
-    def __init__(self, backend: Backend, config: InferConfig) -> None:
+    def __init__(
+        self, backend: Backend, config: InferConfig, reward_model: RewardModel | None = None
+    ) -> None:
+        if (reward_model is None) != (config.reward_model is None):
+            raise ValueError("pass the loaded reward model exactly when config.reward_model names one")
         self.backend = backend
+        self.reward_model = reward_model
         self.config = config
         self.tokenizer = backend.tokenizer
         self.templates = PromptTemplates.from_yaml(config.templates) if config.templates else None
@@ -331,20 +398,49 @@ class _Run:
             )
         return prompt, history, room
 
+    def bare_requests(self, questions: list[_Question]) -> list[tuple[_Question, str, int]]:
+        """Each question's prompt without history, and its room for new tokens."""
+        requests = []
+        for q in questions:
+            prompt, _, room = self.fit(q, [])
+            requests.append((q, prompt, room))
+        return requests
+
+    def request(self, q: _Question, prompt: str, fallback: str) -> tuple[_Question, str, int] | None:
+        """(question, prompt, room), or None with a warning saying ``fallback`` when the prompt fills the context."""
+        room = self.config.context_length - self.prompt_tokens(prompt)
+        if room >= 1:
+            return q, prompt, room
+        logger.warning(
+            "question %s: a prompt overflows context_length=%d; %s",
+            q.problem.id,
+            self.config.context_length,
+            fallback,
+        )
+        return None
+
     def generate(
-        self, phase: str, requests: list[tuple[_Question, str, int]], n: int, summary: bool = False
+        self,
+        phase: str,
+        requests: list[tuple[_Question, str, int]],
+        n: int,
+        summary: bool = False,
+        max_new_tokens: int | None = None,
     ) -> list[Generation]:
         """ONE engine call for a whole phase: ``n`` samples for each (question, prompt, room) request.
 
         The seed derives from the run seed and the phase; the backends draw each prompt's samples
         from (seed, prompt) alone, so a question samples the same whatever else is in flight: in any
-        chunk of ``batch_questions`` and in a resumed run.
+        chunk of ``batch_questions`` and in a resumed run. ``max_new_tokens`` defaults to the answer
+        length (the summary length for summaries).
         """
         self.progress.set_postfix_str(phase)
         generations = []
         if requests:
             seed = derive_seed(self.config.seed, phase)
-            limit = self.config.summary_max_tokens if summary else self.config.max_new_tokens
+            limit = max_new_tokens or (
+                self.config.summary_max_tokens if summary else self.config.max_new_tokens
+            )
             params = [self.config.sampling(n, min(limit, room), seed, summary) for _, _, room in requests]
             # The run's adapter on every call, so one loaded backend can evaluate several adapters.
             prompts = [prompt for _, prompt, _ in requests]
@@ -354,14 +450,106 @@ class _Run:
 
     # -- methods ------------------------------------------------------------------------------
 
-    def sample_only(self, questions: list[_Question]) -> None:
-        """single / majority: k samples with no history."""
-        requests = []
-        for q in questions:
-            prompt, _, room = self.fit(q, [])
-            requests.append((q, prompt, room))
+    def run(self, questions: list[_Question]) -> None:
+        """The configured method on one chunk of questions."""
+        method = self.config.method
+        if method in ICPO_METHODS:
+            self.icpo(questions)
+        elif method == "self-refine":
+            self.self_refine(questions)
+        elif method == "best-of-n":
+            self.best_of_n(questions)
+        else:
+            self.sample_only(questions)
+
+    def phases(self) -> int:
+        """Engine calls per chunk, at most: the progress bar's steps."""
+        method, rounds = self.config.method, self.config.rounds
+        if method in ICPO_METHODS:
+            return 4 * rounds + 1  # per round: sample, summarise, probe, evict; then the final samples
+        if method == "self-refine":
+            return 2 * rounds + 1
+        return 2 if method == "best-of-n" else 1
+
+    def sample_only(self, questions: list[_Question]) -> list[tuple[_Question, str, int]]:
+        """single / majority / best-of-n: k samples with no history; returns the requests sent."""
+        requests = self.bare_requests(questions)
         for q, generation in zip(questions, self.generate("samples", requests, self.config.k), strict=True):
-            q.final = _grade(generation, q)
+            q.final = _grade(_texts(generation), q)
+        return requests
+
+    def best_of_n(self, questions: list[_Question]) -> None:
+        """k samples, then ONE scoring call over all of them; each question picks its highest-scored
+        sample among those with an answer (an empty or answerless response is no pick), the first on ties."""
+        requests = self.sample_only(questions)
+        self.progress.set_postfix_str("score")
+        pairs = [(q, prompt, text) for q, prompt, _ in requests for text in q.final.texts]
+        if self.reward_model is None:
+            scorer = "mean_logprob"
+            scored = self.backend.score(
+                [prompt for _, prompt, _ in pairs],
+                [text for _, _, text in pairs],
+                adapter=self.config.adapter,
+            )
+            scores = [s.logprob / max(s.num_tokens, 1) for s in scored]
+        else:
+            scorer = self.config.reward_model
+            scores = self.reward_model.score(
+                [q.problem.problem for q, _, _ in pairs], [text for _, _, text in pairs]
+            )
+        self.progress.update(1)
+        start = 0
+        for q in questions:
+            own = scores[start : start + len(q.final.texts)]
+            start += len(own)
+            answered = [j for j, answer in enumerate(q.final.answers) if answer is not None]
+            chosen = max(answered or range(len(own)), key=own.__getitem__)
+            q.pick = Pick(scorer, own, chosen, q.final.correct[chosen])
+
+    def self_refine(self, questions: list[_Question]) -> None:
+        """k chains per question: an answer, then per round the model's feedback on it and a refined
+        answer. Feedback and refinement are one engine call each over all chains of all questions; a
+        chain whose prompt no longer fits the context keeps its response."""
+        config = self.config
+        chains = [
+            _texts(generation)
+            for generation in self.generate("samples", self.bare_requests(questions), config.k)
+        ]
+        keep = "the chain keeps its response"
+        for r in range(1, config.rounds + 1):
+            phase = f"round {r}/{config.rounds}"
+            requests, owners = [], []
+            for q, texts in zip(questions, chains, strict=True):
+                q.rounds.append(RefineRound(r, _grade(texts, q), [None] * len(texts)))
+                for j, text in enumerate(texts):
+                    prompt = render_feedback_prompt(self.tokenizer, q.problem.problem, text, self.templates)
+                    request = self.request(q, prompt, keep)
+                    if request is not None:
+                        requests.append(request)
+                        owners.append((q, j))
+            generations = self.generate(
+                f"{phase}: feedback", requests, n=1, max_new_tokens=config.feedback_max_tokens
+            )
+            for (q, j), generation in zip(owners, generations, strict=True):
+                q.rounds[-1].feedback[j] = generation.completions[0].text.strip()
+            requests, refined = [], []
+            for i, (q, texts) in enumerate(zip(questions, chains, strict=True)):
+                for j, feedback in enumerate(q.rounds[-1].feedback):
+                    if feedback is None:
+                        continue
+                    prompt = render_refine_prompt(
+                        self.tokenizer, q.problem.problem, texts[j], feedback, q.answer_type, self.templates
+                    )
+                    request = self.request(q, prompt, keep)
+                    if request is not None:
+                        requests.append(request)
+                        refined.append((i, j))
+            for (i, j), generation in zip(
+                refined, self.generate(f"{phase}: refine", requests, n=1), strict=True
+            ):
+                chains[i][j] = generation.completions[0].text
+        for q, texts in zip(questions, chains, strict=True):
+            q.final = _grade(texts, q)
 
     def icpo(self, questions: list[_Question]) -> None:
         config = self.config
@@ -377,7 +565,7 @@ class _Run:
             prompt, q.history, room = self.fit(q, q.history)
             requests.append((q, prompt, room))
         for q, generation in zip(questions, self.generate("final", requests, config.final_k), strict=True):
-            q.final = _grade(generation, q)
+            q.final = _grade(_texts(generation), q)
 
     def sample_round(self, questions: list[_Question], r: int, phase: str) -> None:
         requests = []
@@ -387,7 +575,7 @@ class _Run:
         for q, generation in zip(
             questions, self.generate(f"{phase}: sample", requests, self.config.k), strict=True
         ):
-            samples = _grade(generation, q)
+            samples = _grade(_texts(generation), q)
             label = samples.majority if self.config.reward == "self" else q.problem.answer
             rewards = [
                 None if answer is None else int(label is not None and is_equivalent(answer, label))
@@ -411,16 +599,10 @@ class _Run:
             for j in record.candidates():
                 text = record.samples.texts[j]
                 prompt = render_summary_prompt(self.tokenizer, q.problem.problem, text, self.templates)
-                room = self.config.context_length - self.prompt_tokens(prompt)
-                if room < 1:
-                    logger.warning(
-                        "question %s: summary prompt overflows context_length=%d; using the truncated response",
-                        q.problem.id,
-                        self.config.context_length,
-                    )
-                    continue
-                requests.append((q, prompt, room))
-                owners.append((record, j))
+                request = self.request(q, prompt, "using the truncated response")
+                if request is not None:
+                    requests.append(request)
+                    owners.append((record, j))
         generations = self.generate(f"{phase}: summarise", requests, n=1, summary=True)
         for (record, j), generation in zip(owners, generations, strict=True):
             record.summaries[j] = generation.completions[0].text.strip()
@@ -488,6 +670,36 @@ class _Run:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
 
+def self_reward_counts(q: _Question) -> list[dict[str, Any]]:
+    """How the self-assessed rewards of each ICPO round compare with the gold answer.
+
+    Per round: whether the pseudo-label is correct; among the candidates, how many there are, how many
+    are correct and how many got the reward the gold answer would give; whether the pick among 2 or
+    more candidates (minimum entropy for me-icpo) is correct (None: no such pick); and the reward-1
+    entries of the history after the round, with how many of them are correct. Counts, not ratios, so
+    that summaries pool them over questions.
+    """
+    gold = q.problem.answer
+    histories_after = [record.history for record in q.rounds[1:]] + [q.history]
+    counts = []
+    for record, history in zip(q.rounds, histories_after, strict=True):
+        candidates = record.candidates()
+        correct = record.samples.correct
+        reward_1 = [a for a in history if a.reward == 1]
+        counts.append(
+            {
+                "pseudo_label_correct": is_equivalent(record.pseudo_label, gold),
+                "candidates": len(candidates),
+                "candidates_correct": sum(correct[j] for j in candidates),
+                "rewards_right": sum(record.rewards[j] == int(correct[j]) for j in candidates),
+                "pick_correct": correct[record.chosen] if len(candidates) >= 2 else None,
+                "reward_1_entries": len(reward_1),
+                "reward_1_entries_correct": sum(is_equivalent(a.answer, gold) for a in reward_1),
+            }
+        )
+    return counts
+
+
 def _result(q: _Question, method: str) -> QuestionResult:
     per_round = [record.samples for record in q.rounds] or [q.final]
     metrics = {
@@ -497,9 +709,13 @@ def _result(q: _Question, method: str) -> QuestionResult:
         "mean_per_round": [samples.mean for samples in per_round],
         "maj_per_round": [float(samples.majority_correct) for samples in per_round],
     }
+    if q.pick is not None:
+        metrics["best"] = float(q.pick.correct)
+    if method in ICPO_METHODS:
+        metrics["self_reward"] = self_reward_counts(q)
     p = q.problem
     return QuestionResult(
-        p.id, p.problem, p.answer, q.answer_type, method, q.rounds, q.history, q.final, metrics
+        p.id, p.problem, p.answer, q.answer_type, method, q.rounds, q.history, q.final, metrics, q.pick
     )
 
 
@@ -515,8 +731,11 @@ def run_method(
     config: InferConfig,
     done_ids: Iterable[str] = (),
     on_result: Callable[[QuestionResult], None] | None = None,
+    reward_model: RewardModel | None = None,
 ) -> list[QuestionResult]:
     """Run ``config.method`` on the problems (unique ids) not in ``done_ids``.
+
+    ``reward_model``: the model ``config.reward_model`` names, loaded (best-of-n).
 
     Questions go through in chunks of ``config.batch_questions``. ``on_result`` gets each question's
     result as soon as its chunk finishes (results.jsonl appends there): an interrupted run loses at
@@ -524,7 +743,7 @@ def run_method(
     """
     done = set(done_ids)
     chunks = list(in_chunks([p for p in problems if p.id not in done], config.batch_questions))
-    run = _Run(backend, config)
+    run = _Run(backend, config, reward_model)
     for chunk in chunks:  # refuse before any work when a bare question cannot fit the context
         for p in chunk:
             bare = render_prompt(run.tokenizer, p.problem, [], answer_type_of(p.answer), run.templates)
@@ -532,15 +751,14 @@ def run_method(
                 run.prompt_tokens(bare) < config.context_length,
                 f"question {p.id} alone fills context_length={config.context_length}; raise --context-length.",
             )
-    phases = 4 * config.rounds + 1 if config.iterative else 1  # icpo rounds: sample, summarise, probe, evict
     results = []
-    with tqdm(total=len(chunks) * phases, desc=config.method, unit="phase") as run.progress:
+    with tqdm(total=len(chunks) * run.phases(), desc=config.method, unit="phase") as run.progress:
         for chunk in chunks:
             questions = [
                 _Question(p, answer_type_of(p.answer), random.Random(derive_seed(config.seed, p.id)))
                 for p in chunk
             ]
-            (run.icpo if config.iterative else run.sample_only)(questions)
+            run.run(questions)
             for q in questions:
                 result = _result(q, config.method)
                 results.append(result)

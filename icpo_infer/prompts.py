@@ -93,6 +93,21 @@ class PromptTemplates:
         "decisive steps, without detailed calculations and without stating the final answer."
     )
     summary_plain_cue: str = "Summary:"
+    # self-refine: the model reviews one of its attempts, then rewrites it with that feedback.
+    feedback: str = (
+        "Here is a math problem and one attempt at solving it.\n\n"
+        "Problem:\n{question}\n\n"
+        "Attempt:\n{response}\n\n"
+        "Review this attempt step by step. Point out every error in its reasoning or calculations "
+        "and say how to fix it; if it is correct, say so. Do not write a new solution."
+    )
+    feedback_plain_cue: str = "Feedback:"
+    refine: str = (
+        "Problem:\n{question}\n\n"
+        "Your earlier attempt:\n{response}\n\n"
+        "Feedback on that attempt:\n{feedback}\n\n"
+        "Write an improved solution that takes the feedback into account."
+    )
 
     def __post_init__(self) -> None:
         check(
@@ -135,8 +150,10 @@ _PLACEHOLDERS = {
     "entry": (("text", "answer"), ("text",)),
     "entry_without_answer": (("text",), ("text",)),
     "summary": (("question", "response"), ("response",)),
+    "feedback": (("question", "response"), ("response",)),
+    "refine": (("question", "response", "feedback"), ("question", "response", "feedback")),
 }
-_PLACEHOLDER = re.compile(r"\{(question|text|answer|response)\}")
+_PLACEHOLDER = re.compile(r"\{(question|text|answer|response|feedback)\}")
 
 
 def _fill(template: str, **values: str) -> str:
@@ -218,3 +235,32 @@ def render_summary_prompt(
     templates = templates or PromptTemplates()
     user = _fill(templates.summary, question=question.strip(), response=response.strip())
     return _chat_or_plain(tokenizer, user, templates.summary_plain_cue, templates)
+
+
+def render_feedback_prompt(
+    tokenizer: PreTrainedTokenizerBase,
+    question: str,
+    response: str,
+    templates: PromptTemplates | None = None,
+) -> str:
+    """self-refine: the prompt asking the model to review its own ``response``."""
+    templates = templates or PromptTemplates()
+    user = _fill(templates.feedback, question=question.strip(), response=response.strip())
+    return _chat_or_plain(tokenizer, user, templates.feedback_plain_cue, templates)
+
+
+def render_refine_prompt(
+    tokenizer: PreTrainedTokenizerBase,
+    question: str,
+    response: str,
+    feedback: str,
+    answer_type: str = "expression",
+    templates: PromptTemplates | None = None,
+) -> str:
+    """self-refine: the answer-format instruction, then the request to rewrite ``response`` with ``feedback``."""
+    templates = templates or PromptTemplates()
+    filled = _fill(
+        templates.refine, question=question.strip(), response=response.strip(), feedback=feedback.strip()
+    )
+    user = "\n\n".join([templates.answer_format(answer_type), filled])
+    return _chat_or_plain(tokenizer, user, templates.plain_cue, templates)

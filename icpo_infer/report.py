@@ -1,7 +1,9 @@
-"""Plots and tables from metrics.json: accuracy against round, and runs compared side by side.
+"""Plots and tables from metrics.json: accuracy against round, runs compared side by side, accuracy
+against cost, and ME-ICPO's self-reward diagnostics.
 
 `icpo-infer compare BASE TRAINED ...` is how a user sees how much training improved test-time
-self-improvement: the differences are taken against the first directory.
+self-improvement (the differences are taken against the first directory), and what each method's
+accuracy costs in generated tokens.
 """
 
 from __future__ import annotations
@@ -12,16 +14,18 @@ from pathlib import Path
 from typing import Any
 
 from matplotlib.figure import Figure
+from matplotlib.ticker import ScalarFormatter
 
 from icpo_infer.config import check
+from icpo_infer.icpo import ROUND_METHODS, accuracy_key
 from icpo_infer.results import METRICS_FILE
 
 ACCURACY_RANGE = (-0.02, 1.02)  # a little margin, so that points at 0 and 1 stay visible
 
 
 def accuracy_curve(metrics: dict[str, Any]) -> tuple[list[str], list[float], list[float]]:
-    """x labels and mean@k / maj@k per round; ICPO methods end with the final samples."""
-    if not metrics["config"]["method"].endswith("icpo"):
+    """x labels and mean@k / maj@k per round; methods with rounds end with the final samples."""
+    if metrics["config"]["method"] not in ROUND_METHODS:
         return ["samples"], [metrics["mean@k"]], [metrics["maj@k"]]
     labels = [str(r) for r in range(1, len(metrics["mean_per_round"]) + 1)] + ["final"]
     return (
@@ -63,25 +67,74 @@ def run_labels(directories: Sequence[str | Path]) -> list[str]:
     return [name if names.count(name) == 1 else str(d) for name, d in zip(names, directories, strict=True)]
 
 
+def accuracy(run: dict[str, Any]) -> float:
+    """A run's accuracy as its method answers: maj@k for majority, best@k for best-of-n, else mean@k."""
+    return run[accuracy_key(run["config"]["method"])]
+
+
+def generated_per_question(run: dict[str, Any]) -> float:
+    return run["generated_tokens"] / max(run["num_questions"], 1)
+
+
 def compare_table(labels: Sequence[str], runs: Sequence[dict[str, Any]]) -> str:
-    """Accuracy and self-improvement of each run, in percent, with differences against the first."""
+    """Accuracy and self-improvement of each run, in percent, with differences against the first, and
+    its cost: generated tokens per question and engine calls."""
     columns = [
-        ("mean@k", "mean@k"),
-        ("maj@k", "maj@k"),
-        ("pass@k", "pass@k"),
-        ("self-impr.", "self_improvement"),
+        ("mean@k", lambda run: run["mean@k"]),
+        ("maj@k", lambda run: run["maj@k"]),
+        ("pass@k", lambda run: run["pass@k"]),
+        ("self-impr.", lambda run: run["self_improvement"]),
+        ("accuracy", accuracy),
     ]
     width = max(len(label) for label in [*labels, "run"])
-    header = f"{'run':<{width}}  {'method':<11}" + "".join(
-        f"  {title:>10}  {'diff':>7}" for title, _ in columns
+    header = (
+        f"{'run':<{width}}  {'method':<11}"
+        + "".join(f"  {title:>10}  {'diff':>7}" for title, _ in columns)
+        + f"  {'gen tok/q':>10}  {'calls':>6}"
     )
     lines = [header, "-" * len(header)]
     for label, run in zip(labels, runs, strict=True):
         line = f"{label:<{width}}  {run['config']['method']:<11}"
-        for _, key in columns:
-            line += f"  {100 * run[key]:>10.1f}  {100 * (run[key] - runs[0][key]):>+7.1f}"
+        for _, value in columns:
+            line += f"  {100 * value(run):>10.1f}  {100 * (value(run) - value(runs[0])):>+7.1f}"
+        line += f"  {generated_per_question(run):>10.0f}  {run['engine_calls']:>6}"
         lines.append(line)
     return "\n".join(lines)
+
+
+SELF_REWARD_COLUMNS = [  # (title, metrics.json key under self_reward)
+    ("pseudo-label", "pseudo_label_accuracy"),
+    ("reward", "reward_accuracy"),
+    ("pick", "pick_accuracy"),
+    ("candidates", "candidate_accuracy"),
+    ("reward-1 hist.", "reward_1_history_precision"),
+]
+
+
+def self_reward_table(labels: Sequence[str], runs: Sequence[dict[str, Any]]) -> str:
+    """Per round, in percent, how well the self-assessed rewards of the ICPO runs match the gold
+    answers ("-": nothing to count); empty when no run has them."""
+    width = max(len(label) for label in [*labels, "run"])
+    header = f"{'run':<{width}}  {'round':>5}" + "".join(f"  {title:>14}" for title, _ in SELF_REWARD_COLUMNS)
+    lines = []
+    for label, run in zip(labels, runs, strict=True):
+        diagnostics = run.get("self_reward")
+        if not diagnostics:
+            continue
+        for r in range(len(diagnostics["reward_accuracy"])):
+            cells = [diagnostics[key][r] for _, key in SELF_REWARD_COLUMNS]
+            lines.append(
+                f"{label:<{width}}  {r + 1:>5}"
+                + "".join(f"  {'-':>14}" if v is None else f"  {100 * v:>14.1f}" for v in cells)
+            )
+    if not lines:
+        return ""
+    legend = (
+        "self-reward per round (%): pseudo-label = majority answer correct; reward = rewards equal to the\n"
+        "gold ones; pick = picked candidate correct (2+ candidates); candidates = candidates correct;\n"
+        "reward-1 hist. = reward-1 history entries correct"
+    )
+    return "\n".join([legend, header, "-" * len(header), *lines])
 
 
 def plot_comparison(labels: Sequence[str], runs: Sequence[dict[str, Any]], path: str | Path) -> None:
@@ -96,5 +149,33 @@ def plot_comparison(labels: Sequence[str], runs: Sequence[dict[str, Any]], path:
         else:
             ax.plot(x, mean, marker="o", **style)
     ax.set(xlabel="round", ylabel="mean@k", ylim=ACCURACY_RANGE, title="accuracy against round")
+    ax.legend()
+    figure.savefig(path, dpi=120)
+
+
+def plot_cost(labels: Sequence[str], runs: Sequence[dict[str, Any]], path: str | Path) -> None:
+    """PNG of each run's accuracy (as its method answers) against generated tokens per question."""
+    figure = Figure(figsize=(6, 4), layout="constrained")
+    ax = figure.subplots()
+    for i, (label, run) in enumerate(zip(labels, runs, strict=True)):
+        method = run["config"]["method"]
+        ax.scatter(
+            generated_per_question(run),
+            accuracy(run),
+            color=f"C{i}",
+            marker="osD^vP*X"[i % 8],  # runs at the same point stay visible
+            alpha=0.8,
+            label=f"{label} ({method}, {accuracy_key(method)})",
+        )
+    if all(generated_per_question(run) > 0 for run in runs):
+        ax.set_xscale("log")
+        for set_formatter in (ax.xaxis.set_major_formatter, ax.xaxis.set_minor_formatter):
+            set_formatter(ScalarFormatter())  # 30, 40 ... rather than 3x10^1
+    ax.set(
+        xlabel="generated tokens per question",
+        ylabel="accuracy",
+        ylim=ACCURACY_RANGE,
+        title="accuracy against cost",
+    )
     ax.legend()
     figure.savefig(path, dpi=120)

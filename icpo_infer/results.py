@@ -67,9 +67,36 @@ def read_results(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def pooled_self_reward(per_question: list[list[dict[str, Any]]]) -> dict[str, list[float | None]]:
+    """Per round, the self-reward diagnostics pooled over questions (None where nothing was counted):
+    pseudo-label accuracy (over questions), reward accuracy (over candidates), the accuracy of the
+    pick among 2 or more candidates beside the candidates' own accuracy (about what a random pick scores),
+    and the share of reward-1 history entries that are correct."""
+
+    def ratio(rounds: list[dict[str, Any]], hits: str, total: str | None) -> float | None:
+        if total is None:  # hits are booleans, or None where not counted
+            counted = [r[hits] for r in rounds if r[hits] is not None]
+            return sum(counted) / len(counted) if counted else None
+        denominator = sum(r[total] for r in rounds)
+        return sum(r[hits] for r in rounds) / denominator if denominator else None
+
+    per_round = list(zip(*per_question, strict=True))
+    return {
+        name: [ratio(list(rounds), hits, total) for rounds in per_round]
+        for name, hits, total in (
+            ("pseudo_label_accuracy", "pseudo_label_correct", None),
+            ("reward_accuracy", "rewards_right", "candidates"),
+            ("pick_accuracy", "pick_correct", None),
+            ("candidate_accuracy", "candidates_correct", "candidates"),
+            ("reward_1_history_precision", "reward_1_entries_correct", "reward_1_entries"),
+        )
+    }
+
+
 def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Accuracy over questions: mean@k, maj@k, pass@k of the final samples, per-round curves and
-    self-improvement (final mean@k minus round-1 mean@k)."""
+    """Accuracy over questions: mean@k, maj@k, pass@k of the final samples (best@k: of best-of-n's
+    pick), per-round curves, self-improvement (final mean@k minus round-1 mean@k) and, for the ICPO
+    methods, the self-reward diagnostics per round."""
     n = max(len(rows), 1)
     per_question = [row["metrics"] for row in rows]
 
@@ -80,7 +107,7 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
         return [sum(values) / n for values in zip(*(m[key] for m in per_question), strict=True)]
 
     mean_per_round = per_round("mean_per_round")
-    return {
+    summary = {
         "mean@k": average("mean"),
         "maj@k": average("maj"),
         "pass@k": average("pass"),
@@ -88,6 +115,11 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "maj_per_round": per_round("maj_per_round"),
         "self_improvement": average("mean") - mean_per_round[0] if mean_per_round else 0.0,
     }
+    if per_question and "best" in per_question[0]:
+        summary["best@k"] = average("best")
+    if per_question and "self_reward" in per_question[0]:
+        summary["self_reward"] = pooled_self_reward([m["self_reward"] for m in per_question])
+    return summary
 
 
 def prepare_resumable(
@@ -100,12 +132,15 @@ def prepare_resumable(
     what: str,
     flag: str,
     config_file: str = CONFIG_FILE,
+    defaults: dict[str, Any] | None = None,
 ) -> bool:
     """Make ``directory`` ready for a run with ``settings``; True when its earlier results can be resumed.
 
     ``overwrite`` deletes ``outputs``. Otherwise a stored config must agree with ``settings`` on every key
     outside ``ignore`` (each difference is named), and results without a stored config are refused,
-    since nothing says how they were made. ``outputs[0]`` is the file holding the results.
+    since nothing says how they were made. ``outputs[0]`` is the file holding the results. A key of
+    ``defaults`` that the stored config lacks is a setting added since it was written: the stored run
+    had its default.
     """
     directory.mkdir(parents=True, exist_ok=True)
     stored = directory / config_file
@@ -114,7 +149,7 @@ def prepare_resumable(
         for name in outputs:
             (directory / name).unlink(missing_ok=True)
     elif stored.is_file():
-        previous = json.loads(stored.read_text())
+        previous = {**(defaults or {}), **json.loads(stored.read_text())}
         changed = [
             f"{key} ({previous.get(key)!r} there, {settings.get(key)!r} now)"
             for key in sorted(set(previous) | set(settings))
@@ -155,6 +190,11 @@ class RunDirectory:
             ignore=RUN_ONLY_FIELDS,
             what="a run",
             flag="--output-dir",
+            defaults={
+                f.name: f.default
+                for f in dataclasses.fields(InferConfig)
+                if f.default is not dataclasses.MISSING
+            },
         )
         if resumed:
             self.rows = read_results(self.path / RESULTS_FILE)

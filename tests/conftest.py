@@ -79,3 +79,26 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 def tiny_chat_model_dir(tmp_path_factory) -> Path:
     """The same tiny model with a ChatML chat template, as instruct models have."""
     return save_tiny_model(tmp_path_factory.mktemp("tiny-chat"), chat_template=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_reward_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """A randomly initialised tiny Llama sequence classifier with one output (a reward model), with the
+    tiny model's tokenizer."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=1,
+        num_labels=1,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    directory = tmp_path_factory.mktemp("tiny-reward-model")
+    LlamaForSequenceClassification(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory

@@ -259,6 +259,18 @@ def test_score_equals_a_manual_forward_pass(backend, prompts, reference):
         assert score.logprob == pytest.approx(expected, rel=1e-4, abs=1e-4)
 
 
+def test_scoring_counts_one_engine_call_that_reads_prompts_and_completions(backend, prompts):
+    completions = ["so \\boxed{5}", ""]
+    before = (backend.usage.engine_calls, backend.usage.prompt_tokens, backend.usage.generated_tokens)
+    backend.score(prompts[:2], completions)
+    read = sum(
+        len(encode_prompt(backend.tokenizer, p)) + len(encode_completion(backend.tokenizer, c))
+        for p, c in zip(prompts[:2], completions, strict=True)
+    )
+    after = (backend.usage.engine_calls, backend.usage.prompt_tokens, backend.usage.generated_tokens)
+    assert after == (before[0] + 1, before[1] + read, before[2])
+
+
 def test_score_of_a_greedy_completion_is_the_sum_of_its_chosen_log_probs(backend, prompts, reference):
     tokenizer, eos = backend.tokenizer, backend.tokenizer.eos_token_id
     generations = backend.generate(prompts, SamplingParams(temperature=0, max_new_tokens=10))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from collections import Counter
@@ -15,6 +16,7 @@ from icpo_infer.config import ConfigError
 from icpo_infer.data import Problem
 from icpo_infer.icpo import InferConfig, answer_entropy, run_method
 from icpo_infer.prompts import Attempt, render_prompt
+from icpo_infer.results import summarize
 from icpo_train.tiny_lm import train_tokenizer
 
 QUESTION = re.compile(r"Q(\d+):")
@@ -224,21 +226,81 @@ def test_eviction_without_probe_removes_the_oldest(tokenizer, tmp_path):
     assert all(p.n != 4 for call in backend.calls for _, p in call)  # random-icpo never probes
 
 
-@pytest.mark.parametrize(("method", "expected_calls"), [("me-icpo", 12), ("random-icpo", 7), ("single", 1)])
+@pytest.mark.parametrize(
+    ("method", "expected_calls"),
+    [("me-icpo", 12), ("random-icpo", 7), ("single", 1), ("best-of-n", 2), ("self-refine", 7)],
+)
 def test_engine_calls_per_run_do_not_grow_with_questions_or_k(tokenizer, tmp_path, method, expected_calls):
     # Every round picks a reward-1 idea (all probes agree), so from round 2 the bucket overflows
     # (max_keep=1): me-icpo = 3 rounds x (sample, summarise, probe) + 2 evictions + final.
+    # best-of-n: sample, score; self-refine: sample + 3 rounds x (feedback, refine).
     calls = set()
     for n_questions in (2, 5):
         for k in (2, 4):
             cfg = config(tmp_path, method=method, rounds=3, k=k, entropy_k=3, final_k=5, max_keep=1)
             samples = {f"q{i}": [["1"] * (k - 1) + ["2"]] for i in range(n_questions)}
             script = Script(cfg, samples, probe=lambda q, ideas: ["1"] * 3, final={})
-            results, backend = run(tokenizer, cfg, script, n_questions=n_questions)
+            backend = ScriptedBackend(tokenizer, script, confidence=lambda prompt, completion: -1.0)
+            results = run_method(backend, problems(n_questions), cfg)
             assert len(results) == n_questions
-            assert backend.usage.engine_calls == len(backend.calls)
-            calls.add(len(backend.calls))
+            assert backend.usage.engine_calls == len(backend.calls) + len(backend.scored)
+            calls.add(backend.usage.engine_calls)
     assert calls == {expected_calls}
+
+
+def test_self_reward_diagnostics_compare_rewards_with_the_gold_answer(tokenizer, tmp_path):
+    cfg = config(tmp_path, rounds=2, k=4, entropy_k=2)  # the script tells phases apart by n
+    samples = {
+        # round 1: the majority (3) is wrong, so the self-rewards invert the gold ones; round 2: it is right
+        "q0": [["3", "3", "7", None], ["7", "7", "3", "7"]],
+        "q1": [["7", "7", "7", "7"]],
+    }
+
+    def probe(qid, ideas):  # the newest idea from sample 0 leaves the model sure: sample 0 is picked
+        return ["1", "1"] if ideas[-1].endswith("s0") else ["1", "2"]
+
+    results, _ = run(tokenizer, cfg, Script(cfg, samples, probe=probe), n_questions=2)
+    q0 = results[0]
+    assert [record.chosen for record in q0.rounds] == [0, 0]
+    assert q0.history == [Attempt("idea-q0.r1.s0", "3", 1), Attempt("idea-q0.r2.s0", "7", 1)]
+    assert q0.metrics["self_reward"] == [
+        {
+            "pseudo_label_correct": False,
+            "candidates": 3,
+            "candidates_correct": 1,
+            "rewards_right": 0,
+            "pick_correct": False,
+            "reward_1_entries": 1,  # the history after round 1 holds the wrong 3 under reward 1
+            "reward_1_entries_correct": 0,
+        },
+        {
+            "pseudo_label_correct": True,
+            "candidates": 4,
+            "candidates_correct": 3,
+            "rewards_right": 4,
+            "pick_correct": True,
+            "reward_1_entries": 2,
+            "reward_1_entries_correct": 1,
+        },
+    ]
+    pooled = summarize([dataclasses.asdict(result) for result in results])["self_reward"]
+    assert pooled == {
+        "pseudo_label_accuracy": [0.5, 1.0],
+        "reward_accuracy": [pytest.approx(4 / 7), 1.0],  # pooled over the 3 + 4 candidates of round 1
+        "pick_accuracy": [0.5, 1.0],
+        "candidate_accuracy": [pytest.approx(5 / 7), pytest.approx(7 / 8)],
+        "reward_1_history_precision": [0.5, 0.75],
+    }
+
+
+def test_self_reward_diagnostics_leave_out_what_was_not_counted(tokenizer, tmp_path):
+    cfg = config(tmp_path, method="random-icpo", rounds=1, k=3)
+    [result], _ = run(tokenizer, cfg, Script(cfg, {"q0": [["7", None, None]]}))
+    [counts] = result.metrics["self_reward"]
+    assert counts["pick_correct"] is None  # one candidate: nothing was picked among others
+    pooled = summarize([dataclasses.asdict(result)])["self_reward"]
+    assert pooled["pick_accuracy"] == [None]
+    assert pooled["reward_accuracy"] == [1.0] and pooled["reward_1_history_precision"] == [1.0]
 
 
 def test_questions_are_processed_in_chunks(tokenizer, tmp_path):
@@ -290,12 +352,22 @@ def test_empty_and_answerless_generations_are_invalid_not_errors(tokenizer, tmp_
     [result] = run_method(backend, problems(1), cfg)
     assert all(r.rewards == [None] * 3 and r.chosen is None for r in result.rounds)
     assert result.history == []
+    nothing_to_reward = {
+        "pseudo_label_correct": False,
+        "candidates": 0,
+        "candidates_correct": 0,
+        "rewards_right": 0,
+        "pick_correct": None,
+        "reward_1_entries": 0,
+        "reward_1_entries_correct": 0,
+    }
     assert result.metrics == {
         "mean": 0,
         "maj": 0,
         "pass": 0,
         "mean_per_round": [0, 0],
         "maj_per_round": [0, 0],
+        "self_reward": [nothing_to_reward] * 2,
     }
     assert len(backend.calls) == 3  # two rounds of sampling and the final: nothing to summarise or probe
 
@@ -329,7 +401,10 @@ def test_single_and_majority_sample_k_without_history(tokenizer, tmp_path):
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"method": "beam"}, "single, majority, random-icpo, me-icpo"),
+        ({"method": "beam"}, "single, majority, best-of-n, self-refine, random-icpo, me-icpo"),
+        ({"method": "me-icpo", "reward_model": "rm"}, "only best-of-n uses --reward-model"),
+        ({"feedback_max_tokens": 0}, "feedback_max_tokens >= 1"),
+        ({"method": "best-of-n", "reward_model": "no/such/dir"}, "is no directory, nor a Hub repo id"),
         ({"backend": "tgi"}, "hf, vllm"),
         ({"reward": "oracle"}, "self, gt"),
         ({"entropy_k": 1}, "entropy_k >= 2"),

@@ -90,6 +90,19 @@ def test_rerun_resumes_refuses_other_settings_and_overwrite_starts_over(infer, t
     assert rows(out) == first  # seeded end to end: the same questions give the same results
 
 
+def test_a_run_written_before_a_setting_existed_resumes_at_its_default(infer, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert infer(out, "--limit", "1", "--method", "single") == 0
+    stored = json.loads((out / "config.json").read_text())
+    del stored["feedback_max_tokens"], stored["reward_model"]
+    (out / "config.json").write_text(json.dumps(stored))
+    assert infer(out, "--limit", "2", "--method", "single") == 0
+    assert len(rows(out)) == 2
+    (out / "config.json").write_text(json.dumps(stored))
+    assert infer(out, "--limit", "2", "--method", "single", "--feedback-max-tokens", "9") == 2
+    assert "feedback_max_tokens (1024 there, 9 now)" in capsys.readouterr().err
+
+
 def test_results_do_not_depend_on_which_questions_run_together(infer, tmp_path):
     assert infer(tmp_path / "together", "--limit", "3", "--batch-questions", "3") == 0
     assert infer(tmp_path / "apart", "--limit", "3", "--batch-questions", "1") == 0
@@ -101,22 +114,71 @@ def test_results_do_not_depend_on_which_questions_run_together(infer, tmp_path):
     assert rows(tmp_path / "resumed") == together
 
 
-def test_an_interrupted_write_is_dropped_and_redone(infer, tmp_path):
+@pytest.mark.parametrize("method", ["single", "best-of-n", "self-refine"])
+def test_an_interrupted_write_is_dropped_and_redone(infer, tmp_path, method):
     out = tmp_path / "run"
-    assert infer(out, "--limit", "2", "--method", "single") == 0
+    assert infer(out, "--limit", "2", "--method", method) == 0
     complete = (out / "results.jsonl").read_text()
     lines = complete.splitlines(keepends=True)
     (out / "results.jsonl").write_text(lines[0] + lines[1][: len(lines[1]) // 2])
-    assert infer(out, "--limit", "2", "--method", "single") == 0
-    assert [r["id"] for r in rows(out)] == [json.loads(line)["id"] for line in lines]
+    assert infer(out, "--limit", "2", "--method", method) == 0
+    redone = rows(out)
+    assert [r["id"] for r in redone] == [json.loads(line)["id"] for line in lines]
+    assert redone[0] == json.loads(lines[0]) and metrics(out)["num_questions"] == 2
+
+
+@pytest.mark.parametrize(("method", "calls_per_chunk"), [("best-of-n", 2), ("self-refine", 5)])
+def test_other_methods_resume_and_report_their_cost(infer, tmp_path, method, calls_per_chunk):
+    # self-refine with the recipe's 2 rounds: sample, then feedback and refine per round.
+    args = ["--method", method, "--feedback-max-tokens", "8"]
+    assert infer(tmp_path / "whole", "--limit", "3", *args) == 0
+    assert infer(tmp_path / "resumed", "--limit", "2", *args) == 0
+    assert metrics(tmp_path / "resumed")["engine_calls"] == calls_per_chunk
+    assert infer(tmp_path / "resumed", "--limit", "3", *args) == 0
+    resumed, whole = rows(tmp_path / "resumed"), rows(tmp_path / "whole")
+    for result in whole:
+        if method == "best-of-n":
+            assert result["pick"]["scorer"] == "mean_logprob" and len(result["pick"]["scores"]) == 2
+            assert result["metrics"]["best"] == float(result["final"]["correct"][result["pick"]["chosen"]])
+        else:
+            assert [len(r["feedback"]) for r in result["rounds"]] == [2, 2]
+    if method == "best-of-n":  # scores computed in batches of another shape differ in the last digits
+        for a, b in zip(resumed, whole, strict=True):
+            assert a["pick"]["scores"] == pytest.approx(b["pick"]["scores"], abs=1e-5)
+            a["pick"]["scores"] = b["pick"]["scores"]
+    assert resumed == whole
+    m = metrics(tmp_path / "resumed")
+    assert m["engine_calls"] == 2 * calls_per_chunk  # two runs, one chunk each
+    assert m["prompt_tokens"] > 0 and m["generated_tokens"] > 0 and m["wall_time_s"] > 0
+    if method == "best-of-n":
+        assert metrics(tmp_path / "whole")["best@k"] == pytest.approx(
+            sum(r["metrics"]["best"] for r in whole) / 3
+        )
+    else:
+        assert len(metrics(tmp_path / "whole")["mean_per_round"]) == 2
+
+
+def test_best_of_n_with_a_reward_model_counts_its_cost(infer, tiny_reward_model_dir, tmp_path):
+    out = tmp_path / "run"
+    assert (
+        infer(out, "--limit", "2", "--method", "best-of-n", "--reward-model", str(tiny_reward_model_dir)) == 0
+    )
+    for result in rows(out):
+        assert result["pick"]["scorer"] == str(tiny_reward_model_dir) and len(result["pick"]["scores"]) == 2
+    m = metrics(out)
+    assert m["engine_calls"] == 2  # the generator's sampling call and the reward model's scoring call
+    sampled = sum(len(r["final"]["texts"]) for r in rows(out))
+    assert m["prompt_tokens"] > sampled and "best@k" in m
 
 
 def test_compare_prints_differences_and_saves_a_plot(infer, tmp_path, capsys):
     assert infer(tmp_path / "single", "--limit", "3", "--method", "single") == 0
     assert infer(tmp_path / "me-icpo", "--limit", "3") == 0
-    plot = tmp_path / "compare.png"
+    assert infer(tmp_path / "best-of-n", "--limit", "3", "--method", "best-of-n") == 0
+    plot, cost_plot = tmp_path / "compare.png", tmp_path / "cost.png"
     capsys.readouterr()
-    assert main(["compare", str(tmp_path / "single"), str(tmp_path / "me-icpo"), "--output", str(plot)]) == 0
+    dirs = [str(tmp_path / name) for name in ("single", "me-icpo", "best-of-n")]
+    assert main(["compare", *dirs, "--output", str(plot), "--cost-output", str(cost_plot)]) == 0
     table = capsys.readouterr().out
     base, icpo = metrics(tmp_path / "single"), metrics(tmp_path / "me-icpo")
     single_line, icpo_line = table.splitlines()[2:4]
@@ -127,13 +189,29 @@ def test_compare_prints_differences_and_saves_a_plot(infer, tmp_path, capsys):
         f"{100 * icpo['mean@k']:.1f}",
         f"{100 * (icpo['mean@k'] - base['mean@k']):+.1f}",
     ]
+    best = metrics(tmp_path / "best-of-n")
+    best_line = table.splitlines()[4].split()
+    # accuracy as each method answers (best-of-n: its pick), then generated tokens per question and calls
+    assert best_line[-4:] == [
+        f"{100 * best['best@k']:.1f}",
+        f"{100 * (best['best@k'] - base['mean@k']):+.1f}",
+        f"{best['generated_tokens'] / 3:.0f}",
+        str(best["engine_calls"]),
+    ]
+    # the self-reward diagnostics of the ICPO run, per round
+    diagnostics = [line.split() for line in table.splitlines() if line.startswith("me-icpo ")][1:]
+    pooled = icpo["self_reward"]
+    assert [row[:3] for row in diagnostics] == [
+        ["me-icpo", str(r + 1), f"{100 * pooled['pseudo_label_accuracy'][r]:.1f}"] for r in range(2)
+    ]
     assert plot.read_bytes().startswith(PNG_MAGIC)
+    assert cost_plot.read_bytes().startswith(PNG_MAGIC)
 
 
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--method", "beam"], "use one of single, majority, random-icpo, me-icpo"),
+        (["--method", "beam"], "use one of single, majority, best-of-n, self-refine, random-icpo, me-icpo"),
         (["--backend", "tgi"], "use one of hf, vllm"),
         (["--problem-field", "question"], "--problem-field"),
         (

@@ -17,7 +17,9 @@ from icpo_infer.prompts import (
     Attempt,
     PromptTemplates,
     answer_type_of,
+    render_feedback_prompt,
     render_prompt,
+    render_refine_prompt,
     render_summary_prompt,
 )
 
@@ -189,6 +191,21 @@ def test_yaml_overrides_templates(tmp_path, plain_tokenizer):
     assert "Accepted ideas:\n* Add. => \\boxed{4}" in prompt
 
 
+def test_self_refine_prompts_show_the_attempt_and_its_feedback(tmp_path, plain_tokenizer, chat_tokenizer):
+    path = tmp_path / "templates.yaml"
+    path.write_text("feedback: 'Check: {response}'\nrefine: 'Q {question} A {response} F {feedback}'\n")
+    templates = PromptTemplates.from_yaml(path)
+    attempt, feedback = "x = \\frac{1}{2} so \\boxed{4}", "Step 2 is {wrong}."
+    prompt = render_feedback_prompt(plain_tokenizer, "What is 2+2?", attempt, templates)
+    assert prompt.endswith(f"Check: {attempt}\n\nFeedback:\n")
+    prompt = render_refine_prompt(plain_tokenizer, "What is 2+2?", attempt, feedback, "integer", templates)
+    # the answer-format instruction first; braces in the texts stay literal
+    expected = f"{PromptTemplates().answer_format_integer}\n\nQ What is 2+2? A {attempt} F {feedback}"
+    assert prompt.endswith(f"{expected}\n\nSolution:\n")
+    chat = render_refine_prompt(chat_tokenizer, "What is 2+2?", attempt, feedback, "integer", templates)
+    assert expected in chat and chat.startswith("<|im_start|>user")
+
+
 @pytest.mark.parametrize(
     ("yaml_text", "message"),
     [
@@ -196,6 +213,7 @@ def test_yaml_overrides_templates(tmp_path, plain_tokenizer):
         ("entry: '- {answer}'\n", "'entry' must contain \\{text\\}"),
         ("reward_1_heading: 'Ideas for {question}'\n", "'reward_1_heading' uses \\['question'\\]"),
         ("plain_cue: 3\n", "'plain_cue' must be a string"),
+        ("refine: '{question} {response}'\n", "'refine' must contain \\{feedback\\}"),
     ],
 )
 def test_bad_template_files_are_config_errors(tmp_path, yaml_text, message):

@@ -31,10 +31,18 @@ def adapter_problem(path: str | None) -> str | None:
         if (Path(path) / ADAPTER_CONFIG).is_file():
             return None
         return f"holds no {ADAPTER_CONFIG}, so it is a full model, not a LoRA adapter"
+    problem = location_problem(path)
+    return problem and f"{problem}: train the adapter first or fix the path"
+
+
+def location_problem(path: str) -> str | None:
+    """Why ``path`` is neither a local directory nor a Hub repo id, or None when it is one of them."""
+    if Path(path).is_dir():
+        return None
     try:
         validate_repo_id(path)
     except HFValidationError:
-        return "is no directory, nor a Hub repo id: train the adapter first or fix the path"
+        return "is no directory, nor a Hub repo id"
     return None
 
 
@@ -103,6 +111,11 @@ class Usage:
             self.prompt_tokens += generation.prompt_tokens
             self.generated_tokens += sum(c.num_tokens for c in generation.completions)
 
+    def record_scoring(self, num_tokens: int) -> None:
+        """One scoring call: it reads ``num_tokens`` (prompts and completions) and generates nothing."""
+        self.engine_calls += 1
+        self.prompt_tokens += num_tokens
+
 
 @dataclass
 class Score:
@@ -127,7 +140,9 @@ class Backend(Protocol):
         ...
 
     def score(self, prompts: list[str], completions: list[str], adapter: str | None = None) -> list[Score]:
-        """log-probability of each completion (with its end-of-sequence token) given its prompt."""
+        """log-probability of each completion (with its end-of-sequence token) given its prompt.
+
+        One engine call in ``usage``, whose prompt and completion tokens count as prompt tokens."""
         ...
 
     def release(self, adapter: str) -> None:

@@ -127,6 +127,7 @@ class HFBackend:
                 )
                 for k, logprob in zip(batch, logprobs, strict=True):
                     scores[k] = Score(logprob, len(completion_ids[k]))
+        self.usage.record_scoring(sum(lengths))
         return scores
 
     def _left_padded(self, sequences: list[list[int]]) -> dict[str, torch.Tensor]:

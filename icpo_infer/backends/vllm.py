@@ -141,6 +141,7 @@ class VLLMBackend:
             for batch in batches
             for output in self.llm.generate(batch, sampling, lora_request=lora_request, use_tqdm=False)
         ]
+        self.usage.record_scoring(sum(len(r["prompt_token_ids"]) for r in requests))
         return [score_from_vllm_output(o, len(ids)) for o, ids in zip(outputs, prompt_ids, strict=True)]
 
     def close(self) -> None:
