@@ -163,6 +163,12 @@ class CheckpointEvaluator:
             self._base_backend = make_backend(self.config.backend, options)
         return self._base_backend
 
+    def close(self) -> None:
+        """Free the base model's backend (a later evaluation loads it again)."""
+        if self._base_backend is not None:
+            self._base_backend.close()
+            self._base_backend = None
+
     def evaluate_pending(self, include_base: bool = True) -> list[dict[str, Any]]:
         return [self.evaluate(saved) for saved in self.pending(include_base)]
 
@@ -201,13 +207,16 @@ class CheckpointEvalCallback(TrainerCallback):
         self.evaluate_base = evaluate_base
 
     def _evaluate(self, args, saved: SavedModel) -> None:
-        # A fresh evaluator per save, dropped when its evaluation ends: a kept one would hold a second
+        # A fresh evaluator per save, closed when its evaluation ends: a kept one would hold a second
         # copy of the base model (or a vLLM engine's memory pool) beside training between saves.
         evaluator = CheckpointEvaluator(args.output_dir, self.config)
         if saved.step in evaluator.evaluated_steps:
             return
         with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
-            evaluator.evaluate(saved)
+            try:
+                evaluator.evaluate(saved)
+            finally:
+                evaluator.close()
 
     def on_train_begin(self, args, state, control, **kwargs):
         if self.evaluate_base and state.is_world_process_zero:

@@ -72,6 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if finished or not args.watch:
                 break
             time.sleep(args.poll_seconds)
+        evaluator.close()
     except ConfigError as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2

@@ -94,8 +94,7 @@ def reference_lora(model_dir, lora_dir) -> torch.nn.Module:
 def backend(request, model_dir) -> Backend:
     backend = make_backend(request.param, _options(request.param, model_dir))
     yield backend
-    if hasattr(backend, "close"):
-        backend.close()
+    backend.close()
 
 
 @pytest.fixture(scope="module")
@@ -380,8 +379,7 @@ def test_bf16_on_the_cpu_scores_and_decodes_close_to_fp32(name, model_dir, refer
         assert score.logprob == pytest.approx(want, rel=0.05, abs=0.2)
     generations = backend.generate(prompts, SamplingParams(temperature=0, max_new_tokens=4))
     assert all(g.completions[0].num_tokens >= 1 for g in generations)
-    if hasattr(backend, "close"):
-        backend.close()
+    backend.close()
 
 
 # The options below are the transformers backend's own.

@@ -149,6 +149,10 @@ class Backend(Protocol):
         """Free the weights of an adapter passed per call; a later call with it loads it again."""
         ...
 
+    def close(self) -> None:
+        """Free the model's memory (and stop the engine's processes) now; the backend is done."""
+        ...
+
 
 @dataclass
 class BackendOptions:

@@ -9,6 +9,7 @@ does the same work and lets the ``n`` samples of a long prompt spread over sever
 from __future__ import annotations
 
 import contextlib
+import gc
 from collections.abc import Iterator
 
 import torch
@@ -210,6 +211,13 @@ class HFBackend:
                 yield
         else:
             yield
+
+    def close(self) -> None:
+        """Drop the model now, so a caller that keeps this object (or trains beside it) gets its memory back."""
+        self.model = None
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def release(self, adapter: str) -> None:
         """Drop a per-call adapter's weights; ``options.adapter`` stays loaded."""

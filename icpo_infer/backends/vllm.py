@@ -145,7 +145,7 @@ class VLLMBackend:
         return [score_from_vllm_output(o, len(ids)) for o, ids in zip(outputs, prompt_ids, strict=True)]
 
     def close(self) -> None:
-        """Stop the engine's processes now (they would otherwise stop when this object is collected)."""
+        """Stop the engine's processes and free its memory now, not when this object is collected."""
         self.llm.llm_engine.engine_core.shutdown()
 
     def release(self, adapter: str) -> None:
