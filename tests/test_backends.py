@@ -229,6 +229,19 @@ def test_a_seeded_prompt_samples_the_same_whatever_it_is_sent_with(backend, prom
     assert len(set(together[0])) > 1
 
 
+def test_a_seeded_call_longer_than_one_engine_step_samples_as_its_prompts_alone(backend):
+    """Thirty long prompts do not fit one scheduling step of vLLM (4k tokens on a CPU): their prefill is
+    spread over steps, and each seeded prompt still samples as it does alone."""
+    tokenizer = backend.tokenizer
+    prompts = [tokenizer.bos_token + tokenizer.decode(list(range(10 + i, 250 + i))) for i in range(30)]
+    lengths = [len(encode_prompt(tokenizer, p)) for p in prompts]
+    assert sum(lengths) > 8192 and max(lengths) < 500
+    params = SamplingParams(n=2, max_new_tokens=3, seed=11)
+    together = texts(backend.generate(prompts, params))
+    for i in range(0, 30, 7):
+        assert together[i] == texts(backend.generate([prompts[i]], params))[0]
+
+
 def test_stop_strings_cut_each_sample_before_the_first_one(backend, prompts):
     params = SamplingParams(n=1, max_new_tokens=16, seed=3)
     full = [g.completions[0].text for g in backend.generate(prompts, params)]

@@ -85,6 +85,10 @@ class VLLMBackend:
             engine_kwargs["kv_cache_memory_bytes"] = int(kv_cache_gb * GiB)
         if options.max_model_len is not None:
             engine_kwargs["max_model_len"] = options.max_model_len
+        if self.on_cpu:
+            # A seeded request whose prefill is split over steps has its sampler rewound, which CPU
+            # generators cannot do (the engine dies): every prompt is prefilled in one step instead.
+            engine_kwargs["enable_chunked_prefill"] = False
         if options.data_parallel_size > 1:
             # vLLM runs this only with one process per replica (its external launcher); it says so if not.
             engine_kwargs["data_parallel_size"] = options.data_parallel_size
