@@ -60,22 +60,27 @@ def model_dir(tmp_path_factory) -> Path:
     return directory
 
 
-@pytest.fixture(scope="module")
-def lora_dir(model_dir, tmp_path_factory) -> Path:
-    """A PEFT LoRA adapter for ``model_dir`` whose B weights are random, so it changes the model."""
+def save_random_lora(model_dir: Path, directory: Path, targets: list[str], rank: int, seed: int) -> Path:
+    """A PEFT LoRA adapter of ``model_dir`` whose B weights are random, so it changes the model."""
     model = get_peft_model(
         AutoModelForCausalLM.from_pretrained(model_dir),
-        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"]),
+        LoraConfig(r=rank, lora_alpha=8, target_modules=targets),
     )
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, weight in model.named_parameters():
             if "lora_B" in name:
                 weight.copy_(torch.randn(weight.shape, generator=generator))
-    directory = tmp_path_factory.mktemp("tiny-lora")
     model.save_pretrained(directory)
     assert (directory / "adapter_model.safetensors").is_file()
     return directory
+
+
+@pytest.fixture(scope="module")
+def lora_dir(model_dir, tmp_path_factory) -> Path:
+    return save_random_lora(
+        model_dir, tmp_path_factory.mktemp("tiny-lora"), ["q_proj", "v_proj", "o_proj"], 4, 0
+    )
 
 
 @pytest.fixture(scope="module")
@@ -331,18 +336,8 @@ def test_lora_adapter_changes_outputs_and_scores_and_leaves_the_base_alone(
 @pytest.fixture(scope="module")
 def mlp_lora_dir(model_dir, tmp_path_factory) -> Path:
     """A second adapter of ``model_dir``, on the MLP instead of attention."""
-    model = get_peft_model(
-        AutoModelForCausalLM.from_pretrained(model_dir),
-        LoraConfig(r=8, lora_alpha=8, target_modules=["gate_proj", "up_proj", "down_proj"]),
-    )
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, weight in model.named_parameters():
-            if "lora_B" in name:
-                weight.copy_(torch.randn(weight.shape, generator=generator))
     directory = tmp_path_factory.mktemp("tiny-mlp-lora")
-    model.save_pretrained(directory)
-    return directory
+    return save_random_lora(model_dir, directory, ["gate_proj", "up_proj", "down_proj"], 8, 1)
 
 
 def test_adapters_per_call_through_one_backend_with_the_base_between_them(
