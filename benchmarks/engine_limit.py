@@ -11,7 +11,9 @@ Three runs on one vLLM engine, in the same process, alternating:
 
 Ours is also split into time inside engine calls and time outside them (prompt rendering, grading,
 voting: the framework's Python), and the prompt tokens of each run are printed: ME-ICPO's prompts
-carry histories, so it processes more prompt tokens than the limit call.
+carry histories, so it processes more prompt tokens than the limit call. Last, the engine's
+throughput for one sequence against the saturated call bounds what any call pattern can gain from
+batching on the machine at hand.
 
 The model is a small Llama built from scratch (tests/conftest.py's tokenizer; ``--hidden-size`` and
 ``--layers`` set its size) and taught to answer in \\boxed{} so that every phase has work.
@@ -139,6 +141,7 @@ def main() -> None:
             ours = runs["ours"][-1]
             length = max(1, round(ours["generated"] / ours["completions"]))
             runs["limit"].append(run_limit(backend, problems, ours["completions"], length))
+        single = [run_limit(backend, problems[:1], 1, length) for _ in range(args.repeats)]
         backend.close()
 
     median = {name: statistics.median(r["wall"] for r in measured) for name, measured in runs.items()}
@@ -160,6 +163,12 @@ def main() -> None:
         )
     outside = statistics.median(r["wall"] - r["engine"] for r in runs["ours"])
     print(f"ours outside engine calls (rendering, grading, voting): {outside:.2f} s")
+    saturated = runs["limit"][-1]["generated"] / median["limit"]
+    alone = statistics.median(r["generated"] / r["wall"] for r in single)
+    print(
+        f"engine throughput: {alone:.0f} tokens/s for one sequence, {saturated:.0f} saturated "
+        f"({saturated / alone:.1f}x: no call pattern gains more than this from batching on this machine)"
+    )
     print(
         f"ME-ICPO / limit: {median['ours'] / median['limit']:.2f}x, "
         f"reference / ours: {median['reference'] / median['ours']:.2f}x"
