@@ -41,9 +41,10 @@ def run(config: InferConfig, backend: Backend | None = None) -> dict[str, Any]:
     """
     problems, skipped = load_run_problems(config)
     directory = RunDirectory(config)
-    done = directory.open()
+    directory.check()  # nothing is written until the inputs are valid and the model has loaded
     if backend is None:
         backend = make_backend(config.backend, BackendOptions.from_config(config))
+    done = directory.open()
     reward_model = None
     if config.reward_model is not None:
         from icpo_infer.reward_model import RewardModel  # the hf backend's modules, for best-of-n only
@@ -132,6 +133,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as err:
         print(f"icpo-infer {command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(
+            f"icpo-infer {command}: interrupted; finished questions are kept, and the same command resumes.",
+            file=sys.stderr,
+        )
+        return 130
     return 0
 
 

@@ -84,6 +84,13 @@ def parse_config(config_cls: type[T], argv: Sequence[str] | None = None, prog: s
                     except (TypeError, ValueError) as err:
                         raise ConfigError(f"recipe '{known.config}': {action.dest}={value!r}: {err}") from err
         parser.set_defaults(**recipe)
+    _, unknown = parser.parse_known_args(argv)
+    if unknown:
+        flags = sorted({flag for action in parser._actions for flag in action.option_strings})
+        flag = next((arg.split("=")[0] for arg in unknown if arg.startswith("-")), unknown[0])
+        close = difflib.get_close_matches(flag, flags, n=1, cutoff=0.7)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"unknown option '{flag}'.{hint} `--help` lists the options.")
     return parser.parse_args_into_dataclasses(argv)[0]
 
 

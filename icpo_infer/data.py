@@ -4,6 +4,7 @@ by name (``aime24``, ``amc``, ``math500``: :data:`BENCHMARKS`), via `datasets`."
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,21 +62,23 @@ def _open(source: str, split: str | None) -> datasets.Dataset:
         f"--dataset: file '{source}' does not exist; pass an existing .json, .jsonl or .parquet file "
         "or a Hub dataset id.",
     )
+    if builder and Path(source).stat().st_size == 0:
+        raise ConfigError(f"--dataset: '{source}' is empty; pass a file with one problem per row.")
     try:
         if builder:
             splits = datasets.load_dataset(builder, data_files=source)
         else:
             splits = datasets.load_dataset(source, split=split)
     except DatasetGenerationError as err:
-        raise ConfigError(
-            f"--dataset: could not read '{source}' ({err.__cause__ or err}); fix the file."
-        ) from err
+        raise ConfigError(_unreadable(source, builder, err)) from err
     except (FileNotFoundError, ConnectionError) as err:
         raise ConfigError(
             f"--dataset: '{source}' is not a local .json/.jsonl/.parquet file and could not be loaded "
             f"as a Hub dataset ({err}); check the path or the dataset id."
         ) from err
     except ValueError as err:
+        if builder:  # a local file that does not parse
+            raise ConfigError(_unreadable(source, builder, err)) from err
         if split is None:
             raise
         raise ConfigError(f"--split: {err}") from err  # datasets' 'Unknown split "x"' error
@@ -86,6 +89,25 @@ def _open(source: str, split: str | None) -> datasets.Dataset:
         split = next(iter(splits))
     check(split in splits, f"--split: '{source}' has no split '{split}'; its splits are {list(splits)}.")
     return splits[split]
+
+
+def _unreadable(source: str, builder: str | None, err: Exception) -> str:
+    where = _bad_json_line(source) if builder == "json" else None
+    return f"--dataset: could not read '{source}' ({where or err.__cause__ or err}); fix the file."
+
+
+def _bad_json_line(path: str) -> str | None:
+    """Where a JSON Lines file stops parsing ("line N: ..."), for an error a person can act on."""
+    lines = Path(path).read_text(errors="replace").splitlines()
+    if path.lower().endswith(".json") and lines and lines[0].lstrip().startswith("["):
+        return None  # one JSON document: datasets' own message says where
+    for number, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                json.loads(line)
+            except json.JSONDecodeError as err:
+                return f"line {number} is not valid JSON: {err.msg}"
+    return None
 
 
 def load_problems(

@@ -133,8 +133,10 @@ def prepare_resumable(
     flag: str,
     config_file: str = CONFIG_FILE,
     defaults: dict[str, Any] | None = None,
+    write: bool = True,
 ) -> bool:
     """Make ``directory`` ready for a run with ``settings``; True when its earlier results can be resumed.
+    ``write=False`` only checks, changing nothing: a run checks before it loads its model and writes after.
 
     ``overwrite`` deletes ``outputs``. Otherwise a stored config must agree with ``settings`` on every key
     outside ``ignore`` (each difference is named), and results without a stored config are refused,
@@ -142,11 +144,10 @@ def prepare_resumable(
     ``defaults`` that the stored config lacks is a setting added since it was written: the stored run
     had its default.
     """
-    directory.mkdir(parents=True, exist_ok=True)
     stored = directory / config_file
     resumed = False
     if overwrite:
-        for name in outputs:
+        for name in outputs if write else ():
             (directory / name).unlink(missing_ok=True)
     elif stored.is_file():
         previous = {**(defaults or {}), **json.loads(stored.read_text())}
@@ -167,7 +168,9 @@ def prepare_resumable(
             f"{directory / outputs[0]} exists without {config_file}, so it cannot be resumed safely; "
             f"pass --overwrite or choose another {flag}.",
         )
-    write_json_atomic(stored, settings)
+    if write:
+        directory.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(stored, settings)
     return resumed
 
 
@@ -180,9 +183,8 @@ class RunDirectory:
         self.rows: list[dict[str, Any]] = []
         self.spent_before = dict.fromkeys(SPEND_KEYS, 0)  # what earlier, interrupted runs spent
 
-    def open(self) -> set[str]:
-        """Prepare the directory and return the ids of the questions already finished."""
-        resumed = prepare_resumable(
+    def _prepare(self, write: bool) -> bool:
+        return prepare_resumable(
             self.path,
             to_dict(self.config),
             overwrite=self.config.overwrite,
@@ -195,7 +197,16 @@ class RunDirectory:
                 for f in dataclasses.fields(InferConfig)
                 if f.default is not dataclasses.MISSING
             },
+            write=write,
         )
+
+    def check(self) -> None:
+        """Refuse a directory that holds a run with other settings, writing nothing."""
+        self._prepare(write=False)
+
+    def open(self) -> set[str]:
+        """Prepare the directory and return the ids of the questions already finished."""
+        resumed = self._prepare(write=True)
         if resumed:
             self.rows = read_results(self.path / RESULTS_FILE)
             metrics = self.path / METRICS_FILE

@@ -47,6 +47,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as err:
         print(f"icpo-train {name}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(
+            f"icpo-train {name}: interrupted; what was saved stays in the output directory and the same "
+            "command resumes (train: add --resume_from_checkpoint last).",
+            file=sys.stderr,
+        )
+        return 130
 
 
 if __name__ == "__main__":

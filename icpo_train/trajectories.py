@@ -258,8 +258,9 @@ def question_rows(
     ]
 
 
-def open_output(config: TrajectoryConfig) -> dict[str, list[dict[str, Any]]]:
-    """Prepare the output directory and return the rows of the questions already finished there."""
+def open_output(config: TrajectoryConfig, write: bool = True) -> dict[str, list[dict[str, Any]]]:
+    """Prepare the output directory and return the rows of the questions already finished there
+    (``write=False``: only check it and read them, changing nothing)."""
     output = Path(config.output)
     prepare_resumable(
         output,
@@ -270,7 +271,10 @@ def open_output(config: TrajectoryConfig) -> dict[str, list[dict[str, Any]]]:
         what="trajectories built",
         flag="--output",
         config_file=CONFIG_FILE,
+        write=write,
     )
+    if config.overwrite and not write:
+        return {}
     return {line["question_id"]: line["rows"] for line in read_results(output / PROGRESS_FILE)}
 
 
@@ -318,27 +322,28 @@ def build_trajectories(config: TrajectoryConfig, backend: Backend | None = None)
     Pass ``backend`` to reuse a loaded reference model.
     """
     problems, skipped = load_run_problems(config)
+    # Nothing is written until the inputs are checked and the model has loaded.
+    todo = [p for p in problems if p.id not in open_output(config, write=False)]
+    templates = PromptTemplates.from_yaml(config.templates) if config.templates else None
+    if todo and backend is None:
+        options = BackendOptions.from_config(config)
+        options.enable_lora = config.history_adapter is not None  # vllm serves it per call
+        backend = make_backend(config.backend, options)
+    for p in todo:  # refuse before any work when a bare question cannot fit the context
+        prompt = render_prompt(backend.tokenizer, p.problem, [], answer_type_of(p.answer), templates)
+        check(
+            len(encode_prompt(backend.tokenizer, prompt)) < config.context_length,
+            f"question {p.id} alone fills context_length={config.context_length}; raise --context-length.",
+        )
     done = open_output(config)
-    if any(p.id not in done for p in problems):
-        if backend is None:
-            options = BackendOptions.from_config(config)
-            options.enable_lora = config.history_adapter is not None  # vllm serves it per call
-            backend = make_backend(config.backend, options)
-        templates = PromptTemplates.from_yaml(config.templates) if config.templates else None
-        for p in problems:  # refuse before any work when a bare question cannot fit the context
-            prompt = render_prompt(backend.tokenizer, p.problem, [], answer_type_of(p.answer), templates)
-            check(
-                len(encode_prompt(backend.tokenizer, prompt)) < config.context_length,
-                f"question {p.id} alone fills context_length={config.context_length}; raise --context-length.",
-            )
+    for chunk in in_chunks(todo, config.batch_questions):
+        groups = sample_groups(backend, chunk, config, templates)
+        histories = icpo_histories(backend, chunk, config)
         fingerprint = tokenizer_fingerprint(backend.tokenizer)
-        for todo in in_chunks([p for p in problems if p.id not in done], config.batch_questions):
-            groups = sample_groups(backend, todo, config, templates)
-            histories = icpo_histories(backend, todo, config)
-            for problem, group, question_histories in zip(todo, groups, histories, strict=True):
-                rows = question_rows(problem, question_histories, group, fingerprint)
-                append_line(Path(config.output) / PROGRESS_FILE, {"question_id": problem.id, "rows": rows})
-                done[problem.id] = rows
+        for problem, group, question_histories in zip(chunk, groups, histories, strict=True):
+            rows = question_rows(problem, question_histories, group, fingerprint)
+            append_line(Path(config.output) / PROGRESS_FILE, {"question_id": problem.id, "rows": rows})
+            done[problem.id] = rows
     write_dataset(config, [row for p in problems for row in done[p.id]], skipped)
     return Path(config.output)
 

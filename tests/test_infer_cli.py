@@ -9,7 +9,9 @@ import pytest
 from boxed_model import teach_boxed_answers
 from conftest import read_benchmark
 
+from icpo_infer import cli
 from icpo_infer.cli import main
+from icpo_infer.icpo import run_method
 
 RECIPE = str(Path(__file__).resolve().parents[1] / "recipes" / "infer" / "tiny.yaml")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -225,6 +227,63 @@ def test_bad_input_is_a_clean_error(infer, tmp_path, capsys, args, message):
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not (tmp_path / "run" / "results.jsonl").exists()
+
+
+def dataset_lines(path: Path, *lines: str) -> str:
+    path.write_text("".join(line + "\n" for line in lines))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("mistake", "message"),
+    [
+        ("flag", "unknown option '--num-rounds'. Did you mean '--rounds'?"),
+        ("model", "--model: '/no/such/model' is no local directory, nor a Hub repo id"),
+        ("line", "could not read '{dataset}' (line 2 is not valid JSON"),
+        ("empty", "--dataset: '{dataset}' is empty"),
+    ],
+)
+def test_common_mistakes_are_one_line_errors_that_write_nothing(
+    boxed_model_dir, tmp_path, capsys, mistake, message
+):
+    dataset = dataset_lines(tmp_path / "ok.jsonl", '{"id": 1, "problem": "What is 2+3?", "answer": "5"}')
+    argv = ["run", "--config", RECIPE, "--model", str(boxed_model_dir), "--output-dir", str(tmp_path / "run")]
+    if mistake == "flag":
+        argv += ["--num-rounds", "3"]
+    elif mistake == "model":
+        argv[argv.index("--model") + 1] = "/no/such/model"
+    elif mistake == "line":
+        dataset = dataset_lines(
+            tmp_path / "bad.jsonl", '{"id": 1, "problem": "x", "answer": "1"}', '{"id": 2,'
+        )
+    else:
+        dataset = dataset_lines(tmp_path / "empty.jsonl")
+    assert main([*argv, "--dataset", dataset]) == 2
+    err = capsys.readouterr().err  # datasets' progress lines may come first
+    assert message.format(dataset=dataset) in err.strip().splitlines()[-1] and "Traceback" not in err
+    assert not (tmp_path / "run").exists()  # a failed start leaves no directory to refuse the next one
+
+
+def test_ctrl_c_stops_with_one_line_and_the_same_command_resumes(infer, tmp_path, capsys, monkeypatch):
+    finished = []
+
+    def interrupt_after_one(*args, on_result, **kwargs):
+        def keep(result):
+            on_result(result)
+            finished.append(result)
+            raise KeyboardInterrupt
+
+        return run_method(*args, on_result=keep, **kwargs)
+
+    monkeypatch.setattr(cli, "run_method", interrupt_after_one)
+    assert infer(tmp_path / "run", "--limit", "2", "--batch-questions", "1") == 130
+    err = capsys.readouterr().err
+    assert "interrupted; finished questions are kept" in err and "Traceback" not in err
+    assert len(rows(tmp_path / "run")) == 1
+    monkeypatch.undo()
+    assert infer(tmp_path / "run", "--limit", "2", "--batch-questions", "1") == 0
+    assert infer(tmp_path / "whole", "--limit", "2") == 0
+    assert rows(tmp_path / "run") == rows(tmp_path / "whole")
 
 
 def test_a_full_model_passed_as_adapter_is_a_clean_error(infer, boxed_model_dir, tmp_path, capsys):

@@ -314,3 +314,21 @@ def test_cli_builds_from_flags(boxed_model_dir, shared_data, tmp_path, capsys):
     assert len(load_trajectories(tmp_path)) == 1
     assert str(tmp_path) in capsys.readouterr().out
     assert icpo_train_main([*argv[:-1], "--history-reward", "oracle"]) == 2
+    assert "history_reward" in capsys.readouterr().err
+
+
+def test_a_mistyped_flag_names_the_closest_one(tmp_path, capsys):
+    argv = [
+        "build-trajectories",
+        "--model",
+        "m",
+        "--dataset",
+        "d",
+        "--output",
+        str(tmp_path),
+        "--group-sise",
+        "4",
+    ]
+    assert icpo_train_main(argv) == 2
+    err = capsys.readouterr().err
+    assert "unknown option '--group-sise'. Did you mean '--group-size'?" in err and "Traceback" not in err

@@ -7,7 +7,10 @@ engines share.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 from transformers import PreTrainedTokenizerBase
 
 from icpo_infer.backends.base import Backend, BackendOptions, SamplingParams, encode_prompt
@@ -20,13 +23,28 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 def make_backend(name: str, options: BackendOptions) -> Backend:
     """The backend called ``name`` ("hf" or "vllm"), loaded with ``options``."""
     check(name in BACKENDS, f"--backend: unknown backend '{name}'. Valid backends: {', '.join(BACKENDS)}.")
+    check_model(options.model)
     if name == "vllm":
-        from icpo_infer.backends.vllm import VLLMBackend
+        from icpo_infer.backends.vllm import VLLMBackend as backend_class
+    else:
+        from icpo_infer.backends.hf import HFBackend as backend_class
+    try:
+        return backend_class(options)
+    except OSError as err:  # transformers' word for a model it cannot find or read
+        first_line = str(err).strip().splitlines()[0]
+        raise ConfigError(f"--model: cannot load '{options.model}': {first_line}") from err
 
-        return VLLMBackend(options)
-    from icpo_infer.backends.hf import HFBackend
 
-    return HFBackend(options)
+def check_model(model: str) -> None:
+    """A model is a local directory or a Hub repo id; anything else fails now, before any work."""
+    if Path(model).is_dir():
+        return
+    try:
+        validate_repo_id(model)
+    except HFValidationError as err:
+        raise ConfigError(
+            f"--model: '{model}' is no local directory, nor a Hub repo id (ORG/NAME); check the path."
+        ) from err
 
 
 def resolve_device(name: str) -> torch.device:
