@@ -6,6 +6,7 @@ import argparse
 import sys
 import time
 from collections.abc import Sequence
+from importlib.metadata import version
 from typing import Any
 
 from icpo_infer.backends import make_backend
@@ -26,6 +27,7 @@ from icpo_infer.results import PLOT_FILE, RunDirectory
 
 USAGE = """usage: icpo-infer run [--config recipes/infer/NAME.yaml] --model M --dataset D --output-dir DIR [--field value ...]
        icpo-infer compare DIR_A DIR_B ... [--output compare.png] [--cost-output cost_accuracy.png]
+       icpo-infer --version
 
   run      ME-ICPO or another method (single, majority, best-of-n, self-refine, random-icpo) on a
            dataset; `run --help` lists the options
@@ -108,6 +110,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if argv else 2
+    if argv[0] == "--version":
+        print(f"icpo {version('icpo')}")
+        return 0
     command, rest = argv[0], argv[1:]
     try:
         if command == "run":

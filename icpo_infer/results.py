@@ -29,13 +29,21 @@ PLOT_FILE = "accuracy_vs_round.png"
 SPEND_KEYS = ("prompt_tokens", "generated_tokens", "engine_calls", "wall_time_s")
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to a temporary file beside ``path`` and rename it over ``path``."""
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path`` and rename it over ``path``, with the permissions
+    a plain ``open()`` gives (a temporary file is readable by its owner alone)."""
     with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
-        json.dump(data, tmp, indent=2)
+        tmp.write(text)
         tmp.flush()
         os.fsync(tmp.fileno())
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp.name, 0o666 & ~umask)
     os.replace(tmp.name, path)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2))
 
 
 def append_line(path: Path, row: dict[str, Any]) -> None:

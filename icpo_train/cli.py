@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 from collections.abc import Sequence
+from importlib.metadata import version
 
 from icpo_infer.config import ConfigError
 
@@ -27,7 +28,8 @@ SUBCOMMANDS = {
 
 
 def usage() -> str:
-    lines = ["usage: icpo-train SUBCOMMAND [--config RECIPE.yaml] [--field value ...]", "", "subcommands:"]
+    lines = ["usage: icpo-train SUBCOMMAND [--config RECIPE.yaml] [--field value ...]"]
+    lines += ["       icpo-train --version", "", "subcommands:"]
     lines += [f"  {name:<20} {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
     return "\n".join(lines)
 
@@ -37,6 +39,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         return 0 if argv else 2
+    if argv[0] == "--version":
+        print(f"icpo {version('icpo')}")
+        return 0
     name, rest = argv[0], argv[1:]
     if name not in SUBCOMMANDS:
         print(f"icpo-train: unknown subcommand '{name}'. Valid: {', '.join(SUBCOMMANDS)}.", file=sys.stderr)

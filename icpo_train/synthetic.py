@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from icpo_infer.config import check, option
 from icpo_infer.data import Problem
+from icpo_infer.results import write_text_atomic
 
 SPLITS = ("train", "validation", "test")
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -116,12 +115,8 @@ def write_problems(problems: list[Problem], path: str | Path) -> Path:
     """Write problems as JSONL atomically (a reader never sees a half-written file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as handle:
-        for problem in problems:
-            handle.write(
-                json.dumps({"id": problem.id, "problem": problem.problem, "answer": problem.answer}) + "\n"
-            )
-    os.replace(handle.name, path)
+    rows = ({"id": problem.id, "problem": problem.problem, "answer": problem.answer} for problem in problems)
+    write_text_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
     return path
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from conftest import read_benchmark
 from icpo_infer import cli
 from icpo_infer.cli import main
 from icpo_infer.icpo import run_method
+from icpo_train.cli import main as icpo_train_main
 
 RECIPE = str(Path(__file__).resolve().parents[1] / "recipes" / "infer" / "tiny.yaml")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -295,3 +297,12 @@ def test_a_full_model_passed_as_adapter_is_a_clean_error(infer, boxed_model_dir,
 def test_compare_needs_finished_runs(tmp_path, capsys):
     assert main(["compare", str(tmp_path)]) == 2
     assert "metrics.json does not exist" in capsys.readouterr().err
+
+
+def test_output_files_share_one_mode_and_the_clis_say_their_version(infer, tmp_path, capsys):
+    assert infer(tmp_path / "run", "--limit", "1", "--method", "single") == 0
+    modes = {path.name: path.stat().st_mode & 0o777 for path in (tmp_path / "run").iterdir()}
+    assert {"config.json", "metrics.json", "results.jsonl"} <= set(modes) and len(set(modes.values())) == 1
+    capsys.readouterr()
+    assert main(["--version"]) == 0 and icpo_train_main(["--version"]) == 0
+    assert capsys.readouterr().out.splitlines() == [f"icpo {version('icpo')}"] * 2
