@@ -7,14 +7,17 @@ import sys
 import time
 from collections.abc import Sequence
 from importlib.metadata import version
+from pathlib import Path
 from typing import Any
 
 from icpo_infer.backends import make_backend
 from icpo_infer.backends.base import Backend, BackendOptions, Usage
-from icpo_infer.config import ConfigError, parse_config
+from icpo_infer.config import ConfigError, check, parse_config
 from icpo_infer.data import load_run_problems
 from icpo_infer.icpo import InferConfig, run_method
 from icpo_infer.report import (
+    accuracy_curve,
+    comparability_problems,
     compare_table,
     load_metrics,
     plot_accuracy,
@@ -27,11 +30,14 @@ from icpo_infer.results import PLOT_FILE, RunDirectory
 
 USAGE = """usage: icpo-infer run [--config recipes/infer/NAME.yaml] --model M --dataset D --output-dir DIR [--field value ...]
        icpo-infer compare DIR_A DIR_B ... [--output compare.png] [--cost-output cost_accuracy.png]
+       icpo-infer show DIR
        icpo-infer --version
 
   run      ME-ICPO or another method (single, majority, best-of-n, self-refine, random-icpo) on a
            dataset; `run --help` lists the options
-  compare  accuracy, self-improvement and cost of finished runs, with differences against the first"""
+  compare  accuracy, self-improvement and cost of finished runs, with differences against the first
+           (refused for runs of other datasets, questions, k or rounds unless --allow-mismatch)
+  show     one finished run's summary"""
 
 
 def run(config: InferConfig, backend: Backend | None = None) -> dict[str, Any]:
@@ -89,20 +95,62 @@ def compare(argv: Sequence[str]) -> None:
     parser.add_argument(
         "dirs", nargs="+", help="Output directories of `icpo-infer run`; the first is the baseline."
     )
-    parser.add_argument("--output", default="compare.png", help="Where to save accuracy against round.")
     parser.add_argument(
-        "--cost-output", default="cost_accuracy.png", help="Where to save accuracy against generated tokens."
+        "--output", default=None, help="Accuracy against round (default: compare.png in the first run)."
+    )
+    parser.add_argument(
+        "--cost-output",
+        default=None,
+        help="Accuracy against generated tokens (default: cost_accuracy.png in the first run).",
+    )
+    parser.add_argument(
+        "--allow-mismatch",
+        action="store_true",
+        help="Compare runs of other datasets, questions, k or rounds (refused without it).",
     )
     args = parser.parse_args(argv)
     runs = load_metrics(args.dirs)
     labels = run_labels(args.dirs)
+    problems = comparability_problems(labels, runs, args.dirs)
+    check(
+        not problems or args.allow_mismatch,
+        f"the runs measure different things: {'; '.join(problems)}. Compare runs of the same dataset, "
+        "questions, k and rounds, or pass --allow-mismatch.",
+    )
+    for problem in problems:
+        print(f"warning: {problem}", file=sys.stderr)
     print(compare_table(labels, runs))
     diagnostics = self_reward_table(labels, runs)
     if diagnostics:
         print(f"\n{diagnostics}")
-    plot_comparison(labels, runs, args.output)
-    plot_cost(labels, runs, args.cost_output)
-    print(f"plots: {args.output}, {args.cost_output}")
+    first = Path(args.dirs[0])
+    output = args.output or first / "compare.png"
+    cost_output = args.cost_output or first / "cost_accuracy.png"
+    plot_comparison(labels, runs, output)
+    plot_cost(labels, runs, cost_output)
+    print(f"plots: {output}, {cost_output}")
+
+
+def show(argv: Sequence[str]) -> None:
+    parser = argparse.ArgumentParser(prog="icpo-infer show", description="One finished run's summary.")
+    parser.add_argument("dir", help="Output directory of `icpo-infer run`.")
+    args = parser.parse_args(argv)
+    [run] = load_metrics([args.dir])
+    labels = run_labels([args.dir])
+    config = run["config"]
+    print(
+        f"{config['method']} of {config['model']}{' + ' + config['adapter'] if config.get('adapter') else ''} "
+        f"on {config['dataset']}: {run['num_questions']} questions, k = {run['k']}"
+    )
+    rounds, mean, _ = accuracy_curve(run)
+    if len(rounds) > 1:
+        print(
+            "mean@k per round: " + ", ".join(f"{r} {100 * m:.1f}" for r, m in zip(rounds, mean, strict=True))
+        )
+    print(compare_table(labels, [run]))
+    diagnostics = self_reward_table(labels, [run])
+    if diagnostics:
+        print(f"\n{diagnostics}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -130,9 +178,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(diagnostics)
         elif command == "compare":
             compare(rest)
+        elif command == "show":
+            show(rest)
         else:
             print(
-                f"icpo-infer: unknown command '{command}'. Valid: run, compare.\n\n{USAGE}", file=sys.stderr
+                f"icpo-infer: unknown command '{command}'. Valid: run, compare, show.\n\n{USAGE}",
+                file=sys.stderr,
             )
             return 2
     except ConfigError as err:

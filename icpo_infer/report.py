@@ -18,7 +18,7 @@ from matplotlib.ticker import ScalarFormatter
 
 from icpo_infer.config import check
 from icpo_infer.icpo import ROUND_METHODS, accuracy_key
-from icpo_infer.results import METRICS_FILE
+from icpo_infer.results import METRICS_FILE, RESULTS_FILE, read_results
 
 ACCURACY_RANGE = (-0.02, 1.02)  # a little margin, so that points at 0 and 1 stay visible
 
@@ -99,7 +99,43 @@ def compare_table(labels: Sequence[str], runs: Sequence[dict[str, Any]]) -> str:
             line += f"  {100 * value(run):>10.1f}  {100 * (value(run) - value(runs[0])):>+7.1f}"
         line += f"  {generated_per_question(run):>10.0f}  {run['engine_calls']:>6}"
         lines.append(line)
+    lines.append(
+        "accuracies and self-improvement in % of questions (diff: against the first run); accuracy: as "
+        "the method answers (maj@k, best@k or mean@k); gen tok/q: generated tokens per question"
+    )
     return "\n".join(lines)
+
+
+def comparability_problems(
+    labels: Sequence[str], runs: Sequence[dict[str, Any]], directories: Sequence[str | Path]
+) -> list[str]:
+    """What makes a run measure something else than the first: another dataset or split, other
+    questions, another k, or (between methods with rounds) another number of rounds."""
+
+    def measured(run: dict[str, Any], directory: str | Path) -> dict[str, Any]:
+        config = run["config"]
+        ids = sorted(str(row["id"]) for row in read_results(Path(directory) / RESULTS_FILE))
+        return {
+            "dataset": config["dataset"],
+            "split": config.get("split"),
+            "questions": ids,
+            "k": run["k"],
+            **({"rounds": config["rounds"]} if config["method"] in ROUND_METHODS else {}),
+        }
+
+    first = measured(runs[0], directories[0])
+    problems = []
+    for label, run, directory in zip(labels[1:], runs[1:], directories[1:], strict=True):
+        other = measured(run, directory)
+        for key in [key for key in first if key in other and first[key] != other[key]]:
+            if key == "questions":
+                problems.append(
+                    f"{label} ran other questions ({len(other[key])}, {len(set(other[key]) - set(first[key]))} "
+                    f"not in the first run's {len(first[key])})"
+                )
+            else:
+                problems.append(f"{label} has {key} {other[key]!r}, the first run {first[key]!r}")
+    return problems
 
 
 SELF_REWARD_COLUMNS = [  # (title, metrics.json key under self_reward)
@@ -141,14 +177,20 @@ def plot_comparison(labels: Sequence[str], runs: Sequence[dict[str, Any]], path:
     """PNG of mean@k against round for several runs; runs without rounds are horizontal lines."""
     figure = Figure(figsize=(6, 4), layout="constrained")
     ax = figure.subplots()
+    rounds = max((len(accuracy_curve(run)[0]) - 1 for run in runs), default=0)
+    final = rounds + 1  # every run's final samples share one place, after the longest run's rounds
     for i, (label, run) in enumerate(zip(labels, runs, strict=True)):
         x, mean, _ = accuracy_curve(run)
         style = {"color": f"C{i}", "label": f"{label} ({run['config']['method']})"}
         if len(x) == 1:
             ax.axhline(mean[0], linestyle=":", **style)
         else:
-            ax.plot(x, mean, marker="o", **style)
-    ax.set(xlabel="round", ylabel="mean@k", ylim=ACCURACY_RANGE, title="accuracy against round")
+            ax.plot([*range(1, len(x)), final], mean, marker="o", **style)
+    if rounds:
+        ax.set_xticks(range(1, final + 1), [*map(str, range(1, final)), "final"])
+    k = runs[0]["k"]
+    ax.set(xlabel="round", ylabel=f"mean@{k} (fraction correct)", ylim=ACCURACY_RANGE)
+    ax.set_title("accuracy against round")
     ax.legend()
     figure.savefig(path, dpi=120)
 
@@ -173,7 +215,7 @@ def plot_cost(labels: Sequence[str], runs: Sequence[dict[str, Any]], path: str |
             set_formatter(ScalarFormatter())  # 30, 40 ... rather than 3x10^1
     ax.set(
         xlabel="generated tokens per question",
-        ylabel="accuracy",
+        ylabel="accuracy (fraction correct)",
         ylim=ACCURACY_RANGE,
         title="accuracy against cost",
     )

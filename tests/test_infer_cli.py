@@ -306,3 +306,60 @@ def test_output_files_share_one_mode_and_the_clis_say_their_version(infer, tmp_p
     capsys.readouterr()
     assert main(["--version"]) == 0 and icpo_train_main(["--version"]) == 0
     assert capsys.readouterr().out.splitlines() == [f"icpo {version('icpo')}"] * 2
+
+
+def test_compare_refuses_runs_that_measure_different_things_and_writes_beside_the_first(
+    infer, tmp_path, capsys
+):
+    assert infer(tmp_path / "r2", "--limit", "2") == 0
+    assert infer(tmp_path / "r3", "--limit", "2", "--rounds", "3") == 0
+    assert infer(tmp_path / "other-questions", "--limit", "1") == 0
+    assert infer(tmp_path / "k3", "--limit", "2", "--method", "single", "--k", "3") == 0
+    capsys.readouterr()
+    for other, problem in [
+        ("r3", "r3 has rounds 3, the first run 2"),
+        ("other-questions", "other-questions ran other questions (1, 0 not in the first run's 2)"),
+        ("k3", "k3 has k 3, the first run 2"),
+    ]:
+        assert main(["compare", str(tmp_path / "r2"), str(tmp_path / other)]) == 2
+        err = capsys.readouterr().err
+        assert problem in err and "--allow-mismatch" in err and "Traceback" not in err
+    assert not (tmp_path / "r2" / "compare.png").exists()
+
+    assert main(["compare", str(tmp_path / "r2"), str(tmp_path / "r3"), "--allow-mismatch"]) == 0
+    captured = capsys.readouterr()
+    assert "warning: r3 has rounds 3" in captured.err and "% of questions" in captured.out
+    for plot in ("compare.png", "cost_accuracy.png"):  # beside the first run, not in the working directory
+        assert (tmp_path / "r2" / plot).read_bytes().startswith(PNG_MAGIC)
+
+
+def test_rounds_of_runs_of_other_lengths_line_up_before_one_final(infer, tmp_path, monkeypatch):
+    assert infer(tmp_path / "r2", "--limit", "1") == 0
+    assert infer(tmp_path / "r3", "--limit", "1", "--rounds", "3") == 0
+    drawn = {}
+
+    def keep(self, *args, **kwargs):
+        drawn.setdefault("lines", []).append(list(args[0]))
+        return original(self, *args, **kwargs)
+
+    from matplotlib.axes import Axes
+
+    original = Axes.plot
+    monkeypatch.setattr(Axes, "plot", keep)
+    monkeypatch.setattr(
+        Axes, "set_xticks", lambda self, ticks, labels: drawn.update(ticks=(list(ticks), labels))
+    )
+    assert main(["compare", str(tmp_path / "r2"), str(tmp_path / "r3"), "--allow-mismatch"]) == 0
+    assert drawn["lines"] == [[1, 2, 4], [1, 2, 3, 4]]
+    assert drawn["ticks"] == ([1, 2, 3, 4], ["1", "2", "3", "final"])
+
+
+def test_show_prints_one_runs_summary(infer, tmp_path, capsys):
+    assert infer(tmp_path / "run", "--limit", "2") == 0
+    capsys.readouterr()
+    assert main(["show", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    m = metrics(tmp_path / "run")
+    assert out.startswith("me-icpo of ") and "2 questions, k = 2" in out
+    assert f"mean@k per round: 1 {100 * m['mean_per_round'][0]:.1f}" in out
+    assert f"{100 * m['mean@k']:.1f}" in out and "self-reward per round" in out
