@@ -42,6 +42,8 @@ from transformers import (
     TrainingArguments,
     set_seed,
 )
+from transformers.cache_utils import Cache, DynamicLayer, get_layer_types_and_kwargs
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.pytorch_utils import Conv1D
 from trl.trainer.utils import selective_log_softmax
 
@@ -111,6 +113,14 @@ class ICPOConfig(TrainingArguments):
     logprob_reduction: str = option("sum", "z_j = sum (default) or mean of the response's token log-probs.")
     memory_lean: bool = option(
         False, "Back-propagate one group member at a time: peak memory independent of the group size."
+    )
+    shared_prefix: bool = option(
+        False,
+        "Response level: run each group's prompt once and score every response on the prompt's key/value "
+        "cache, back-propagating through the prompt once: the same loss and gradients as scoring "
+        "prompt + response per member, without recomputing the prompt G times. Combines with memory_lean "
+        "(then one response at a time on the prompt), LoRA, gradient checkpointing, DDP and DeepSpeed; "
+        "models with sliding-window attention are refused.",
     )
     teacher_model: str | None = option(
         None, "Token level: teacher model scored on the same sequences (else the dataset's top-k columns)."
@@ -186,12 +196,21 @@ class ICPOConfig(TrainingArguments):
             check(
                 not self.memory_lean, "memory_lean applies to loss_level: response; set memory_lean: false."
             )
+            check(
+                not self.shared_prefix,
+                "shared_prefix applies to loss_level: response; set shared_prefix: false.",
+            )
         else:
             check(self.teacher_model is None, "teacher_model is used by loss_level: token only; remove it.")
         check(
             not (self.memory_lean and _deepspeed_requested(self)),
             "memory_lean runs one backward per group member, which DeepSpeed's engine (one backward per "
             "step) cannot accumulate; launch with recipes/accelerate/ddp.yaml or set memory_lean: false.",
+        )
+        check(
+            not (self.shared_prefix and self.memory_lean and self.fp16),
+            "shared_prefix with memory_lean adds the members' gradients into the prompt's states outside fp16's "
+            "loss scaling; train in bf16 (bf16: true, fp16: false) or set shared_prefix: false.",
         )
         if self.bf16 is None:
             self.bf16 = not self.fp16 and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
@@ -201,6 +220,17 @@ class ICPOConfig(TrainingArguments):
             self.ddp_backend = self.ddp_backend or "gloo"
             self.use_cpu = self.use_cpu or not _deepspeed_requested(self)
         super().__post_init__()
+        checkpoint_kwargs = self.gradient_checkpointing_kwargs  # a dict once the parent parsed it
+        check(
+            not (
+                self.shared_prefix
+                and self.gradient_checkpointing
+                and isinstance(checkpoint_kwargs, dict)
+                and checkpoint_kwargs.get("use_reentrant", False)
+            ),
+            "shared_prefix: reentrant gradient checkpointing gives the prompt's cached keys and values no "
+            "gradient; remove use_reentrant from gradient_checkpointing_kwargs (the default is non-reentrant).",
+        )
 
     def lora_config(self) -> LoraConfig:
         targets = list(self.lora_target_modules)
@@ -230,6 +260,18 @@ def check_lora_targets(model: torch.nn.Module, targets: list[str]) -> None:
                 f"lora_target_modules: '{target}' is not a linear or embedding module of "
                 f"{type(model).__name__}; choose among {', '.join(choices)} (or all-linear)."
             )
+
+
+def check_full_attention(model: PreTrainedModel) -> None:
+    """shared_prefix hands every layer the prompt's whole key/value cache: only full attention reads it as
+    scoring prompt + response in one sequence does."""
+    layer_types, _ = get_layer_types_and_kwargs(model.config.get_text_config(decoder=True))
+    other = sorted(set(layer_types) - {"full_attention"})
+    check(
+        not other,
+        f"shared_prefix: {type(model).__name__} has {', '.join(other)} layers, which the shared prompt cache "
+        "does not reproduce; set shared_prefix: false.",
+    )
 
 
 def load_policy(config: ICPOConfig) -> PreTrainedModel:
@@ -429,6 +471,106 @@ def completion_logits(
     return logits, input_ids[:, -span:], completion_mask[:, -span:]
 
 
+class _PromptStates(DynamicLayer):
+    """One layer's keys and values of a prompt, recorded by the prompt's forward.
+
+    Recording overwrites instead of appending: under gradient checkpointing the layer runs again in
+    backward and stores the same states a second time.
+    """
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        self.keys, self.values, self.is_initialized = key_states, value_states, True
+        return key_states, value_states
+
+
+class _OnPrompt(DynamicLayer):
+    """A recorded prompt read by the responses' forward: every response attends over the prompt's keys and
+    values followed by its own, and nothing is stored, so a checkpointed layer's recomputation reads the
+    same prompt."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        super().__init__()
+        self.keys, self.values, self.is_initialized = keys, values, True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        batch, dtype = key_states.shape[0], key_states.dtype  # the prompt's states may be kept in fp32
+        keys = torch.cat([self.keys.to(dtype).expand(batch, -1, -1, -1), key_states], dim=-2)
+        values = torch.cat([self.values.to(dtype).expand(batch, -1, -1, -1), value_states], dim=-2)
+        return keys, values
+
+
+PromptStates = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+@contextlib.contextmanager
+def _cache_under_checkpointing(model: torch.nn.Module):
+    """Checkpointed decoder layers drop their cache unless they declare that they only read it; the
+    shared-prefix caches above only read (or overwrite with the same states), so they may be kept."""
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    for layer in layers:
+        layer._can_checkpoint_with_cache = True
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer._can_checkpoint_with_cache  # back to the class's default
+
+
+def prompt_states(model: torch.nn.Module, prompt_ids: torch.Tensor) -> PromptStates:
+    """Every layer's keys and values of ``prompt_ids`` ``(P,)`` but its last token, which each response's
+    forward runs itself (its logits predict the response's first token)."""
+    prefix = prompt_ids[:-1].unsqueeze(0)
+    if prefix.shape[1] == 0:
+        return []
+    cache = Cache(layer_class_to_replicate=_PromptStates)
+    with _cache_under_checkpointing(model):
+        model(
+            input_ids=prefix,
+            position_ids=torch.arange(prefix.shape[1], device=prefix.device).unsqueeze(0),
+            past_key_values=cache,
+            use_cache=False,
+            logits_to_keep=1,
+        )
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def responses_on_prompt_logits(
+    model: torch.nn.Module, states: PromptStates, prompt_ids: torch.Tensor, responses: list[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logits ``(n, C, V)`` predicting each response token given the prompt whose ``states`` are
+    recorded, the tokens ``(n, C)`` and their mask, for the ``responses`` (right-padded together: the
+    causal mask keeps the padding out of every real token's view)."""
+    span = max(len(response) for response in responses)
+    suffix = prompt_ids.new_zeros((len(responses), span + 1))
+    mask = torch.zeros((len(responses), span), dtype=torch.bool, device=prompt_ids.device)
+    suffix[:, 0] = prompt_ids[-1]
+    for n, response in enumerate(responses):
+        suffix[n, 1 : len(response) + 1] = response
+        mask[n, : len(response)] = True
+    start = len(prompt_ids) - 1
+    positions = torch.arange(start, start + span + 1, device=suffix.device).expand(len(responses), -1)
+    cache = Cache(layers=[_OnPrompt(keys, values) for keys, values in states]) if states else None
+    with _cache_under_checkpointing(model):
+        logits = model(
+            input_ids=suffix, position_ids=positions, past_key_values=cache, use_cache=False
+        ).logits
+    return logits[:, :-1], suffix[:, 1:], mask
+
+
+def group_sequences(batch: dict) -> list[tuple[torch.Tensor, list[torch.Tensor]]]:
+    """Each row's prompt ``(P,)`` and its members' responses, read back from a collated batch."""
+    input_ids, width = batch["input_ids"], batch["input_ids"].shape[1]
+    lengths = batch["attention_mask"].sum(-1).tolist()
+    completion_lengths = batch["completion_mask"].sum(-1).tolist()
+    rows, first = [], 0
+    for size in batch["group_mask"].sum(-1).tolist():
+        members = range(first, first + size)
+        prompt = input_ids[first, width - lengths[first] : width - completion_lengths[first]]
+        rows.append((prompt, [input_ids[n, width - completion_lengths[n] :] for n in members]))
+        first += size
+    return rows
+
+
 def response_losses(
     loss_type: str,
     policy_logps: torch.Tensor,
@@ -534,6 +676,8 @@ class ICPOTrainer(Trainer):
         templates = PromptTemplates.from_yaml(args.templates) if args.templates else None
         set_seed(args.seed)  # the LoRA initialisation is part of the run
         model = model if model is not None else load_policy(args)
+        if args.shared_prefix:
+            check_full_attention(model)
         with args.main_process_first(desc="tokenising trajectories"):
             dataset, self.trajectory_stats = tokenize_trajectories(
                 trajectories, tokenizer, templates, args.max_length, args.tail_bucket
@@ -584,13 +728,34 @@ class ICPOTrainer(Trainer):
 
     # -- losses ---------------------------------------------------------------------------------
 
-    def _policy_logps(self, model: torch.nn.Module, inputs: dict, rows: slice = slice(None)) -> torch.Tensor:
-        """z = log pi_theta(response | prompt_t) of the selected members, flat ``(n,)``."""
-        logits, targets, mask = completion_logits(model, inputs, rows)
-        token_logps = selective_log_softmax(logits.float(), targets).masked_fill(~mask, 0.0)
+    def _logps(self, logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """z_j from the logits predicting each member's response tokens ``(n, C, V)``: ``(n,)``."""
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        token_logps = selective_log_softmax(logits, targets).masked_fill(~mask, 0.0)
         if self.args.logprob_reduction == "mean":
             return token_logps.sum(-1) / mask.sum(-1)
         return token_logps.sum(-1)
+
+    def _policy_logps(self, model: torch.nn.Module, inputs: dict, rows: slice = slice(None)) -> torch.Tensor:
+        """z = log pi_theta(response | prompt_t) of the selected members, flat ``(n,)``."""
+        return self._logps(*completion_logits(model, inputs, rows))
+
+    def _shared_prefix_logps(
+        self,
+        model: torch.nn.Module,
+        groups: list[tuple[torch.Tensor, list[torch.Tensor]]],
+        one_at_a_time: bool = False,
+    ) -> torch.Tensor:
+        """z of every member of ``groups`` (:func:`group_sequences`), flat ``(n,)``: each group's prompt
+        runs once and its responses on top of it, together or ``one_at_a_time``."""
+        logps = []
+        for prompt, responses in groups:
+            states = prompt_states(model, prompt)
+            batches = [[response] for response in responses] if one_at_a_time else [responses]
+            logps += [
+                self._logps(*responses_on_prompt_logits(model, states, prompt, batch)) for batch in batches
+            ]
+        return torch.cat(logps)
 
     def group_rewards(self, inputs: dict) -> torch.Tensor:
         """R_j of every member of a collated batch ``(B, G)``: in-context plus weighted gold reward."""
@@ -666,6 +831,8 @@ class ICPOTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.args.loss_level == "token":
             return self._token_loss(model, inputs)
+        if self.args.shared_prefix:
+            return self._group_loss(self._shared_prefix_logps(model, group_sequences(inputs)), inputs)
         return self._group_loss(self._policy_logps(model, inputs), inputs)
 
     # -- memory-lean step -----------------------------------------------------------------------
@@ -676,6 +843,7 @@ class ICPOTrainer(Trainer):
         model.train()
         inputs = self._prepare_inputs(inputs)
         members = [slice(n, n + 1) for n in range(inputs["input_ids"].shape[0])]
+        groups = group_sequences(inputs) if self.args.shared_prefix else []
         device = self.accelerator.device
         # Pass 1 runs in a forked RNG, so pass 2 replays the same dropout masks member by member.
         with (
@@ -683,10 +851,16 @@ class ICPOTrainer(Trainer):
             torch.no_grad(),
             self.compute_loss_context_manager(),
         ):
-            flat_logps = torch.cat([self._policy_logps(model, inputs, member) for member in members])
+            if self.args.shared_prefix:
+                flat_logps = self._shared_prefix_logps(model, groups, one_at_a_time=True)
+            else:
+                flat_logps = torch.cat([self._policy_logps(model, inputs, member) for member in members])
         flat_logps.requires_grad_()
         loss = self._group_loss(flat_logps, inputs) / self.current_gradient_accumulation_steps
         (coefficients,) = torch.autograd.grad(loss, flat_logps)  # dL/dz_j, e.g. w_j (d_j - dbar) for fw
+        if self.args.shared_prefix:
+            self._backward_on_prompts(model, groups, coefficients)
+            return loss.detach()
         for n, member in enumerate(members):
             # DDP all-reduces the accumulated gradients once, in the last member's backward.
             last = n == len(members) - 1
@@ -695,6 +869,45 @@ class ICPOTrainer(Trainer):
                 logp = self._policy_logps(model, inputs, member)
                 self.accelerator.backward((coefficients[n] * logp).sum())
         return loss.detach()
+
+    def _backward_on_prompts(
+        self, model: torch.nn.Module, groups: list[tuple[torch.Tensor, list[torch.Tensor]]], coefficients
+    ) -> None:
+        """Pass 2 of the memory-lean step with shared prefixes: per group, the prompt's forward with its
+        graph, then one member at a time on detached copies of the prompt's states, which accumulate the
+        members' gradients into the prompt. The group's last member runs on the prompt's states themselves
+        and its backward carries the accumulated gradients too, so the prompt's backward runs once, and DDP
+        all-reduces once, in the last group's (the only forward outside no_sync is the one right before)."""
+        n = 0
+        for g, (prompt, responses) in enumerate(groups):
+            with self.accelerator.no_sync(model), self.compute_loss_context_manager():
+                states = prompt_states(model, prompt)
+            prompt_tensors = [tensor for pair in states for tensor in pair]
+            # Leaves in at least fp32: a bf16 sum over G members would round away what fp32 gradients keep.
+            leaves = [
+                t.detach().to(torch.promote_types(t.dtype, torch.float32)).requires_grad_()
+                for t in prompt_tensors
+            ]
+            on_leaves = list(zip(leaves[::2], leaves[1::2], strict=True))
+            for j, response in enumerate(responses):
+                last = j == len(responses) - 1
+                sync = last and g == len(groups) - 1
+                with (
+                    contextlib.nullcontext() if sync else self.accelerator.no_sync(model),
+                    self.compute_loss_context_manager(),
+                ):
+                    logits = responses_on_prompt_logits(
+                        model, states if last else on_leaves, prompt, [response]
+                    )
+                    objective = (coefficients[n] * self._logps(*logits)).sum()
+                    if last:  # d objective / d state = the accumulated gradient: the prompt's one backward
+                        objective = objective + sum(
+                            (tensor * leaf.grad.to(tensor.dtype)).sum()
+                            for tensor, leaf in zip(prompt_tensors, leaves, strict=True)
+                            if leaf.grad is not None
+                        )
+                    self.accelerator.backward(objective)
+                n += 1
 
     # -- logging --------------------------------------------------------------------------------
 

@@ -1,4 +1,5 @@
-"""`accelerate launch -m icpo_train train` with two CPU processes: DDP over gloo and DeepSpeed ZeRO-2."""
+"""`accelerate launch -m icpo_train train` with two CPU processes: DDP over gloo and DeepSpeed ZeRO-2/3,
+per member and with shared prefixes."""
 
 from __future__ import annotations
 
@@ -32,3 +33,21 @@ def test_deepspeed_zero2_on_two_cpu_processes_matches_ddp(
     # Same data order, same initialisation: ZeRO-2 with the plain loss follows the memory-lean DDP run.
     assert losses(history) == pytest.approx(losses(ddp_history), rel=1e-3)
     assert (tmp_path / "checkpoint-8" / "adapter_model.safetensors").is_file()
+
+
+def test_shared_prefix_under_ddp_follows_the_per_member_run(
+    tiny_model_dir, trajectories, ddp_history, tmp_path
+):
+    """The memory-lean shared-prefix step runs one backward per member plus the prompt's; DDP must
+    all-reduce once, after all of them, or the replicas and the losses drift apart."""
+    history = launch("multi_cpu.yaml", tiny_model_dir, trajectories, tmp_path, "--shared_prefix", "true")
+    assert losses(history) == pytest.approx(losses(ddp_history), rel=1e-4)
+
+
+@pytest.mark.parametrize("zero", ["zero2", "zero3"])
+def test_shared_prefix_under_deepspeed_follows_the_per_member_run(
+    tiny_model_dir, trajectories, ddp_history, tmp_path, zero
+):
+    overrides = ("--memory_lean", "false", "--shared_prefix", "true")
+    history = launch(f"{zero}.yaml", tiny_model_dir, trajectories, tmp_path, *overrides)
+    assert losses(history) == pytest.approx(losses(ddp_history), rel=1e-3)
