@@ -53,6 +53,8 @@ from icpo_infer.prompts import PromptTemplates
 from icpo_train.losses import (
     FISHER_AT,
     fisher_weighted_logit_matching,
+    fused_fisher_weighted_logit_matching,
+    fused_sparse_fisher_weighted_logit_matching,
     group_fisher_weighted_loss,
     group_weights,
     sparse_fisher_weighted_logit_matching,
@@ -124,6 +126,12 @@ class ICPOConfig(TrainingArguments):
     )
     teacher_model: str | None = option(
         None, "Token level: teacher model scored on the same sequences (else the dataset's top-k columns)."
+    )
+    fused_token_loss: bool = option(
+        True,
+        "Token level: compute the loss from the last hidden states and the output layer in chunks of "
+        "positions, so that neither forward nor backward holds the logits of the whole batch (the same loss "
+        "and gradients); false: from the full logits.",
     )
     max_length: int | None = option(
         None, "Leave out group members whose prompt + response exceed this many tokens."
@@ -449,26 +457,41 @@ class TrajectoryCollator:
 
 
 def completion_logits(
-    model: torch.nn.Module, batch: dict, rows: slice = slice(None)
+    model: torch.nn.Module, batch: dict, rows: slice = slice(None), last_hidden: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Logits that predict each response token ``(n, C, V)``, the tokens ``(n, C)`` and their mask.
 
     ``rows`` selects members of the batch; padding columns that no selected member uses are cut off,
-    and only the last C + 1 positions go through the output layer (``logits_to_keep``).
+    and only the last C + 1 positions go through the output layer (``logits_to_keep``). With
+    ``last_hidden`` the model's last hidden states ``(n, C, H)`` at those positions instead of the logits
+    (the output layer runs on one position only).
     """
     attention_mask, completion_mask = batch["attention_mask"][rows], batch["completion_mask"][rows]
     width, span = int(attention_mask.sum(-1).max()), int(completion_mask.sum(-1).max())
     input_ids, attention_mask = batch["input_ids"][rows, -width:], attention_mask[:, -width:]
     # Left padding: positions come from the mask, as in generate() and Backend.score.
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    logits = model(
+    outputs = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids,
-        logits_to_keep=span + 1,
+        logits_to_keep=1 if last_hidden else span + 1,
+        output_hidden_states=last_hidden,
         use_cache=False,
-    ).logits[:, :-1]
-    return logits, input_ids[:, -span:], completion_mask[:, -span:]
+    )
+    states = outputs.hidden_states[-1][:, -span - 1 : -1] if last_hidden else outputs.logits[:, :-1]
+    return states, input_ids[:, -span:], completion_mask[:, -span:]
+
+
+def check_plain_output_layer(model: PreTrainedModel) -> None:
+    """The fused token-level loss applies the output layer itself: logits must be nothing more."""
+    config = model.config.get_text_config(decoder=True)
+    check(
+        getattr(config, "final_logit_softcapping", None) is None
+        and getattr(config, "logit_scale", None) is None,
+        f"fused_token_loss: {type(model).__name__} transforms its output layer's logits (softcapping or "
+        "scaling), which the fused loss does not reproduce; set fused_token_loss: false.",
+    )
 
 
 class _PromptStates(DynamicLayer):
@@ -678,6 +701,8 @@ class ICPOTrainer(Trainer):
         model = model if model is not None else load_policy(args)
         if args.shared_prefix:
             check_full_attention(model)
+        if args.loss_level == "token" and args.fused_token_loss:
+            check_plain_output_layer(model)
         with args.main_process_first(desc="tokenising trajectories"):
             dataset, self.trajectory_stats = tokenize_trajectories(
                 trajectories, tokenizer, templates, args.max_length, args.tail_bucket
@@ -790,27 +815,34 @@ class ICPOTrainer(Trainer):
 
     def _token_loss(self, model: torch.nn.Module, inputs: dict) -> torch.Tensor:
         """Mean per-token FW-LM over all response tokens of the batch."""
-        logits, _, mask = completion_logits(model, inputs)
+        fused = self.args.fused_token_loss
+        # Fused: the last hidden states, the loss applying the output layer chunk by chunk.
+        student, _, mask = completion_logits(model, inputs, last_hidden=fused)
+        head = self.accelerator.unwrap_model(model).get_output_embeddings()
         span = mask.shape[1]
         if self.teacher is not None:
             with torch.no_grad():
-                teacher_logits, _, _ = completion_logits(self.teacher, inputs)
-            vocab = min(
-                logits.shape[-1], teacher_logits.shape[-1]
-            )  # embedding rows past the tokenizer differ
-            per_token = fisher_weighted_logit_matching(
-                logits[..., :vocab], teacher_logits[..., :vocab], mask, reduction="none"
-            )
+                teacher, _, _ = completion_logits(self.teacher, inputs, last_hidden=fused)
+            if fused:
+                per_token = fused_fisher_weighted_logit_matching(
+                    student, head, teacher, self.teacher.get_output_embeddings(), mask, reduction="none"
+                )
+            else:
+                vocab = min(student.shape[-1], teacher.shape[-1])  # embedding rows past the tokenizer differ
+                per_token = fisher_weighted_logit_matching(
+                    student[..., :vocab], teacher[..., :vocab], mask, reduction="none"
+                )
         else:
             normalizer = inputs.get("teacher_logsumexp")
-            per_token = sparse_fisher_weighted_logit_matching(
-                logits,
-                inputs["teacher_topk_ids"][:, -span:],
-                inputs["teacher_topk_logits"][:, -span:],
-                mask,
-                reduction="none",
-                target_log_normalizer=None if normalizer is None else normalizer[:, -span:],
-            )
+            targets = (inputs["teacher_topk_ids"][:, -span:], inputs["teacher_topk_logits"][:, -span:], mask)
+            options = {
+                "reduction": "none",
+                "target_log_normalizer": None if normalizer is None else normalizer[:, -span:],
+            }
+            if fused:
+                per_token = fused_sparse_fisher_weighted_logit_matching(student, head, *targets, **options)
+            else:
+                per_token = sparse_fisher_weighted_logit_matching(student, *targets, **options)
         group_mask = inputs["group_mask"]
         member_rows = group_mask.nonzero()[:, 0]
         per_row = torch.zeros(group_mask.shape[0], device=per_token.device, dtype=per_token.dtype)
