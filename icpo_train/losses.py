@@ -249,9 +249,37 @@ def group_fisher_weighted_loss(
 FUSED_CHUNK_SIZE = 256
 
 
+class _FrozenHeadRowLosses(torch.autograd.Function):
+    """Per-row losses through a frozen output layer, one chunk of rows at a time, each chunk's gradient in
+    the hidden states computed right after its loss: only one chunk's logits ever exist and backward only
+    scales the stored gradients (a row's loss depends on its own hidden state alone)."""
+
+    @staticmethod
+    def forward(ctx, row_loss, chunk_size, hidden, *row_inputs):
+        losses, grads = [], []
+        for start in range(0, hidden.shape[0], chunk_size):
+            part = [t[start : start + chunk_size] for t in row_inputs]
+            with torch.enable_grad():
+                rows = hidden[start : start + chunk_size].detach().requires_grad_()
+                loss = row_loss(rows, *part)
+                (grad,) = torch.autograd.grad(loss.sum(), rows)
+            losses.append(loss.detach())
+            grads.append(grad)
+        ctx.save_for_backward(torch.cat(grads))
+        ctx.num_inputs = len(row_inputs)
+        return torch.cat(losses)
+
+    @staticmethod
+    def backward(ctx, grad_losses):
+        (grad_hidden,) = ctx.saved_tensors
+        grad_hidden = grad_hidden * grad_losses.to(grad_hidden.dtype).unsqueeze(-1)
+        return None, None, grad_hidden, *([None] * ctx.num_inputs)
+
+
 def _chunked_row_losses(
     row_loss: Callable[..., torch.Tensor],
     hidden: torch.Tensor,
+    head: Callable[[torch.Tensor], torch.Tensor],
     mask: torch.Tensor | None,
     row_inputs: tuple[torch.Tensor, ...],
     chunk_size: int,
@@ -259,8 +287,10 @@ def _chunked_row_losses(
 ) -> torch.Tensor:
     """``row_loss(hidden_rows, *row_inputs_rows)`` over the unmasked positions, ``chunk_size`` at a time.
 
-    Each chunk runs under activation checkpointing, so neither forward nor backward keeps more than one
-    chunk's logits: backward recomputes a chunk's logits when it reaches it. Masked positions are never
+    A frozen ``head`` (a module without trainable parameters, as under LoRA) takes the single-pass route of
+    :class:`_FrozenHeadRowLosses`. A trainable one runs each chunk under activation checkpointing: backward
+    recomputes a chunk's logits when it reaches it, so the head's gradient accumulates chunk by chunk. Either
+    way neither forward nor backward holds more than one chunk's logits. Masked positions are never
     computed: zero loss, zero gradient.
     """
     if reduction not in ("mean", "sum", "none"):
@@ -279,14 +309,21 @@ def _chunked_row_losses(
     kept = None if mask is None else mask.reshape(-1).nonzero().squeeze(-1)
     if kept is not None:
         rows, inputs = rows[kept], [t[kept] for t in inputs]
-    chunks = []
-    for start in range(0, rows.shape[0], chunk_size):
-        part = [rows[start : start + chunk_size], *(t[start : start + chunk_size] for t in inputs)]
-        if torch.is_grad_enabled():
-            chunks.append(checkpoint(row_loss, *part, use_reentrant=False))
-        else:
-            chunks.append(row_loss(*part))
-    losses = torch.cat(chunks) if chunks else hidden.new_zeros(0)
+    frozen = isinstance(head, torch.nn.Module) and not any(p.requires_grad for p in head.parameters())
+    starts = range(0, rows.shape[0], chunk_size)
+    if rows.shape[0] == 0:
+        losses = rows.sum(-1)  # nothing to compute, still part of the graph
+    elif not torch.is_grad_enabled() or (frozen and not rows.requires_grad):
+        with torch.no_grad():
+            losses = torch.cat([row_loss(*(t[s : s + chunk_size] for t in (rows, *inputs))) for s in starts])
+    elif frozen:
+        losses = _FrozenHeadRowLosses.apply(row_loss, chunk_size, rows, *inputs)
+    else:
+        chunks = [
+            checkpoint(row_loss, *(t[s : s + chunk_size] for t in (rows, *inputs)), use_reentrant=False)
+            for s in starts
+        ]
+        losses = torch.cat(chunks)
     if kept is not None:
         losses = losses.new_zeros(mask.numel()).index_put((kept,), losses)
     return _reduce(losses.reshape(lead), mask, reduction)
@@ -322,7 +359,7 @@ def fused_fisher_weighted_logit_matching(
         vocab = min(logits.shape[-1], target.shape[-1])
         return fisher_weighted_logit_matching(logits[..., :vocab], target[..., :vocab], reduction="none")
 
-    return _chunked_row_losses(row_loss, hidden, mask, (target_hidden.detach(),), chunk_size, reduction)
+    return _chunked_row_losses(row_loss, hidden, head, mask, (target_hidden.detach(),), chunk_size, reduction)
 
 
 def fused_sparse_fisher_weighted_logit_matching(
@@ -353,4 +390,4 @@ def fused_sparse_fisher_weighted_logit_matching(
         )
 
     inputs = (target_indices, target_logits.detach(), *normalizer)
-    return _chunked_row_losses(row_loss, hidden, mask, inputs, chunk_size, reduction)
+    return _chunked_row_losses(row_loss, hidden, head, mask, inputs, chunk_size, reduction)

@@ -55,31 +55,21 @@ def problem() -> dict:
     }
 
 
-def gradients(loss_fn, problem) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def gradients(loss_fn, problem, trainable_head: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The loss and the gradients of a weighted sum of it (random weights per position, so that per-position
+    losses are scaled unevenly) in the hidden states and, when trainable, in the head's parameters."""
     hidden = problem["hidden"].clone().requires_grad_()
-    problem["head"].zero_grad()
+    head = problem["head"].requires_grad_(trainable_head)
+    head.zero_grad()
     loss = loss_fn(hidden)
-    loss.sum().backward()
-    return loss.detach(), [
-        hidden.grad,
-        problem["head"].weight.grad.clone(),
-        problem["head"].bias.grad.clone(),
-    ]
+    weights = torch.rand(loss.shape, dtype=loss.dtype, generator=torch.Generator().manual_seed(9)) + 0.5
+    (weights * loss).sum().backward()
+    return loss.detach(), [hidden.grad] + (
+        [head.weight.grad.clone(), head.bias.grad.clone()] if trainable_head else []
+    )
 
 
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize("chunk_size", [1, 4, 1000])
-def test_dense_equals_the_unfused_loss(problem, reduction, chunk_size):
-    p = problem
-    unfused = gradients(
-        lambda h: fisher_weighted_logit_matching(p["head"](h), p["teacher_logits"], p["mask"], reduction), p
-    )
-    fused = gradients(
-        lambda h: fused_fisher_weighted_logit_matching(
-            h, p["head"], p["teacher_hidden"], p["teacher_head"], p["mask"], reduction, chunk_size
-        ),
-        p,
-    )
+def assert_same(fused, unfused) -> None:
     assert unfused[0].abs().max() > 0
     torch.testing.assert_close(fused[0], unfused[0], rtol=1e-12, atol=1e-12)
     for fused_grad, unfused_grad in zip(fused[1], unfused[1], strict=True):
@@ -87,9 +77,31 @@ def test_dense_equals_the_unfused_loss(problem, reduction, chunk_size):
         torch.testing.assert_close(fused_grad, unfused_grad, rtol=1e-10, atol=1e-12)
 
 
+# A frozen head (LoRA) takes the single-pass route, a trainable one the checkpointed chunks.
+@pytest.mark.parametrize("trainable_head", [False, True])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("chunk_size", [1, 4, 1000])
+def test_dense_equals_the_unfused_loss(problem, reduction, chunk_size, trainable_head):
+    p = problem
+    unfused = gradients(
+        lambda h: fisher_weighted_logit_matching(p["head"](h), p["teacher_logits"], p["mask"], reduction),
+        p,
+        trainable_head,
+    )
+    fused = gradients(
+        lambda h: fused_fisher_weighted_logit_matching(
+            h, p["head"], p["teacher_hidden"], p["teacher_head"], p["mask"], reduction, chunk_size
+        ),
+        p,
+        trainable_head,
+    )
+    assert_same(fused, unfused)
+
+
+@pytest.mark.parametrize("trainable_head", [False, True])
 @pytest.mark.parametrize("normalised", [False, True])
 @pytest.mark.parametrize("chunk_size", [1, 4, 1000])
-def test_sparse_equals_the_unfused_loss(problem, normalised, chunk_size):
+def test_sparse_equals_the_unfused_loss(problem, normalised, chunk_size, trainable_head):
     p = problem
     normalizer = p["log_normalizer"] if normalised else None
     unfused = gradients(
@@ -97,18 +109,17 @@ def test_sparse_equals_the_unfused_loss(problem, normalised, chunk_size):
             p["head"](h), p["top_indices"], p["top_logits"], p["mask"], "none", normalizer
         ),
         p,
+        trainable_head,
     )
     fused = gradients(
         lambda h: fused_sparse_fisher_weighted_logit_matching(
             h, p["head"], p["top_indices"], p["top_logits"], p["mask"], "none", normalizer, chunk_size
         ),
         p,
+        trainable_head,
     )
-    torch.testing.assert_close(fused[0], unfused[0], rtol=1e-12, atol=1e-12)
+    assert_same(fused, unfused)
     assert (fused[0][~p["mask"]] == 0).all()
-    for fused_grad, unfused_grad in zip(fused[1], unfused[1], strict=True):
-        assert unfused_grad.abs().max() > 0
-        torch.testing.assert_close(fused_grad, unfused_grad, rtol=1e-10, atol=1e-12)
 
 
 def test_masked_positions_are_never_computed(problem):
@@ -133,22 +144,15 @@ def test_gradcheck(problem):
     p = problem
     hidden = p["hidden"][1:, :3].clone().requires_grad_()
     mask = p["mask"][1:, :3]
-    head = p["head"]
 
-    def dense(h, weight):
-        return fused_fisher_weighted_logit_matching(
-            h,
-            lambda x: torch.nn.functional.linear(x, weight),
-            p["teacher_hidden"][1:, :3],
-            p["teacher_head"],
-            mask,
-            chunk_size=2,
-        )
+    def dense(h, head):
+        teacher = p["teacher_hidden"][1:, :3]
+        return fused_fisher_weighted_logit_matching(h, head, teacher, p["teacher_head"], mask, chunk_size=2)
 
-    def sparse(h, weight):
+    def sparse(h, head):
         return fused_sparse_fisher_weighted_logit_matching(
             h,
-            lambda x: torch.nn.functional.linear(x, weight),
+            head,
             p["top_indices"][1:, :3],
             p["top_logits"][1:, :3],
             mask,
@@ -156,9 +160,14 @@ def test_gradcheck(problem):
             chunk_size=2,
         )
 
-    weight = head.weight.detach().clone().requires_grad_()
-    assert torch.autograd.gradcheck(dense, (hidden, weight))
-    assert torch.autograd.gradcheck(sparse, (hidden, weight))
+    weight = p["head"].weight.detach().clone().requires_grad_()
+    frozen = p["head"].requires_grad_(False)
+    for loss in (dense, sparse):
+        # A trainable head (checkpointed chunks), then a frozen module (the single-pass route).
+        assert torch.autograd.gradcheck(
+            lambda h, w, loss=loss: loss(h, lambda x: torch.nn.functional.linear(x, w)), (hidden, weight)
+        )
+        assert torch.autograd.gradcheck(lambda h, loss=loss: loss(h, frozen), (hidden,))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
