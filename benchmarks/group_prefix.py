@@ -10,7 +10,8 @@ memory_lean off and on. Every configuration runs in a fresh subprocess (one torc
 Step time is the median of ``--repeats`` steps after one warm-up step: CPU time of the process on CPU
 (other tenants of a shared machine do not count), wall time after synchronising on CUDA. Peak memory is
 what the measured steps add on top of the loaded trainer, as in ``response_memory.py`` (CUDA
-``max_memory_allocated``; on CPU the peak resident set, VmHWM). The gradients of the last step are
+``max_memory_allocated``; on CPU the peak resident set, VmHWM, with glibc's mmap threshold fixed at
+1 MiB so that freed tensors leave the resident set). The gradients of the last step are
 compared: ``max grad rel diff`` is the largest ``max |g_shared - g_member| / max |g_member|`` over the
 trainable parameters. The last line compares the memory-lean steps (the recipes' setting).
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -94,7 +96,10 @@ def run_isolated(model_dir: Path, lean: bool, shared: bool, grads_path: Path, ar
         str(int(shared)),
     ]
     command += ["--grads", str(grads_path)]
-    done = subprocess.run(command, capture_output=True, text=True)
+    # A fixed mmap threshold: glibc otherwise raises it as large blocks are freed and keeps later ones in its
+    # heap once freed, so the resident set after the warm-up step would already hold the step's peak.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
     row = {"memory_lean": lean, "shared_prefix": shared}
     if done.returncode != 0:
         tail = done.stderr.strip().splitlines()[-1:] or [f"exit {done.returncode}"]

@@ -765,22 +765,16 @@ class ICPOTrainer(Trainer):
         """z = log pi_theta(response | prompt_t) of the selected members, flat ``(n,)``."""
         return self._logps(*completion_logits(model, inputs, rows))
 
-    def _shared_prefix_logps(
-        self,
-        model: torch.nn.Module,
-        groups: list[tuple[torch.Tensor, list[torch.Tensor]]],
-        one_at_a_time: bool = False,
-    ) -> torch.Tensor:
-        """z of every member of ``groups`` (:func:`group_sequences`), flat ``(n,)``: each group's prompt
-        runs once and its responses on top of it, together or ``one_at_a_time``."""
-        logps = []
-        for prompt, responses in groups:
-            states = prompt_states(model, prompt)
-            batches = [[response] for response in responses] if one_at_a_time else [responses]
-            logps += [
-                self._logps(*responses_on_prompt_logits(model, states, prompt, batch)) for batch in batches
+    def _shared_prefix_logps(self, model: torch.nn.Module, inputs: dict) -> torch.Tensor:
+        """z of every member, flat ``(n,)``: each group's prompt runs once, its responses together on it."""
+        return torch.cat(
+            [
+                self._logps(
+                    *responses_on_prompt_logits(model, prompt_states(model, prompt), prompt, responses)
+                )
+                for prompt, responses in group_sequences(inputs)
             ]
-        return torch.cat(logps)
+        )
 
     def group_rewards(self, inputs: dict) -> torch.Tensor:
         """R_j of every member of a collated batch ``(B, G)``: in-context plus weighted gold reward."""
@@ -864,7 +858,7 @@ class ICPOTrainer(Trainer):
         if self.args.loss_level == "token":
             return self._token_loss(model, inputs)
         if self.args.shared_prefix:
-            return self._group_loss(self._shared_prefix_logps(model, group_sequences(inputs)), inputs)
+            return self._group_loss(self._shared_prefix_logps(model, inputs), inputs)
         return self._group_loss(self._policy_logps(model, inputs), inputs)
 
     # -- memory-lean step -----------------------------------------------------------------------
@@ -874,8 +868,9 @@ class ICPOTrainer(Trainer):
             return super().training_step(model, inputs, num_items_in_batch)
         model.train()
         inputs = self._prepare_inputs(inputs)
+        if self.args.shared_prefix:
+            return self._memory_lean_shared_prefix_step(model, inputs)
         members = [slice(n, n + 1) for n in range(inputs["input_ids"].shape[0])]
-        groups = group_sequences(inputs) if self.args.shared_prefix else []
         device = self.accelerator.device
         # Pass 1 runs in a forked RNG, so pass 2 replays the same dropout masks member by member.
         with (
@@ -883,16 +878,8 @@ class ICPOTrainer(Trainer):
             torch.no_grad(),
             self.compute_loss_context_manager(),
         ):
-            if self.args.shared_prefix:
-                flat_logps = self._shared_prefix_logps(model, groups, one_at_a_time=True)
-            else:
-                flat_logps = torch.cat([self._policy_logps(model, inputs, member) for member in members])
-        flat_logps.requires_grad_()
-        loss = self._group_loss(flat_logps, inputs) / self.current_gradient_accumulation_steps
-        (coefficients,) = torch.autograd.grad(loss, flat_logps)  # dL/dz_j, e.g. w_j (d_j - dbar) for fw
-        if self.args.shared_prefix:
-            self._backward_on_prompts(model, groups, coefficients)
-            return loss.detach()
+            flat_logps = torch.cat([self._policy_logps(model, inputs, member) for member in members])
+        loss, coefficients = self._loss_and_coefficients(flat_logps, inputs)
         for n, member in enumerate(members):
             # DDP all-reduces the accumulated gradients once, in the last member's backward.
             last = n == len(members) - 1
@@ -902,18 +889,53 @@ class ICPOTrainer(Trainer):
                 self.accelerator.backward((coefficients[n] * logp).sum())
         return loss.detach()
 
-    def _backward_on_prompts(
-        self, model: torch.nn.Module, groups: list[tuple[torch.Tensor, list[torch.Tensor]]], coefficients
-    ) -> None:
-        """Pass 2 of the memory-lean step with shared prefixes: per group, the prompt's forward with its
-        graph, then one member at a time on detached copies of the prompt's states, which accumulate the
-        members' gradients into the prompt. The group's last member runs on the prompt's states themselves
-        and its backward carries the accumulated gradients too, so the prompt's backward runs once, and DDP
-        all-reduces once, in the last group's (the only forward outside no_sync is the one right before)."""
-        n = 0
-        for g, (prompt, responses) in enumerate(groups):
+    def _loss_and_coefficients(
+        self, flat_logps: torch.Tensor, inputs: dict
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's loss from its members' z values and its coefficients dL/dz_j (w_j (d_j - dbar) for fw)."""
+        flat_logps.requires_grad_()
+        loss = self._group_loss(flat_logps, inputs) / self.current_gradient_accumulation_steps
+        (coefficients,) = torch.autograd.grad(loss, flat_logps)
+        return loss, coefficients
+
+    def _memory_lean_shared_prefix_step(self, model: torch.nn.Module, inputs: dict) -> torch.Tensor:
+        """The memory-lean step with shared prefixes.
+
+        Pass 1: per group, the prompt's forward with its graph (kept until pass 2), then each member's z
+        without one. Pass 2: one member at a time, with the RNG state it had in pass 1 (the same dropout
+        masks), on detached copies of the prompt's states, which accumulate the members' gradients into the
+        prompt. A group's last member runs on the prompt's states themselves and its backward carries the
+        accumulated gradients too, so the prompt's backward runs once. DDP all-reduces once, in the last
+        group's last backward: every other forward runs under no_sync.
+        """
+        groups = group_sequences(inputs)
+        device = self.accelerator.device
+        cuda = device.type == "cuda"
+
+        def rng_state() -> tuple:
+            return torch.get_rng_state(), torch.cuda.get_rng_state(device) if cuda else None
+
+        def set_rng_state(state: tuple) -> None:
+            torch.set_rng_state(state[0])
+            if cuda:
+                torch.cuda.set_rng_state(state[1], device)
+
+        prompts, member_rng, logps = [], [], []
+        for prompt, responses in groups:
             with self.accelerator.no_sync(model), self.compute_loss_context_manager():
                 states = prompt_states(model, prompt)
+            prompts.append(states)
+            detached = [(keys.detach(), values.detach()) for keys, values in states]
+            with torch.no_grad(), self.compute_loss_context_manager():
+                for response in responses:
+                    member_rng.append(rng_state())
+                    logps.append(
+                        self._logps(*responses_on_prompt_logits(model, detached, prompt, [response]))
+                    )
+        after_pass_1 = rng_state()
+        loss, coefficients = self._loss_and_coefficients(torch.cat(logps), inputs)
+        n = 0
+        for g, ((prompt, responses), states) in enumerate(zip(groups, prompts, strict=True)):
             prompt_tensors = [tensor for pair in states for tensor in pair]
             # Leaves in at least fp32: a bf16 sum over G members would round away what fp32 gradients keep.
             leaves = [
@@ -924,6 +946,7 @@ class ICPOTrainer(Trainer):
             for j, response in enumerate(responses):
                 last = j == len(responses) - 1
                 sync = last and g == len(groups) - 1
+                set_rng_state(member_rng[n])
                 with (
                     contextlib.nullcontext() if sync else self.accelerator.no_sync(model),
                     self.compute_loss_context_manager(),
@@ -940,6 +963,8 @@ class ICPOTrainer(Trainer):
                         )
                     self.accelerator.backward(objective)
                 n += 1
+        set_rng_state(after_pass_1)
+        return loss.detach()
 
     # -- logging --------------------------------------------------------------------------------
 

@@ -10,11 +10,18 @@ import torch
 from peft import get_peft_model
 from tiny_recipe import recipe_args
 from trajectory_fixtures import build_trajectories
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
 from icpo_infer.backends.base import encode_completion
 from icpo_infer.config import ConfigError, parse_config
-from icpo_train.trainer import ICPOConfig, ICPOTrainer, group_sequences
+from icpo_train.trainer import (
+    ICPOConfig,
+    ICPOTrainer,
+    check_full_attention,
+    group_sequences,
+    prompt_states,
+    responses_on_prompt_logits,
+)
 
 # Rows of three rounds (prompts of three lengths) and two group sizes (3 and 4 members).
 BATCH_ROWS = (0, 2, 4, 8)
@@ -165,3 +172,48 @@ def test_bad_shared_prefix_settings(tiny_model_dir, tmp_path, overrides, message
         parse_config(
             ICPOConfig, recipe_args(tiny_model_dir, "unused", tmp_path, "--shared_prefix", "true", *overrides)
         )
+
+
+def test_sliding_window_models_are_refused():
+    """A sliding-window layer would attend over the whole cached prompt: refused, full attention passes."""
+    for sliding, refused in ((False, False), (True, True)):
+        config = Qwen2Config(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            use_sliding_window=sliding,
+            sliding_window=16,
+            max_window_layers=0,
+        )
+        if refused:
+            with pytest.raises(ConfigError, match="sliding_attention layers"):
+                check_full_attention(Qwen2ForCausalLM(config))
+        else:
+            check_full_attention(Qwen2ForCausalLM(config))
+
+
+def test_memory_lean_replays_each_members_dropout(tiny_model_dir, trajectories, tmp_path):
+    """With dropout, the lean step's gradient is the gradient of the loss it returns: pass 2 replays the
+    masks each member drew in pass 1. Reference: the same draws, in order, in one graph."""
+    options = ("--lora_dropout", "0.5", "--shared_prefix", "true", "--memory_lean", "true")
+    config = parse_config(ICPOConfig, recipe_args(tiny_model_dir, "unused", tmp_path, *options))
+    model = policy(tiny_model_dir, torch.float64, lora=config)
+    trainer = make_trainer(tiny_model_dir, trajectories, tmp_path, model, *options)
+    torch.manual_seed(0)
+    lean = step(trainer)
+
+    model.zero_grad(set_to_none=True)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in BATCH_ROWS])
+    torch.manual_seed(0)
+    logps = []
+    for prompt, responses in group_sequences(batch):
+        states = prompt_states(model, prompt)
+        for response in responses:
+            logps.append(trainer._logps(*responses_on_prompt_logits(model, states, prompt, [response])))
+    loss = trainer._group_loss(torch.cat(logps), batch)
+    loss.backward()
+    reference = (loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert_same_step(reference, lean, tolerance=1e-6)
