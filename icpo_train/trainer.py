@@ -17,6 +17,16 @@ Memory-lean mode (response level). The loss depends on theta only through the G 
 graph, the loss and its G coefficients ``dL/dz_j`` (``w_j (d_j - dbar)`` for FW) follow from them,
 and each member is then re-run and back-propagated alone with its coefficient. Peak memory is that
 of one response, whatever G.
+
+Shared prefix (response level). A group's members share their prompt, by far the longer part once the
+history grows. The prompt runs once, its keys and values are cached, and every response runs on that
+cache; the prompt's backward runs once too, with the sum of its members' gradients. Memory-lean, the
+members' gradients into the prompt's keys and values accumulate in detached copies, and the prompt's
+backward joins the group's last member's.
+
+Fused token level. The loss takes the student's last hidden states and applies the output layer a chunk
+of positions at a time (:func:`icpo_train.losses.fused_fisher_weighted_logit_matching`): the logits of
+the whole batch, V = 152k wide for Qwen2.5, never exist, in forward or backward.
 """
 
 from __future__ import annotations
@@ -121,8 +131,9 @@ class ICPOConfig(TrainingArguments):
         "Response level: run each group's prompt once and score every response on the prompt's key/value "
         "cache, back-propagating through the prompt once: the same loss and gradients as scoring "
         "prompt + response per member, without recomputing the prompt G times. Combines with memory_lean "
-        "(then one response at a time on the prompt), LoRA, gradient checkpointing, DDP and DeepSpeed; "
-        "models with sliding-window attention are refused.",
+        "(then one response at a time on the prompt, whose activations the step keeps: peak memory one "
+        "response plus the batch's prompts), LoRA, gradient checkpointing, DDP and DeepSpeed; models with "
+        "sliding-window attention are refused.",
     )
     teacher_model: str | None = option(
         None, "Token level: teacher model scored on the same sequences (else the dataset's top-k columns)."
