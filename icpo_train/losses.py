@@ -11,6 +11,8 @@ to z or z*, and its gradient in z is ``p* (d - E_{p*}[d])``. No gradient flows i
 All three public losses reduce to one weighted variance, ``1/2 sum_a w_a (d_a - sum_b w_b d_b)^2``,
 with weights ``w = softmax(log_weights)``: the target policy itself for logit matching, the
 self-normalised importance weights ``softmax(eta * R)`` for response groups sampled from pi_ref.
+The fused token-level forms compute the logit-matching losses from a model's last hidden states and
+its output layer, a chunk of positions at a time, so that the logits of all positions never exist.
 """
 
 from __future__ import annotations
