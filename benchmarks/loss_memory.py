@@ -9,6 +9,15 @@ logits in a fresh subprocess, so one measurement never inherits another's alloca
   log-normaliser (what a trajectory dataset stores);
 - ``jsd``: TRL's ``GKDTrainer.generalized_jsd_loss`` (beta 0.5) against full teacher logits.
 
+With the output layer, as a trainer computes them: the student's ``N x H`` last hidden states (``--hidden``)
+go through a frozen ``V x H`` head (LoRA trains the layers below it), and the live teacher's logits come
+from its own hidden states and head:
+
+- ``ce-head``, ``fw-head``, ``fw-topk-head``: the logits of all N positions, then ``ce``, ``fw``, ``fw-topk``
+  (``ce-head`` is the baseline of this group);
+- ``fw-fused``, ``fw-topk-fused``: ``fused_fisher_weighted_logit_matching`` and
+  ``fused_sparse_fisher_weighted_logit_matching``, which hold one chunk of positions' logits at a time.
+
 Time is the median of ``--repeats`` timed runs after one warm-up run: wall time on CUDA, the process's
 CPU time on CPU (so that other tenants of a shared machine do not count). Peak memory includes the
 inputs (student logits, their gradient, the teacher) and is measured on CUDA with
@@ -20,6 +29,7 @@ same loss's smaller runs) exceeds ``--memory-limit-gb`` are skipped and reported
     python benchmarks/loss_memory.py                 # V in {32000, 151936}, N in {2048, 4096, 8192}
     python benchmarks/loss_memory.py --quick         # V 32000, N 2048, 2 repeats
     python benchmarks/loss_memory.py --vocab 151936 --tokens 2048 --losses ce fw-topk
+    python benchmarks/loss_memory.py --losses ce-head fw-head fw-fused fw-topk-head fw-topk-fused
 """
 
 from __future__ import annotations
@@ -37,9 +47,15 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from icpo_train.losses import fisher_weighted_logit_matching, sparse_fisher_weighted_logit_matching
+from icpo_train.losses import (
+    fisher_weighted_logit_matching,
+    fused_fisher_weighted_logit_matching,
+    fused_sparse_fisher_weighted_logit_matching,
+    sparse_fisher_weighted_logit_matching,
+)
 
-LOSSES = ("ce", "fw", "fw-topk", "jsd")
+HEAD_LOSSES = ("ce-head", "fw-head", "fw-topk-head", "fw-fused", "fw-topk-fused")
+LOSSES = ("ce", "fw", "fw-topk", "jsd", *HEAD_LOSSES)
 # Rows of the teacher generated at a time, so building the sparse teacher never holds an N x V tensor.
 TEACHER_CHUNK = 256
 
@@ -53,39 +69,81 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+def _sparse_teacher(n: int, vocab: int, top_k: int, generator, device, dtype) -> tuple[torch.Tensor, ...]:
+    """Top-k logits, their ids and the log-normaliser of random teacher logits, never all N x V at once."""
+    values, indices, normalizer = [], [], []
+    for start in range(0, n, TEACHER_CHUNK):
+        rows = min(TEACHER_CHUNK, n - start)
+        teacher = 2 * torch.randn(rows, vocab, generator=generator, device=device, dtype=dtype)
+        top = teacher.topk(top_k, dim=-1)
+        values.append(top.values)
+        indices.append(top.indices)
+        normalizer.append(teacher.logsumexp(-1))
+        del teacher
+    return torch.cat(indices), torch.cat(values), torch.cat(normalizer)
+
+
+def _head(hidden: int, vocab: int, generator, device, dtype) -> torch.nn.Linear:
+    """A frozen output layer whose logits have about the spread of the other losses' (std 2)."""
+    head = torch.nn.Linear(hidden, vocab, bias=False, device=device, dtype=dtype).requires_grad_(False)
+    head.weight.copy_(
+        torch.randn(vocab, hidden, generator=generator, device=device, dtype=dtype) / hidden**0.5
+    )
+    return head
+
+
 def _make_loss(
-    name: str, logits: torch.Tensor, top_k: int, generator: torch.Generator
+    name: str, student: torch.Tensor, vocab: int, top_k: int, generator: torch.Generator
 ) -> Callable[[], torch.Tensor]:
-    """The loss as a closure over its inputs (created here, so they count towards the peak)."""
-    n, vocab = logits.shape
-    device, dtype = logits.device, logits.dtype
+    """The loss as a closure over its inputs (created here, so they count towards the peak). ``student``:
+    the logits ``N x V``, or for the losses with the output layer the hidden states ``N x H``."""
+    n = student.shape[0]
+    device, dtype = student.device, student.dtype
+    if name in HEAD_LOSSES:
+        head = _head(student.shape[-1], vocab, generator, device, dtype)
+        if name.startswith("fw-topk"):
+            indices, values, normalizer = _sparse_teacher(n, vocab, top_k, generator, device, dtype)
+            if name == "fw-topk-fused":
+                return lambda: fused_sparse_fisher_weighted_logit_matching(
+                    student, head, indices, values, target_log_normalizer=normalizer
+                )
+            return lambda: sparse_fisher_weighted_logit_matching(
+                head(student), indices, values, target_log_normalizer=normalizer
+            )
+        if name == "ce-head":
+            labels = torch.randint(vocab, (n,), generator=generator, device=device)
+            return lambda: F.cross_entropy(head(student), labels)
+        teacher_head = _head(student.shape[-1], vocab, generator, device, dtype)
+        teacher_hidden = 2 * torch.randn(student.shape, generator=generator, device=device, dtype=dtype)
+        if name == "fw-fused":
+            return lambda: fused_fisher_weighted_logit_matching(student, head, teacher_hidden, teacher_head)
+
+        def unfused() -> torch.Tensor:
+            with torch.no_grad():
+                teacher = teacher_head(teacher_hidden)
+            return fisher_weighted_logit_matching(head(student), teacher)
+
+        return unfused
     if name == "ce":
         labels = torch.randint(vocab, (n,), generator=generator, device=device)
-        return lambda: F.cross_entropy(logits, labels)
+        return lambda: F.cross_entropy(student, labels)
     if name == "fw-topk":
-        values, indices, normalizer = [], [], []
-        for start in range(0, n, TEACHER_CHUNK):
-            rows = min(TEACHER_CHUNK, n - start)
-            teacher = 2 * torch.randn(rows, vocab, generator=generator, device=device, dtype=dtype)
-            top = teacher.topk(top_k, dim=-1)
-            values.append(top.values)
-            indices.append(top.indices)
-            normalizer.append(teacher.logsumexp(-1))
-            del teacher
-        values, indices, normalizer = torch.cat(values), torch.cat(indices), torch.cat(normalizer)
+        indices, values, normalizer = _sparse_teacher(n, vocab, top_k, generator, device, dtype)
         return lambda: sparse_fisher_weighted_logit_matching(
-            logits, indices, values, target_log_normalizer=normalizer
+            student, indices, values, target_log_normalizer=normalizer
         )
     teacher = 2 * torch.randn(n, vocab, generator=generator, device=device, dtype=dtype)
     if name == "fw":
-        return lambda: fisher_weighted_logit_matching(logits, teacher)
+        return lambda: fisher_weighted_logit_matching(student, teacher)
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     from trl.experimental.gkd import GKDTrainer
 
-    return lambda: GKDTrainer.generalized_jsd_loss(logits, teacher, beta=0.5)
+    return lambda: GKDTrainer.generalized_jsd_loss(student, teacher, beta=0.5)
 
 
-def measure(name: str, vocab: int, tokens: int, top_k: int, dtype: str, device: str, repeats: int) -> dict:
+def measure(
+    name: str, vocab: int, tokens: int, top_k: int, hidden: int, dtype: str, device: str, repeats: int
+) -> dict:
     """Forward + backward of one loss on one shape; run in its own process (see module docstring)."""
     device = torch.device(device)
     cuda = device.type == "cuda"
@@ -98,15 +156,16 @@ def measure(name: str, vocab: int, tokens: int, top_k: int, dtype: str, device: 
     else:
         baseline = _rss_bytes()
 
-    logits = 2 * torch.randn(tokens, vocab, generator=generator, device=device, dtype=getattr(torch, dtype))
-    logits.requires_grad_(True)
-    loss_fn = _make_loss(name, logits, top_k, generator)
+    width = hidden if name in HEAD_LOSSES else vocab
+    student = 2 * torch.randn(tokens, width, generator=generator, device=device, dtype=getattr(torch, dtype))
+    student.requires_grad_(True)
+    loss_fn = _make_loss(name, student, vocab, top_k, generator)
 
     # CPU time of this process, not wall time: on a shared CPU machine it does not count other tenants' load.
     clock = time.perf_counter if cuda else time.process_time
 
     def step() -> float:
-        logits.grad = None
+        student.grad = None
         if cuda:
             torch.cuda.synchronize()
         start = clock()
@@ -123,7 +182,8 @@ def measure(name: str, vocab: int, tokens: int, top_k: int, dtype: str, device: 
 
 def _run_isolated(name: str, vocab: int, tokens: int, args: argparse.Namespace) -> dict:
     command = [sys.executable, __file__, "--worker", name, str(vocab), str(tokens)]
-    command += ["--top-k", str(args.top_k), "--dtype", args.dtype, "--device", args.device]
+    command += ["--top-k", str(args.top_k), "--hidden", str(args.hidden), "--dtype", args.dtype]
+    command += ["--device", args.device]
     command += ["--repeats", str(args.repeats)]
     # A fixed mmap threshold: glibc otherwise raises it as large blocks are freed, keeps later blocks in
     # its heap after they are freed, and the resident set then counts memory no tensor holds.
@@ -169,23 +229,39 @@ def run_grid(args: argparse.Namespace) -> list[dict]:
     return results
 
 
+# The unfused loss each fused one replaces.
+UNFUSED = {"fw-fused": "fw-head", "fw-topk-fused": "fw-topk-head"}
+
+
 def format_table(results: list[dict]) -> str:
-    """Markdown table with time and peak memory, each also as a ratio to cross-entropy on the same shape."""
-    baseline = {(r["vocab"], r["tokens"]): r for r in results if r["loss"] == "ce" and "time_s" in r}
+    """Markdown table with time and peak memory, each also as a ratio to cross-entropy on the same inputs
+    (``ce``, or ``ce-head`` for the losses with the output layer) and, for the fused losses, to the unfused
+    loss they replace."""
+    done = {(r["vocab"], r["tokens"], r["loss"]): r for r in results if "time_s" in r}
     lines = [
-        "| vocab | tokens | loss | time (ms) | time / CE | peak (MiB) | peak / CE |",
-        "|---:|---:|---|---:|---:|---:|---:|",
+        "| vocab | tokens | loss | time (ms) | time / CE | peak (MiB) | peak / CE | time / unfused | peak / unfused |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
+
+    def ratio(r: dict, other: dict | None, key: str) -> str:
+        return f"{r[key] / other[key]:.2f}x" if other else "n/a"
+
     for r in results:
         head = f"| {r['vocab']} | {r['tokens']} | {r['loss']} |"
         if "time_s" not in r:
-            lines.append(f"{head} {r.get('skipped') or r.get('error')} | | | |")
+            lines.append(f"{head} {r.get('skipped') or r.get('error')} | | | | | |")
             continue
-        ce = baseline.get((r["vocab"], r["tokens"]))
-        time_ratio = f"{r['time_s'] / ce['time_s']:.2f}x" if ce else "n/a"
-        peak_ratio = f"{r['peak_bytes'] / ce['peak_bytes']:.2f}x" if ce else "n/a"
+        shape = (r["vocab"], r["tokens"])
+        ce = done.get((*shape, "ce-head" if r["loss"] in HEAD_LOSSES else "ce"))
+        unfused = done.get((*shape, UNFUSED[r["loss"]])) if r["loss"] in UNFUSED else None
+        fused = (
+            f"{ratio(r, unfused, 'time_s')} | {ratio(r, unfused, 'peak_bytes')}"
+            if r["loss"] in UNFUSED
+            else " | "
+        )
         lines.append(
-            f"{head} {1000 * r['time_s']:.0f} | {time_ratio} | {r['peak_bytes'] / 2**20:.0f} | {peak_ratio} |"
+            f"{head} {1000 * r['time_s']:.0f} | {ratio(r, ce, 'time_s')} | {r['peak_bytes'] / 2**20:.0f} | "
+            f"{ratio(r, ce, 'peak_bytes')} | {fused} |"
         )
     return "\n".join(lines)
 
@@ -198,6 +274,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tokens", type=int, nargs="+", default=[2048, 4096, 8192])
     parser.add_argument("--losses", nargs="+", choices=LOSSES, default=list(LOSSES))
     parser.add_argument("--top-k", type=int, default=64, help="teacher logits stored per token by fw-topk")
+    parser.add_argument(
+        "--hidden", type=int, default=256, help="hidden size H of the losses with the output layer"
+    )
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=5)
@@ -219,7 +298,16 @@ def main(argv: list[str] | None = None) -> int:
         name, vocab, tokens = args.worker
         print(
             json.dumps(
-                measure(name, int(vocab), int(tokens), args.top_k, args.dtype, args.device, args.repeats)
+                measure(
+                    name,
+                    int(vocab),
+                    int(tokens),
+                    args.top_k,
+                    args.hidden,
+                    args.dtype,
+                    args.device,
+                    args.repeats,
+                )
             )
         )
         return 0

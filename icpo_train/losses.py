@@ -11,14 +11,18 @@ to z or z*, and its gradient in z is ``p* (d - E_{p*}[d])``. No gradient flows i
 All three public losses reduce to one weighted variance, ``1/2 sum_a w_a (d_a - sum_b w_b d_b)^2``,
 with weights ``w = softmax(log_weights)``: the target policy itself for logit matching, the
 self-normalised importance weights ``softmax(eta * R)`` for response groups sampled from pi_ref.
+The fused token-level forms compute the logit-matching losses from a model's last hidden states and
+its output layer, a chunk of positions at a time, so that the logits of all positions never exist.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Literal, get_args
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 Reduction = Literal["mean", "sum", "none"]
 FisherAt = Literal["target", "policy"]  # where FW evaluates its Fisher weights
@@ -240,3 +244,152 @@ def group_fisher_weighted_loss(
     group_mask = group_mask.to(torch.bool)
     policy_logps = torch.where(group_mask, policy_logps, target)  # invalid members: d = 0, whatever they hold
     return _weighted_variance(policy_logps, target, log_weights, group_mask.sum(-1) >= 2, reduction)
+
+
+# Positions per chunk of the fused token-level losses: the peak holds one chunk's logits (and their
+# gradient), 256 x 152k fp32 logits being 150 MiB.
+FUSED_CHUNK_SIZE = 256
+
+
+class _FrozenHeadRowLosses(torch.autograd.Function):
+    """Per-row losses through a frozen output layer, one chunk of rows at a time, each chunk's gradient in
+    the hidden states computed right after its loss: only one chunk's logits ever exist and backward only
+    scales the stored gradients (a row's loss depends on its own hidden state alone)."""
+
+    @staticmethod
+    def forward(ctx, row_loss, chunk_size, hidden, *row_inputs):
+        losses, grads = [], []
+        for start in range(0, hidden.shape[0], chunk_size):
+            part = [t[start : start + chunk_size] for t in row_inputs]
+            with torch.enable_grad():
+                rows = hidden[start : start + chunk_size].detach().requires_grad_()
+                loss = row_loss(rows, *part)
+                (grad,) = torch.autograd.grad(loss.sum(), rows)
+            losses.append(loss.detach())
+            grads.append(grad)
+        ctx.save_for_backward(torch.cat(grads))
+        ctx.num_inputs = len(row_inputs)
+        return torch.cat(losses)
+
+    @staticmethod
+    def backward(ctx, grad_losses):
+        (grad_hidden,) = ctx.saved_tensors
+        grad_hidden = grad_hidden * grad_losses.to(grad_hidden.dtype).unsqueeze(-1)
+        return None, None, grad_hidden, *([None] * ctx.num_inputs)
+
+
+def _chunked_row_losses(
+    row_loss: Callable[..., torch.Tensor],
+    hidden: torch.Tensor,
+    head: Callable[[torch.Tensor], torch.Tensor],
+    mask: torch.Tensor | None,
+    row_inputs: tuple[torch.Tensor, ...],
+    chunk_size: int,
+    reduction: Reduction,
+) -> torch.Tensor:
+    """``row_loss(hidden_rows, *row_inputs_rows)`` over the unmasked positions, ``chunk_size`` at a time.
+
+    A frozen ``head`` (a module without trainable parameters, as under LoRA) takes the single-pass route of
+    :class:`_FrozenHeadRowLosses`. A trainable one runs each chunk under activation checkpointing: backward
+    recomputes a chunk's logits when it reaches it, so the head's gradient accumulates chunk by chunk. Either
+    way neither forward nor backward holds more than one chunk's logits. Masked positions are never
+    computed: zero loss, zero gradient.
+    """
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    lead = hidden.shape[:-1]
+    if mask is not None:
+        mask = mask.to(torch.bool)
+        if mask.shape != lead:
+            raise ValueError(
+                f"mask must have the leading shape {tuple(lead)} of hidden, got {tuple(mask.shape)}"
+            )
+    rows = hidden.reshape(-1, hidden.shape[-1])
+    inputs = [t.reshape(rows.shape[0], *t.shape[len(lead) :]) for t in row_inputs]
+    kept = None if mask is None else mask.reshape(-1).nonzero().squeeze(-1)
+    if kept is not None:
+        rows, inputs = rows[kept], [t[kept] for t in inputs]
+    frozen = isinstance(head, torch.nn.Module) and not any(p.requires_grad for p in head.parameters())
+    starts = range(0, rows.shape[0], chunk_size)
+    if rows.shape[0] == 0:
+        losses = rows.sum(-1)  # nothing to compute, still part of the graph
+    elif not torch.is_grad_enabled() or (frozen and not rows.requires_grad):
+        with torch.no_grad():
+            losses = torch.cat([row_loss(*(t[s : s + chunk_size] for t in (rows, *inputs))) for s in starts])
+    elif frozen:
+        losses = _FrozenHeadRowLosses.apply(row_loss, chunk_size, rows, *inputs)
+    else:
+        chunks = [
+            checkpoint(row_loss, *(t[s : s + chunk_size] for t in (rows, *inputs)), use_reentrant=False)
+            for s in starts
+        ]
+        losses = torch.cat(chunks)
+    if kept is not None:
+        losses = losses.new_zeros(mask.numel()).index_put((kept,), losses)
+    return _reduce(losses.reshape(lead), mask, reduction)
+
+
+def fused_fisher_weighted_logit_matching(
+    hidden: torch.Tensor,
+    head: Callable[[torch.Tensor], torch.Tensor],
+    target_hidden: torch.Tensor,
+    target_head: Callable[[torch.Tensor], torch.Tensor],
+    mask: torch.Tensor | None = None,
+    reduction: Reduction = "mean",
+    chunk_size: int = FUSED_CHUNK_SIZE,
+) -> torch.Tensor:
+    """:func:`fisher_weighted_logit_matching` of ``head(hidden)`` against ``target_head(target_hidden)``
+    without ever holding either's logits for all positions: ``chunk_size`` positions at a time, forward and
+    backward (see :func:`_chunked_row_losses`).
+
+    ``hidden`` ``(..., H)``: the student's last hidden states; ``head``: its output layer (the LM head
+    module); ``target_hidden`` ``(..., H')`` and ``target_head``: the teacher's, held fixed. Where the two
+    heads' vocabularies differ in size, the shared leading part is compared (embedding rows past the
+    tokenizer's).
+    """
+    if target_hidden.shape[:-1] != hidden.shape[:-1]:
+        raise ValueError(
+            f"hidden {tuple(hidden.shape)} and target_hidden {tuple(target_hidden.shape)} differ in leading shape"
+        )
+
+    def row_loss(rows: torch.Tensor, target_rows: torch.Tensor) -> torch.Tensor:
+        logits = head(rows)
+        with torch.no_grad():
+            target = target_head(target_rows)
+        vocab = min(logits.shape[-1], target.shape[-1])
+        return fisher_weighted_logit_matching(logits[..., :vocab], target[..., :vocab], reduction="none")
+
+    return _chunked_row_losses(row_loss, hidden, head, mask, (target_hidden.detach(),), chunk_size, reduction)
+
+
+def fused_sparse_fisher_weighted_logit_matching(
+    hidden: torch.Tensor,
+    head: Callable[[torch.Tensor], torch.Tensor],
+    target_indices: torch.Tensor,
+    target_logits: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    reduction: Reduction = "mean",
+    target_log_normalizer: torch.Tensor | None = None,
+    chunk_size: int = FUSED_CHUNK_SIZE,
+) -> torch.Tensor:
+    """:func:`sparse_fisher_weighted_logit_matching` of ``head(hidden)`` (``hidden`` ``(..., H)``, the
+    student's last hidden states; ``head`` its output layer) against the teacher's stored top-k, without
+    ever holding the logits of all positions: ``chunk_size`` positions at a time, forward and backward."""
+    if target_indices.shape != target_logits.shape or target_indices.shape[:-1] != hidden.shape[:-1]:
+        raise ValueError(
+            f"target_indices {tuple(target_indices.shape)} and target_logits {tuple(target_logits.shape)} must "
+            f"both have the shape (..., k) with the leading shape of hidden {tuple(hidden.shape)}"
+        )
+    normalizer = () if target_log_normalizer is None else (target_log_normalizer.detach(),)
+
+    def row_loss(
+        rows: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, *log_normalizer
+    ) -> torch.Tensor:
+        return sparse_fisher_weighted_logit_matching(
+            head(rows), indices, values, reduction="none", target_log_normalizer=(log_normalizer or [None])[0]
+        )
+
+    inputs = (target_indices, target_logits.detach(), *normalizer)
+    return _chunked_row_losses(row_loss, hidden, head, mask, inputs, chunk_size, reduction)

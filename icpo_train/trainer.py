@@ -17,6 +17,16 @@ Memory-lean mode (response level). The loss depends on theta only through the G 
 graph, the loss and its G coefficients ``dL/dz_j`` (``w_j (d_j - dbar)`` for FW) follow from them,
 and each member is then re-run and back-propagated alone with its coefficient. Peak memory is that
 of one response, whatever G.
+
+Shared prefix (response level). A group's members share their prompt, by far the longer part once the
+history grows. The prompt runs once, its keys and values are cached, and every response runs on that
+cache; the prompt's backward runs once too, with the sum of its members' gradients. Memory-lean, the
+members' gradients into the prompt's keys and values accumulate in detached copies, and the prompt's
+backward joins the group's last member's.
+
+Fused token level. The loss takes the student's last hidden states and applies the output layer a chunk
+of positions at a time (:func:`icpo_train.losses.fused_fisher_weighted_logit_matching`): the logits of
+the whole batch, V = 152k wide for Qwen2.5, never exist, in forward or backward.
 """
 
 from __future__ import annotations
@@ -42,6 +52,8 @@ from transformers import (
     TrainingArguments,
     set_seed,
 )
+from transformers.cache_utils import Cache, DynamicLayer, get_layer_types_and_kwargs
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.pytorch_utils import Conv1D
 from trl.trainer.utils import selective_log_softmax
 
@@ -51,6 +63,8 @@ from icpo_infer.prompts import PromptTemplates
 from icpo_train.losses import (
     FISHER_AT,
     fisher_weighted_logit_matching,
+    fused_fisher_weighted_logit_matching,
+    fused_sparse_fisher_weighted_logit_matching,
     group_fisher_weighted_loss,
     group_weights,
     sparse_fisher_weighted_logit_matching,
@@ -112,8 +126,23 @@ class ICPOConfig(TrainingArguments):
     memory_lean: bool = option(
         False, "Back-propagate one group member at a time: peak memory independent of the group size."
     )
+    shared_prefix: bool = option(
+        False,
+        "Response level: run each group's prompt once and score every response on the prompt's key/value "
+        "cache, back-propagating through the prompt once: the same loss and gradients as scoring "
+        "prompt + response per member, without recomputing the prompt G times. Combines with memory_lean "
+        "(then one response at a time on the prompt, whose activations the step keeps: peak memory one "
+        "response plus the batch's prompts), LoRA, gradient checkpointing, DDP and DeepSpeed; models with "
+        "sliding-window attention are refused.",
+    )
     teacher_model: str | None = option(
         None, "Token level: teacher model scored on the same sequences (else the dataset's top-k columns)."
+    )
+    fused_token_loss: bool = option(
+        True,
+        "Token level: compute the loss from the last hidden states and the output layer in chunks of "
+        "positions, so that neither forward nor backward holds the logits of the whole batch (the same loss "
+        "and gradients); false: from the full logits.",
     )
     max_length: int | None = option(
         None, "Leave out group members whose prompt + response exceed this many tokens."
@@ -186,12 +215,21 @@ class ICPOConfig(TrainingArguments):
             check(
                 not self.memory_lean, "memory_lean applies to loss_level: response; set memory_lean: false."
             )
+            check(
+                not self.shared_prefix,
+                "shared_prefix applies to loss_level: response; set shared_prefix: false.",
+            )
         else:
             check(self.teacher_model is None, "teacher_model is used by loss_level: token only; remove it.")
         check(
             not (self.memory_lean and _deepspeed_requested(self)),
             "memory_lean runs one backward per group member, which DeepSpeed's engine (one backward per "
             "step) cannot accumulate; launch with recipes/accelerate/ddp.yaml or set memory_lean: false.",
+        )
+        check(
+            not (self.shared_prefix and self.memory_lean and self.fp16),
+            "shared_prefix with memory_lean adds the members' gradients into the prompt's states outside fp16's "
+            "loss scaling; train in bf16 (bf16: true, fp16: false) or set shared_prefix: false.",
         )
         if self.bf16 is None:
             self.bf16 = not self.fp16 and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
@@ -201,6 +239,17 @@ class ICPOConfig(TrainingArguments):
             self.ddp_backend = self.ddp_backend or "gloo"
             self.use_cpu = self.use_cpu or not _deepspeed_requested(self)
         super().__post_init__()
+        checkpoint_kwargs = self.gradient_checkpointing_kwargs  # a dict once the parent parsed it
+        check(
+            not (
+                self.shared_prefix
+                and self.gradient_checkpointing
+                and isinstance(checkpoint_kwargs, dict)
+                and checkpoint_kwargs.get("use_reentrant", False)
+            ),
+            "shared_prefix: reentrant gradient checkpointing gives the prompt's cached keys and values no "
+            "gradient; remove use_reentrant from gradient_checkpointing_kwargs (the default is non-reentrant).",
+        )
 
     def lora_config(self) -> LoraConfig:
         targets = list(self.lora_target_modules)
@@ -230,6 +279,18 @@ def check_lora_targets(model: torch.nn.Module, targets: list[str]) -> None:
                 f"lora_target_modules: '{target}' is not a linear or embedding module of "
                 f"{type(model).__name__}; choose among {', '.join(choices)} (or all-linear)."
             )
+
+
+def check_full_attention(model: PreTrainedModel) -> None:
+    """shared_prefix hands every layer the prompt's whole key/value cache: only full attention reads it as
+    scoring prompt + response in one sequence does."""
+    layer_types, _ = get_layer_types_and_kwargs(model.config.get_text_config(decoder=True))
+    other = sorted(set(layer_types) - {"full_attention"})
+    check(
+        not other,
+        f"shared_prefix: {type(model).__name__} has {', '.join(other)} layers, which the shared prompt cache "
+        "does not reproduce; set shared_prefix: false.",
+    )
 
 
 def load_policy(config: ICPOConfig) -> PreTrainedModel:
@@ -407,26 +468,141 @@ class TrajectoryCollator:
 
 
 def completion_logits(
-    model: torch.nn.Module, batch: dict, rows: slice = slice(None)
+    model: torch.nn.Module, batch: dict, rows: slice = slice(None), last_hidden: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Logits that predict each response token ``(n, C, V)``, the tokens ``(n, C)`` and their mask.
 
     ``rows`` selects members of the batch; padding columns that no selected member uses are cut off,
-    and only the last C + 1 positions go through the output layer (``logits_to_keep``).
+    and only the last C + 1 positions go through the output layer (``logits_to_keep``). With
+    ``last_hidden`` the model's last hidden states ``(n, C, H)`` at those positions instead of the logits
+    (the output layer runs on one position only).
     """
     attention_mask, completion_mask = batch["attention_mask"][rows], batch["completion_mask"][rows]
     width, span = int(attention_mask.sum(-1).max()), int(completion_mask.sum(-1).max())
     input_ids, attention_mask = batch["input_ids"][rows, -width:], attention_mask[:, -width:]
     # Left padding: positions come from the mask, as in generate() and Backend.score.
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    logits = model(
+    outputs = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids,
-        logits_to_keep=span + 1,
+        logits_to_keep=1 if last_hidden else span + 1,
+        output_hidden_states=last_hidden,
         use_cache=False,
-    ).logits[:, :-1]
-    return logits, input_ids[:, -span:], completion_mask[:, -span:]
+    )
+    states = outputs.hidden_states[-1][:, -span - 1 : -1] if last_hidden else outputs.logits[:, :-1]
+    return states, input_ids[:, -span:], completion_mask[:, -span:]
+
+
+def check_plain_output_layer(model: PreTrainedModel) -> None:
+    """The fused token-level loss applies the output layer itself: logits must be nothing more."""
+    config = model.config.get_text_config(decoder=True)
+    check(
+        getattr(config, "final_logit_softcapping", None) is None
+        and getattr(config, "logit_scale", None) is None,
+        f"fused_token_loss: {type(model).__name__} transforms its output layer's logits (softcapping or "
+        "scaling), which the fused loss does not reproduce; set fused_token_loss: false.",
+    )
+
+
+class _PromptStates(DynamicLayer):
+    """One layer's keys and values of a prompt, recorded by the prompt's forward.
+
+    Recording overwrites instead of appending: under gradient checkpointing the layer runs again in
+    backward and stores the same states a second time.
+    """
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        self.keys, self.values, self.is_initialized = key_states, value_states, True
+        return key_states, value_states
+
+
+class _OnPrompt(DynamicLayer):
+    """A recorded prompt read by the responses' forward: every response attends over the prompt's keys and
+    values followed by its own, and nothing is stored, so a checkpointed layer's recomputation reads the
+    same prompt."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        super().__init__()
+        self.keys, self.values, self.is_initialized = keys, values, True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        batch, dtype = key_states.shape[0], key_states.dtype  # the prompt's states may be kept in fp32
+        keys = torch.cat([self.keys.to(dtype).expand(batch, -1, -1, -1), key_states], dim=-2)
+        values = torch.cat([self.values.to(dtype).expand(batch, -1, -1, -1), value_states], dim=-2)
+        return keys, values
+
+
+PromptStates = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+@contextlib.contextmanager
+def _cache_under_checkpointing(model: torch.nn.Module):
+    """Checkpointed decoder layers drop their cache unless they declare that they only read it; the
+    shared-prefix caches above only read (or overwrite with the same states), so they may be kept."""
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    for layer in layers:
+        layer._can_checkpoint_with_cache = True
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer._can_checkpoint_with_cache  # back to the class's default
+
+
+def prompt_states(model: torch.nn.Module, prompt_ids: torch.Tensor) -> PromptStates:
+    """Every layer's keys and values of ``prompt_ids`` ``(P,)`` but its last token, which each response's
+    forward runs itself (its logits predict the response's first token)."""
+    prefix = prompt_ids[:-1].unsqueeze(0)
+    if prefix.shape[1] == 0:
+        return []
+    cache = Cache(layer_class_to_replicate=_PromptStates)
+    with _cache_under_checkpointing(model):
+        model(
+            input_ids=prefix,
+            position_ids=torch.arange(prefix.shape[1], device=prefix.device).unsqueeze(0),
+            past_key_values=cache,
+            use_cache=False,
+            logits_to_keep=1,
+        )
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def responses_on_prompt_logits(
+    model: torch.nn.Module, states: PromptStates, prompt_ids: torch.Tensor, responses: list[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logits ``(n, C, V)`` predicting each response token given the prompt whose ``states`` are
+    recorded, the tokens ``(n, C)`` and their mask, for the ``responses`` (right-padded together: the
+    causal mask keeps the padding out of every real token's view)."""
+    span = max(len(response) for response in responses)
+    suffix = prompt_ids.new_zeros((len(responses), span + 1))
+    mask = torch.zeros((len(responses), span), dtype=torch.bool, device=prompt_ids.device)
+    suffix[:, 0] = prompt_ids[-1]
+    for n, response in enumerate(responses):
+        suffix[n, 1 : len(response) + 1] = response
+        mask[n, : len(response)] = True
+    start = len(prompt_ids) - 1
+    positions = torch.arange(start, start + span + 1, device=suffix.device).expand(len(responses), -1)
+    cache = Cache(layers=[_OnPrompt(keys, values) for keys, values in states]) if states else None
+    with _cache_under_checkpointing(model):
+        logits = model(
+            input_ids=suffix, position_ids=positions, past_key_values=cache, use_cache=False
+        ).logits
+    return logits[:, :-1], suffix[:, 1:], mask
+
+
+def group_sequences(batch: dict) -> list[tuple[torch.Tensor, list[torch.Tensor]]]:
+    """Each row's prompt ``(P,)`` and its members' responses, read back from a collated batch."""
+    input_ids, width = batch["input_ids"], batch["input_ids"].shape[1]
+    lengths = batch["attention_mask"].sum(-1).tolist()
+    completion_lengths = batch["completion_mask"].sum(-1).tolist()
+    rows, first = [], 0
+    for size in batch["group_mask"].sum(-1).tolist():
+        members = range(first, first + size)
+        prompt = input_ids[first, width - lengths[first] : width - completion_lengths[first]]
+        rows.append((prompt, [input_ids[n, width - completion_lengths[n] :] for n in members]))
+        first += size
+    return rows
 
 
 def response_losses(
@@ -534,6 +710,10 @@ class ICPOTrainer(Trainer):
         templates = PromptTemplates.from_yaml(args.templates) if args.templates else None
         set_seed(args.seed)  # the LoRA initialisation is part of the run
         model = model if model is not None else load_policy(args)
+        if args.shared_prefix:
+            check_full_attention(model)
+        if args.loss_level == "token" and args.fused_token_loss:
+            check_plain_output_layer(model)
         with args.main_process_first(desc="tokenising trajectories"):
             dataset, self.trajectory_stats = tokenize_trajectories(
                 trajectories, tokenizer, templates, args.max_length, args.tail_bucket
@@ -584,13 +764,28 @@ class ICPOTrainer(Trainer):
 
     # -- losses ---------------------------------------------------------------------------------
 
-    def _policy_logps(self, model: torch.nn.Module, inputs: dict, rows: slice = slice(None)) -> torch.Tensor:
-        """z = log pi_theta(response | prompt_t) of the selected members, flat ``(n,)``."""
-        logits, targets, mask = completion_logits(model, inputs, rows)
-        token_logps = selective_log_softmax(logits.float(), targets).masked_fill(~mask, 0.0)
+    def _logps(self, logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """z_j from the logits predicting each member's response tokens ``(n, C, V)``: ``(n,)``."""
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        token_logps = selective_log_softmax(logits, targets).masked_fill(~mask, 0.0)
         if self.args.logprob_reduction == "mean":
             return token_logps.sum(-1) / mask.sum(-1)
         return token_logps.sum(-1)
+
+    def _policy_logps(self, model: torch.nn.Module, inputs: dict, rows: slice = slice(None)) -> torch.Tensor:
+        """z = log pi_theta(response | prompt_t) of the selected members, flat ``(n,)``."""
+        return self._logps(*completion_logits(model, inputs, rows))
+
+    def _shared_prefix_logps(self, model: torch.nn.Module, inputs: dict) -> torch.Tensor:
+        """z of every member, flat ``(n,)``: each group's prompt runs once, its responses together on it."""
+        return torch.cat(
+            [
+                self._logps(
+                    *responses_on_prompt_logits(model, prompt_states(model, prompt), prompt, responses)
+                )
+                for prompt, responses in group_sequences(inputs)
+            ]
+        )
 
     def group_rewards(self, inputs: dict) -> torch.Tensor:
         """R_j of every member of a collated batch ``(B, G)``: in-context plus weighted gold reward."""
@@ -625,27 +820,34 @@ class ICPOTrainer(Trainer):
 
     def _token_loss(self, model: torch.nn.Module, inputs: dict) -> torch.Tensor:
         """Mean per-token FW-LM over all response tokens of the batch."""
-        logits, _, mask = completion_logits(model, inputs)
+        fused = self.args.fused_token_loss
+        # Fused: the last hidden states, the loss applying the output layer chunk by chunk.
+        student, _, mask = completion_logits(model, inputs, last_hidden=fused)
+        head = self.accelerator.unwrap_model(model).get_output_embeddings()
         span = mask.shape[1]
         if self.teacher is not None:
             with torch.no_grad():
-                teacher_logits, _, _ = completion_logits(self.teacher, inputs)
-            vocab = min(
-                logits.shape[-1], teacher_logits.shape[-1]
-            )  # embedding rows past the tokenizer differ
-            per_token = fisher_weighted_logit_matching(
-                logits[..., :vocab], teacher_logits[..., :vocab], mask, reduction="none"
-            )
+                teacher, _, _ = completion_logits(self.teacher, inputs, last_hidden=fused)
+            if fused:
+                per_token = fused_fisher_weighted_logit_matching(
+                    student, head, teacher, self.teacher.get_output_embeddings(), mask, reduction="none"
+                )
+            else:
+                vocab = min(student.shape[-1], teacher.shape[-1])  # embedding rows past the tokenizer differ
+                per_token = fisher_weighted_logit_matching(
+                    student[..., :vocab], teacher[..., :vocab], mask, reduction="none"
+                )
         else:
             normalizer = inputs.get("teacher_logsumexp")
-            per_token = sparse_fisher_weighted_logit_matching(
-                logits,
-                inputs["teacher_topk_ids"][:, -span:],
-                inputs["teacher_topk_logits"][:, -span:],
-                mask,
-                reduction="none",
-                target_log_normalizer=None if normalizer is None else normalizer[:, -span:],
-            )
+            targets = (inputs["teacher_topk_ids"][:, -span:], inputs["teacher_topk_logits"][:, -span:], mask)
+            options = {
+                "reduction": "none",
+                "target_log_normalizer": None if normalizer is None else normalizer[:, -span:],
+            }
+            if fused:
+                per_token = fused_sparse_fisher_weighted_logit_matching(student, head, *targets, **options)
+            else:
+                per_token = sparse_fisher_weighted_logit_matching(student, *targets, **options)
         group_mask = inputs["group_mask"]
         member_rows = group_mask.nonzero()[:, 0]
         per_row = torch.zeros(group_mask.shape[0], device=per_token.device, dtype=per_token.dtype)
@@ -666,6 +868,8 @@ class ICPOTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.args.loss_level == "token":
             return self._token_loss(model, inputs)
+        if self.args.shared_prefix:
+            return self._group_loss(self._shared_prefix_logps(model, inputs), inputs)
         return self._group_loss(self._policy_logps(model, inputs), inputs)
 
     # -- memory-lean step -----------------------------------------------------------------------
@@ -675,6 +879,8 @@ class ICPOTrainer(Trainer):
             return super().training_step(model, inputs, num_items_in_batch)
         model.train()
         inputs = self._prepare_inputs(inputs)
+        if self.args.shared_prefix:
+            return self._memory_lean_shared_prefix_step(model, inputs)
         members = [slice(n, n + 1) for n in range(inputs["input_ids"].shape[0])]
         device = self.accelerator.device
         # Pass 1 runs in a forked RNG, so pass 2 replays the same dropout masks member by member.
@@ -684,9 +890,7 @@ class ICPOTrainer(Trainer):
             self.compute_loss_context_manager(),
         ):
             flat_logps = torch.cat([self._policy_logps(model, inputs, member) for member in members])
-        flat_logps.requires_grad_()
-        loss = self._group_loss(flat_logps, inputs) / self.current_gradient_accumulation_steps
-        (coefficients,) = torch.autograd.grad(loss, flat_logps)  # dL/dz_j, e.g. w_j (d_j - dbar) for fw
+        loss, coefficients = self._loss_and_coefficients(flat_logps, inputs)
         for n, member in enumerate(members):
             # DDP all-reduces the accumulated gradients once, in the last member's backward.
             last = n == len(members) - 1
@@ -694,6 +898,83 @@ class ICPOTrainer(Trainer):
             with sync, self.compute_loss_context_manager():
                 logp = self._policy_logps(model, inputs, member)
                 self.accelerator.backward((coefficients[n] * logp).sum())
+        return loss.detach()
+
+    def _loss_and_coefficients(
+        self, flat_logps: torch.Tensor, inputs: dict
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's loss from its members' z values and its coefficients dL/dz_j (w_j (d_j - dbar) for fw)."""
+        flat_logps.requires_grad_()
+        loss = self._group_loss(flat_logps, inputs) / self.current_gradient_accumulation_steps
+        (coefficients,) = torch.autograd.grad(loss, flat_logps)
+        return loss, coefficients
+
+    def _memory_lean_shared_prefix_step(self, model: torch.nn.Module, inputs: dict) -> torch.Tensor:
+        """The memory-lean step with shared prefixes.
+
+        Pass 1: per group, the prompt's forward with its graph (kept until pass 2), then each member's z
+        without one. Pass 2: one member at a time, with the RNG state it had in pass 1 (the same dropout
+        masks), on detached copies of the prompt's states, which accumulate the members' gradients into the
+        prompt. A group's last member runs on the prompt's states themselves and its backward carries the
+        accumulated gradients too, so the prompt's backward runs once. DDP all-reduces once, in the last
+        group's last backward: every other forward runs under no_sync.
+        """
+        groups = group_sequences(inputs)
+        device = self.accelerator.device
+        cuda = device.type == "cuda"
+
+        def rng_state() -> tuple:
+            return torch.get_rng_state(), torch.cuda.get_rng_state(device) if cuda else None
+
+        def set_rng_state(state: tuple) -> None:
+            torch.set_rng_state(state[0])
+            if cuda:
+                torch.cuda.set_rng_state(state[1], device)
+
+        prompts, member_rng, logps = [], [], []
+        for prompt, responses in groups:
+            with self.accelerator.no_sync(model), self.compute_loss_context_manager():
+                states = prompt_states(model, prompt)
+            prompts.append(states)
+            detached = [(keys.detach(), values.detach()) for keys, values in states]
+            with torch.no_grad(), self.compute_loss_context_manager():
+                for response in responses:
+                    member_rng.append(rng_state())
+                    logps.append(
+                        self._logps(*responses_on_prompt_logits(model, detached, prompt, [response]))
+                    )
+        after_pass_1 = rng_state()
+        loss, coefficients = self._loss_and_coefficients(torch.cat(logps), inputs)
+        n = 0
+        for g, ((prompt, responses), states) in enumerate(zip(groups, prompts, strict=True)):
+            prompt_tensors = [tensor for pair in states for tensor in pair]
+            # Leaves in at least fp32: a bf16 sum over G members would round away what fp32 gradients keep.
+            leaves = [
+                t.detach().to(torch.promote_types(t.dtype, torch.float32)).requires_grad_()
+                for t in prompt_tensors
+            ]
+            on_leaves = list(zip(leaves[::2], leaves[1::2], strict=True))
+            for j, response in enumerate(responses):
+                last = j == len(responses) - 1
+                sync = last and g == len(groups) - 1
+                set_rng_state(member_rng[n])
+                with (
+                    contextlib.nullcontext() if sync else self.accelerator.no_sync(model),
+                    self.compute_loss_context_manager(),
+                ):
+                    logits = responses_on_prompt_logits(
+                        model, states if last else on_leaves, prompt, [response]
+                    )
+                    objective = (coefficients[n] * self._logps(*logits)).sum()
+                    if last:  # d objective / d state = the accumulated gradient: the prompt's one backward
+                        objective = objective + sum(
+                            (tensor * leaf.grad.to(tensor.dtype)).sum()
+                            for tensor, leaf in zip(prompt_tensors, leaves, strict=True)
+                            if leaf.grad is not None
+                        )
+                    self.accelerator.backward(objective)
+                n += 1
+        set_rng_state(after_pass_1)
         return loss.detach()
 
     # -- logging --------------------------------------------------------------------------------
