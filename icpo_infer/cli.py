@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from icpo_infer.backends import make_backend
-from icpo_infer.backends.base import Backend, BackendOptions, Usage
+from icpo_infer.backends.base import Backend, BackendOptions, ServerError, Usage
 from icpo_infer.config import ConfigError, parse_config
 from icpo_infer.data import load_run_problems
 from icpo_infer.icpo import InferConfig, run_method
@@ -132,6 +132,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as err:
         print(f"icpo-infer {command}: error: {err}", file=sys.stderr)
         return 2
+    except ServerError as err:
+        print(f"icpo-infer {command}: error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

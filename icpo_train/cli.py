@@ -6,6 +6,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from icpo_infer.backends.base import ServerError
 from icpo_infer.config import ConfigError
 
 SUBCOMMANDS = {
@@ -47,6 +48,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as err:
         print(f"icpo-train {name}: error: {err}", file=sys.stderr)
         return 2
+    except ServerError as err:
+        print(f"icpo-train {name}: error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
