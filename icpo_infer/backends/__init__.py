@@ -21,8 +21,11 @@ def make_backend(name: str, options: BackendOptions) -> Backend:
     """The backend called ``name`` ("hf", "vllm" or "openai"), loaded with ``options``."""
     check(name in BACKENDS, f"--backend: unknown backend '{name}'. Valid backends: {', '.join(BACKENDS)}.")
     if name == "openai":
-        from icpo_infer.backends.openai import OpenAIBackend
-
+        try:
+            from icpo_infer.backends.openai import OpenAIBackend
+        except ModuleNotFoundError as err:
+            check(err.name != "httpx", "--backend openai needs httpx: pip install 'icpo[openai]'.")
+            raise
         return OpenAIBackend(options)
     if name == "vllm":
         from icpo_infer.backends.vllm import VLLMBackend
