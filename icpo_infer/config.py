@@ -25,9 +25,20 @@ def option(default: Any, help: str) -> Any:
     return dataclasses.field(default=default, metadata={"help": help})
 
 
+class CollectRepeated(argparse.Action):
+    """A list flag that may be given several times (``--base-url A --base-url B``): the values of every
+    occurrence, replacing the recipe's list rather than extending it."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        current = getattr(namespace, self.dest)
+        setattr(namespace, self.dest, [*([] if current is self.default else current), *values])
+
+
 def option_like(config_cls: type, name: str, default: Any = dataclasses.MISSING) -> Any:
     """A field meaning what ``config_cls``'s field ``name`` means: its help, and its default unless given."""
     source = next(f for f in dataclasses.fields(config_cls) if f.name == name)
+    if default is dataclasses.MISSING and source.default_factory is not dataclasses.MISSING:
+        return dataclasses.field(default_factory=source.default_factory, metadata=dict(source.metadata))
     return option(source.default if default is dataclasses.MISSING else default, source.metadata["help"])
 
 

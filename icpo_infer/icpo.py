@@ -41,7 +41,7 @@ from icpo_infer.backends.base import (
     encode_prompt,
     location_problem,
 )
-from icpo_infer.config import ConfigError, check, option
+from icpo_infer.config import CollectRepeated, ConfigError, check, option
 from icpo_infer.data import Problem
 from icpo_infer.grading import equivalence_classes, extract_answer, is_equivalent, vote
 from icpo_infer.prompts import (
@@ -134,6 +134,21 @@ class InferConfig:
     enforce_eager: bool = option(
         False, "vllm backend: no torch.compile or CUDA graphs: the engine starts in seconds, decodes slower."
     )
+    base_url: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "openai backend: URL of an OpenAI-compatible server (e.g. http://host:8000/v1); repeat "
+            "the flag to spread the requests over several servers.",
+            "action": CollectRepeated,
+        },
+    )
+    api_key_env: str | None = option(
+        None, "openai backend: environment variable holding the servers' API key (never written anywhere)."
+    )
+    tokenizer: str | None = option(
+        None, "openai backend: local tokenizer (path or Hub id) of the served model (default: --model)."
+    )
+    max_concurrency: int = option(64, "openai backend: most requests in flight, over all servers.")
     trust_remote_code: bool = option(False, "Run the model repository's own code (only for repos you trust).")
     batch_questions: int = option(
         64,
@@ -147,6 +162,15 @@ class InferConfig:
             self.backend in BACKENDS,
             f"backend '{self.backend}' is unknown; use one of {', '.join(BACKENDS)}.",
         )
+        check(
+            self.backend != "openai" or self.base_url,
+            "--backend openai needs a server: pass --base-url http://HOST:PORT/v1 (repeat it for several).",
+        )
+        check(
+            self.backend == "openai" or not self.base_url,
+            f"--base-url is for --backend openai; the {self.backend} backend loads the model itself.",
+        )
+        check(self.max_concurrency >= 1, f"max_concurrency={self.max_concurrency} is invalid; use 1 or more.")
         check(self.reward in REWARDS, f"reward '{self.reward}' is unknown; use one of {', '.join(REWARDS)}.")
         for name in (
             "rounds",
@@ -229,6 +253,9 @@ RUN_ONLY_FIELDS = frozenset(
         "gpu_memory_utilization",
         "kv_cache_gb",
         "enforce_eager",
+        "base_url",
+        "api_key_env",
+        "max_concurrency",
     }
 )
 

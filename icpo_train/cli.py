@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 from importlib.metadata import version
 
+from icpo_infer.backends.base import ServerError
 from icpo_infer.config import ConfigError
 
 SUBCOMMANDS = {
@@ -52,6 +53,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as err:
         print(f"icpo-train {name}: error: {err}", file=sys.stderr)
         return 2
+    except ServerError as err:
+        print(f"icpo-train {name}: error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(
             f"icpo-train {name}: interrupted; what was saved stays in the output directory and the same "

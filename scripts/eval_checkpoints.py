@@ -13,6 +13,11 @@ after each.
 
 ``--watch`` polls the run directory until the run is finished: `icpo-train train` writes
 RUN_DIR/trainer_state.json last, after the final adapter (see icpo_train/callbacks.py).
+
+With ``--backend openai --base-url URL`` (repeatable) the evaluations run on vLLM servers that are
+already up: each LoRA checkpoint is loaded into them at run time, evaluated and unloaded, without a
+restart (start them with --enable-lora and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True; they must see the
+run directory). ``--model`` is then the served base model's name.
 """
 
 from __future__ import annotations

@@ -12,7 +12,8 @@ from conftest import read_benchmark
 
 from icpo_infer import cli
 from icpo_infer.cli import main
-from icpo_infer.icpo import run_method
+from icpo_infer.config import parse_config
+from icpo_infer.icpo import InferConfig, run_method
 from icpo_train.cli import main as icpo_train_main
 
 RECIPE = str(Path(__file__).resolve().parents[1] / "recipes" / "infer" / "tiny.yaml")
@@ -216,7 +217,10 @@ def test_compare_prints_differences_and_saves_a_plot(infer, tmp_path, capsys):
     ("args", "message"),
     [
         (["--method", "beam"], "use one of single, majority, best-of-n, self-refine, random-icpo, me-icpo"),
-        (["--backend", "tgi"], "use one of hf, vllm"),
+        (["--backend", "tgi"], "use one of hf, vllm, openai"),
+        (["--backend", "openai"], "--backend openai needs a server: pass --base-url"),
+        (["--base-url", "http://127.0.0.1:9/v1"], "--base-url is for --backend openai"),
+        (["--backend", "openai", "--base-url", "http://127.0.0.1:9/v1"], "127.0.0.1:9/v1: no server answers"),
         (["--problem-field", "question"], "--problem-field"),
         (
             ["--adapter", "runs/x/adapters/icpo"],
@@ -286,6 +290,15 @@ def test_ctrl_c_stops_with_one_line_and_the_same_command_resumes(infer, tmp_path
     assert infer(tmp_path / "run", "--limit", "2", "--batch-questions", "1") == 0
     assert infer(tmp_path / "whole", "--limit", "2") == 0
     assert rows(tmp_path / "run") == rows(tmp_path / "whole")
+
+
+def test_base_url_may_be_repeated_and_the_flags_replace_the_recipes_list(tmp_path):
+    recipe = tmp_path / "servers.yaml"
+    recipe.write_text("backend: openai\nbase_url: [http://a:8000/v1]\n")
+    required = ["--config", str(recipe), "--model", "m", "--dataset", "d", "--output-dir", str(tmp_path)]
+    assert parse_config(InferConfig, required).base_url == ["http://a:8000/v1"]
+    flags = ["--base-url", "http://b:8000/v1", "--base-url", "http://c:8000/v1"]
+    assert parse_config(InferConfig, [*required, *flags]).base_url == ["http://b:8000/v1", "http://c:8000/v1"]
 
 
 def test_a_full_model_passed_as_adapter_is_a_clean_error(infer, boxed_model_dir, tmp_path, capsys):

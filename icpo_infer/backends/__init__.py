@@ -1,8 +1,8 @@
 """Generation engines behind one interface (:class:`~icpo_infer.backends.base.Backend`).
 
-``make_backend("hf" | "vllm", options)`` builds one; each engine module is imported only when asked
-for, so vLLM is needed only by those who use it. The helpers below are the option handling both
-engines share.
+``make_backend("hf" | "vllm" | "openai", options)`` builds one; each engine module is imported only
+when asked for, so vLLM is needed only by those who use it. The helpers below are the option
+handling the engines share.
 """
 
 from __future__ import annotations
@@ -16,13 +16,20 @@ from transformers import PreTrainedTokenizerBase
 from icpo_infer.backends.base import Backend, BackendOptions, SamplingParams, encode_prompt
 from icpo_infer.config import ConfigError, check
 
-BACKENDS = ("hf", "vllm")
+BACKENDS = ("hf", "vllm", "openai")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def make_backend(name: str, options: BackendOptions) -> Backend:
-    """The backend called ``name`` ("hf" or "vllm"), loaded with ``options``."""
+    """The backend called ``name`` ("hf", "vllm" or "openai"), loaded with ``options``."""
     check(name in BACKENDS, f"--backend: unknown backend '{name}'. Valid backends: {', '.join(BACKENDS)}.")
+    if name == "openai":
+        try:
+            from icpo_infer.backends.openai import OpenAIBackend
+        except ModuleNotFoundError as err:
+            check(err.name != "httpx", "--backend openai needs httpx: pip install 'icpo[openai]'.")
+            raise
+        return OpenAIBackend(options)
     check_model(options.model)
     if name == "vllm":
         from icpo_infer.backends.vllm import VLLMBackend as backend_class

@@ -117,6 +117,10 @@ class Usage:
         self.prompt_tokens += num_tokens
 
 
+class ServerError(RuntimeError):
+    """A server failed a request for good (after retries); the one-line message names its URL."""
+
+
 @dataclass
 class Score:
     """log pi(completion | prompt), summed over the completion's tokens."""
@@ -174,6 +178,10 @@ class BackendOptions:
     enforce_eager: bool = False  # vllm: no torch.compile or CUDA graphs
     max_lora_rank: int = 64
     enable_lora: bool = False  # serve adapters passed per call although no default adapter is set
+    base_url: list[str] = field(default_factory=list)  # openai: the servers
+    api_key_env: str | None = None  # openai: the environment variable holding the API key
+    tokenizer: str | None = None  # openai: the served model's tokenizer, loaded here (default: model)
+    max_concurrency: int = 64  # openai: most requests in flight over all servers
     extra: dict = field(default_factory=dict)
 
     @classmethod

@@ -1,0 +1,405 @@
+"""The openai backend against real vLLM OpenAI servers (the CPU build), beside the offline vLLM engine.
+
+Two servers serve the module, on 127.0.0.1, with LoRA and an API key; one offline engine of the same
+tiny model is the reference: a server must sample and score exactly as it does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import signal
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from conftest import save_tiny_model
+from script_modules import load_script
+from test_backends import QUESTIONS
+from test_scripts import save_adapter, save_checkpoint
+from test_vllm_workflows import LOOP, all_texts, final_texts
+from trajectory_fixtures import integer_problems
+from transformers import AutoModelForCausalLM
+from vllm_server import VLLMServer
+
+from icpo_infer import cli
+from icpo_infer.backends import make_backend
+from icpo_infer.backends.base import Backend, BackendOptions, SamplingParams, ServerError
+from icpo_infer.cli import run
+from icpo_infer.config import ConfigError, parse_config
+from icpo_infer.icpo import METHODS, InferConfig
+from icpo_infer.prompts import answer_type_of, render_prompt
+from icpo_infer.results import read_results
+from icpo_train.callbacks import RESULTS_FILE
+from icpo_train.trajectories import TrajectoryConfig, build_trajectories
+from icpo_train.trajectory_data import load_trajectories
+
+pytestmark = pytest.mark.vllm
+
+API_KEY_ENV = "ICPO_TEST_SERVER_KEY"
+API_KEY = "sk-icpo-test-4c1d9e"  # what the servers require; it must appear in no output file
+TINY_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "infer" / "tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    """A tiny model whose EOS embedding is scaled up, so that some samples end and others run to the limit."""
+    directory = save_tiny_model(tmp_path_factory.mktemp("served"), True, hidden_size=64, num_heads=2)
+    model = AutoModelForCausalLM.from_pretrained(directory)
+    with torch.no_grad():
+        model.get_input_embeddings().weight[model.config.eos_token_id] *= 4
+    model.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(model_dir, tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("adapter")
+    save_adapter(model_dir, directory, seed=0)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def api_key():
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(API_KEY_ENV, API_KEY)
+        yield API_KEY_ENV
+
+
+@pytest.fixture(scope="module")
+def servers(model_dir, tmp_path_factory, api_key) -> list[VLLMServer]:
+    logs = tmp_path_factory.mktemp("server-logs")
+    started = []
+    try:
+        for name in ("a", "b"):
+            started.append(VLLMServer(model_dir, logs / f"{name}.log", API_KEY).start())
+        yield started
+    finally:
+        for server in started:
+            server.stop()
+
+
+@pytest.fixture(scope="module")
+def offline(model_dir) -> Backend:
+    options = BackendOptions(
+        str(model_dir),
+        dtype="float32",
+        max_model_len=2048,
+        kv_cache_gb=1,
+        enforce_eager=True,
+        enable_lora=True,
+    )
+    backend = make_backend("vllm", options)
+    yield backend
+    backend.close()
+
+
+def served(model: Path | str, *servers: VLLMServer | FlakyProxy, **changes) -> Backend:
+    options = {"base_url": [s.url for s in servers], "api_key_env": API_KEY_ENV, **changes}
+    return make_backend("openai", BackendOptions(str(model), **options))
+
+
+@pytest.fixture(scope="module")
+def backend(model_dir, servers) -> Backend:
+    backend = served(model_dir, servers[0])
+    yield backend
+    backend.close()
+
+
+@pytest.fixture(scope="module")
+def prompts(backend) -> list[str]:
+    """Chat-rendered prompts (special tokens in the text) and plain ones."""
+    tokenizer = backend.tokenizer
+    chat = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True
+        )
+        for q in QUESTIONS
+    ]
+    return chat + [tokenizer.bos_token + q for q in QUESTIONS]
+
+
+@pytest.fixture(scope="module")
+def dataset_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "questions.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in integer_problems(3)))
+    return path
+
+
+def infer_config(
+    model: Path, dataset: Path, output_dir: Path, *servers: VLLMServer, **changes
+) -> InferConfig:
+    options = {**LOOP, "backend": "openai", "base_url": [s.url for s in servers], "api_key_env": API_KEY_ENV}
+    return InferConfig(
+        model=str(model), dataset=str(dataset), output_dir=str(output_dir), **options | changes
+    )
+
+
+def offline_config(config: InferConfig, output_dir: Path) -> InferConfig:
+    return dataclasses.replace(
+        config, backend="vllm", base_url=[], api_key_env=None, output_dir=str(output_dir), kv_cache_gb=1
+    )
+
+
+def test_a_seeded_prompt_samples_through_the_server_as_on_the_offline_engine(backend, offline, prompts):
+    for params in [
+        SamplingParams(n=3, max_new_tokens=12, seed=7),
+        SamplingParams(
+            n=3, temperature=0.8, top_p=0.9, top_k=50, repetition_penalty=1.1, max_new_tokens=8, seed=3
+        ),
+        SamplingParams(n=2, temperature=0, max_new_tokens=10),
+        [SamplingParams(n=2, max_new_tokens=6, seed=1), SamplingParams(n=1, temperature=0, max_new_tokens=6)]
+        * 3,
+    ]:
+        before = [dataclasses.replace(b.usage) for b in (backend, offline)]
+        assert backend.generate(prompts, params) == offline.generate(prompts, params)
+        spent = [
+            [getattr(b.usage, k) - getattr(usage, k) for k in vars(usage)]
+            for b, usage in zip((backend, offline), before, strict=True)
+        ]
+        assert spent[0] == spent[1]  # the token counts of the server's usage, as the engine counts them
+    completions = [
+        c
+        for g in backend.generate(prompts, SamplingParams(n=4, max_new_tokens=12, seed=0))
+        for c in g.completions
+    ]
+    assert {c.finished for c in completions} == {True, False}  # EOS and the token limit both seen
+    # Stop strings taken from inside the samples cut them as the engine does.
+    params = SamplingParams(n=1, max_new_tokens=16, seed=3)
+    texts = [g.completions[0].text for g in backend.generate(prompts, params)]
+    stops = tuple(text[4:6] for text in texts if len(text) > 6 and text[4:6].isprintable())[:2]
+    assert len(stops) == 2
+    stopped = backend.generate(prompts, params.replace(stop=stops))
+    assert stopped == offline.generate(prompts, params.replace(stop=stops))
+    assert [g.completions[0].text for g in stopped] != texts
+
+
+def test_scores_and_an_adapter_loaded_at_run_time_equal_the_offline_engines(
+    backend, offline, prompts, adapter_dir, servers
+):
+    completions = [" The answer is \\boxed{5}.", "", "x^2 = 15", "\n\n", "7", " so 15"]
+    before = dataclasses.replace(backend.usage)
+    base = backend.score(prompts, completions)
+    assert backend.usage.engine_calls == before.engine_calls + 1
+    assert backend.usage.generated_tokens == before.generated_tokens
+    assert backend.usage.prompt_tokens - before.prompt_tokens == sum(
+        len(backend.tokenizer(p, add_special_tokens=False)["input_ids"]) + s.num_tokens
+        for p, s in zip(prompts, base, strict=True)
+    )
+    for ours, theirs in zip(base, offline.score(prompts, completions), strict=True):
+        assert ours.num_tokens == theirs.num_tokens
+        assert ours.logprob == pytest.approx(theirs.logprob, rel=1e-5, abs=1e-5)
+
+    adapter = str(adapter_dir)
+    adapted = backend.score(prompts, completions, adapter=adapter)
+    for ours, theirs in zip(adapted, offline.score(prompts, completions, adapter=adapter), strict=True):
+        assert ours.logprob == pytest.approx(theirs.logprob, rel=1e-5, abs=1e-5)
+    assert all(abs(a.logprob - b.logprob) > 0.1 for a, b in zip(adapted, base, strict=True))
+    greedy = SamplingParams(n=2, temperature=0, max_new_tokens=8)
+    assert backend.generate(prompts, greedy, adapter=adapter) == offline.generate(
+        prompts, greedy, adapter=adapter
+    )
+    assert len(servers[0].served()) == 2  # the model and the adapter
+
+    backend.release(adapter)
+    assert servers[0].served() == [backend.options.model]
+    assert backend.score(prompts, completions) == base
+
+
+def test_methods_run_through_the_server_as_on_the_offline_engine(
+    model_dir, dataset_file, servers, offline, tmp_path
+):
+    for method in METHODS:
+        config = infer_config(model_dir, dataset_file, tmp_path / method, servers[0], method=method)
+        metrics = run(config)
+        assert metrics["num_questions"] == 3 and metrics["engine_calls"] >= 1
+        if method == "me-icpo":
+            run(offline_config(config, tmp_path / "offline"), offline)
+            assert all_texts(tmp_path / method) == all_texts(tmp_path / "offline")
+            written = json.loads((tmp_path / method / "metrics.json").read_text())
+            assert written["config"]["api_key_env"] == API_KEY_ENV
+    for path in tmp_path.rglob("*"):  # the key is read from the environment only, never written
+        assert not path.is_file() or API_KEY.encode() not in path.read_bytes(), path
+
+
+def test_two_servers_give_the_results_of_one(model_dir, dataset_file, servers, tmp_path):
+    config = infer_config(model_dir, dataset_file, tmp_path / "one", servers[0], max_concurrency=4)
+    run(config)
+    both = served(model_dir, *servers, max_concurrency=4)
+    run(
+        dataclasses.replace(config, base_url=[s.url for s in servers], output_dir=str(tmp_path / "two")), both
+    )
+    assert all_texts(tmp_path / "two") == all_texts(tmp_path / "one")
+    assert all(server.requests > 0 for server in both.servers)  # the requests were spread over both
+
+
+def test_a_server_gone_mid_run_fails_it_with_its_url_and_a_rerun_resumes(
+    model_dir, dataset_file, servers, tmp_path, capsys
+):
+    gone = servers[1]
+
+    def command(output: Path, server: VLLMServer) -> list[str]:
+        return [
+            *("run", "--config", str(TINY_RECIPE), "--model", str(model_dir), "--dataset", str(dataset_file)),
+            *(
+                "--output-dir",
+                str(output),
+                "--batch-questions",
+                "1",
+                "--dtype",
+                "float32",
+                "--backend",
+                "openai",
+            ),
+            *("--base-url", server.url, "--api-key-env", API_KEY_ENV),
+        ]
+
+    results = tmp_path / "resumed" / "results.jsonl"
+
+    def kill_after_the_first_question() -> None:
+        deadline = time.monotonic() + 300
+        while not (results.is_file() and results.read_text().count("\n") >= 1):
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.05)
+        gone.stop(signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_after_the_first_question, daemon=True)
+    killer.start()
+    assert cli.main(command(tmp_path / "resumed", gone)) == 1
+    killer.join(timeout=60)
+    error = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bars
+    assert error.startswith(f"icpo-infer run: error: {gone.url} failed a request"), error
+    assert 1 <= len(read_results(results)) < 3
+
+    gone.start()  # on the same port: the same command
+    assert cli.main(command(tmp_path / "resumed", gone)) == 0
+    assert cli.main(command(tmp_path / "whole", servers[0])) == 0
+    assert all_texts(tmp_path / "resumed") == all_texts(tmp_path / "whole")
+
+
+class FlakyProxy:
+    """An HTTP proxy on 127.0.0.1 in front of a real server that answers its first POSTs with the given
+    error statuses (as an overloaded or restarting server does) and forwards everything else."""
+
+    def __init__(self, target: str, failures: list[int]) -> None:
+        self.failures = list(failures)
+        lock = threading.Lock()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def forward(self, method: str) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                with lock:
+                    status = proxy.failures.pop(0) if method == "POST" and proxy.failures else None
+                if status is not None:
+                    self.send_response(status)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                headers = {k: self.headers[k] for k in ("Authorization", "Content-Type") if k in self.headers}
+                response = httpx.request(
+                    method, target + self.path.removeprefix("/v1"), content=body, headers=headers, timeout=600
+                )
+                self.send_response(response.status_code)
+                self.send_header("Content-Type", response.headers.get("Content-Type", "application/json"))
+                self.send_header("Content-Length", str(len(response.content)))
+                self.end_headers()
+                self.wfile.write(response.content)
+
+            def do_GET(self) -> None:
+                self.forward("GET")
+
+            def do_POST(self) -> None:
+                self.forward("POST")
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_429_and_5xx_are_retried_and_a_server_that_keeps_failing_is_named(
+    model_dir, servers, backend, prompts
+):
+    params = SamplingParams(n=2, max_new_tokens=6, seed=4)
+    proxy = FlakyProxy(servers[0].url, failures=[503, 429, 502])
+    try:
+        assert served(model_dir, proxy).generate(prompts[:1], params) == backend.generate(prompts[:1], params)
+        assert proxy.failures == []  # three failures, then the answer
+        proxy.failures = [503] * 6
+        with pytest.raises(
+            ServerError, match=rf"^{re.escape(proxy.url)} failed a request 6 times, the last with HTTP 503"
+        ):
+            served(model_dir, proxy).generate(prompts[:1], params)
+    finally:
+        proxy.close()
+
+
+def test_a_wrong_url_model_or_key_is_a_config_error_before_any_work(
+    model_dir, servers, monkeypatch, tmp_path
+):
+    with pytest.raises(ConfigError, match=r"127\.0\.0\.1:9/v1: no server answers"):
+        make_backend("openai", BackendOptions(str(model_dir), base_url=["http://127.0.0.1:9/v1"]))
+    with pytest.raises(ConfigError, match=r"--model 'tiny' is not served at .*--tokenizer"):
+        served("tiny", servers[0])
+    with pytest.raises(ConfigError, match=r"unauthorised.*--api-key-env"):
+        served(model_dir, servers[0], api_key_env=None)
+    monkeypatch.delenv(API_KEY_ENV)
+    with pytest.raises(ConfigError, match=f"{API_KEY_ENV} is not set"):
+        served(model_dir, servers[0])
+    with pytest.raises(ConfigError, match="needs a server: pass --base-url"):
+        InferConfig(model="m", dataset="d", output_dir=str(tmp_path), backend="openai")
+    with pytest.raises(ConfigError, match="--base-url is for --backend openai"):
+        InferConfig(model="m", dataset="d", output_dir=str(tmp_path), base_url=["http://x/v1"])
+
+
+def test_trajectories_built_through_the_server_carry_the_offline_engines_scores(
+    model_dir, dataset_file, servers, offline, tmp_path
+):
+    loop = {k: v for k, v in LOOP.items() if k not in ("rounds", "final_k")}
+    config = TrajectoryConfig(
+        model=str(model_dir), dataset=str(dataset_file), output=str(tmp_path / "traj"), backend="openai",
+        base_url=[s.url for s in servers], api_key_env=API_KEY_ENV, rounds=2, group_size=4, **loop,
+    )  # fmt: skip
+    dataset = load_trajectories(build_trajectories(config))
+    assert len(dataset) == 3 * 2
+    for row in dataset.filter(lambda row: row["round"] == 1):
+        prompt = render_prompt(offline.tokenizer, row["question"], [], answer_type_of(row["answer"]))
+        expected = offline.score([prompt] * len(row["responses"]), row["responses"])
+        assert row["ref_logps"] == pytest.approx([s.logprob for s in expected], rel=1e-5, abs=1e-5)
+        assert row["ref_num_tokens"] == [s.num_tokens for s in expected]
+
+
+def test_eval_checkpoints_loads_each_checkpoint_into_the_running_server(
+    model_dir, dataset_file, servers, offline, tmp_path
+):
+    run_dir = tmp_path / "run"
+    for step in (1, 2):
+        save_checkpoint(model_dir, run_dir, step)
+    flags = [
+        *("--config", str(TINY_RECIPE), "--method", "random-icpo", "--model", str(model_dir)),
+        *("--dataset", str(dataset_file), "--dtype", "float32"),
+        *("--backend", "openai", "--base-url", servers[0].url, "--api-key-env", API_KEY_ENV),
+    ]
+    assert load_script("eval_checkpoints").main(["--run-dir", str(run_dir), *flags]) == 0
+    rows = [json.loads(line) for line in (run_dir / "eval" / RESULTS_FILE).read_text().splitlines()]
+    assert [row["name"] for row in rows] == ["base", "checkpoint-1", "checkpoint-2"]
+    assert servers[0].served() == [str(model_dir)]  # each checkpoint was unloaded after its evaluation
+    config = parse_config(InferConfig, [*flags, "--output-dir", str(tmp_path)])
+    for row in rows:  # each checkpoint samples as on the offline engine
+        alone = dataclasses.replace(offline_config(config, tmp_path / row["name"]), adapter=row["adapter"])
+        run(alone, offline)
+        assert final_texts(alone.output_dir) == final_texts(row["output_dir"])
+    assert len({json.dumps(final_texts(row["output_dir"])) for row in rows}) == 3
