@@ -32,31 +32,14 @@ import time
 from pathlib import Path
 
 import torch
-from response_memory import _memory_bytes, build_model, group_batch, one_small_group
-from transformers import AutoTokenizer
-
-from icpo_train.trainer import ICPOConfig, ICPOTrainer
+from response_memory import _memory_bytes, benchmark_trainer, build_model, group_batch
 
 
 def measure(model_dir: Path, lean: bool, shared: bool, grads_path: Path, args: argparse.Namespace) -> dict:
     """Training steps of one configuration in this process (see module docstring)."""
     cuda = args.device == "cuda"
     torch.set_num_threads(1)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    with tempfile.TemporaryDirectory() as output_dir:
-        config = ICPOConfig(
-            output_dir=output_dir,
-            model_name_or_path=str(model_dir),
-            trajectories="(in memory)",
-            memory_lean=lean,
-            shared_prefix=shared,
-            lora_r=16,
-            lora_dropout=0.0,
-            bf16=cuda,
-            use_cpu=not cuda,
-            report_to="none",
-        )
-        trainer = ICPOTrainer(config, train_dataset=one_small_group(tokenizer))
+    trainer = benchmark_trainer(model_dir, args.device, memory_lean=lean, shared_prefix=shared)
     batch = group_batch(trainer, args.group_size, args)
     trainer.current_gradient_accumulation_steps = 1  # set by the training loop, which is not run here
     clock = time.perf_counter if cuda else time.process_time

@@ -95,23 +95,29 @@ def _memory_bytes(field: str) -> int:
     return int(line.split()[1]) * 1024  # kB
 
 
-def measure(model_dir: Path, group_size: int, lean: bool, args: argparse.Namespace) -> dict:
-    """Training steps in this process and the peak memory they add (see module docstring)."""
-    cuda = args.device == "cuda"
+def benchmark_trainer(model_dir: Path, device: str, **options) -> ICPOTrainer:
+    """An ICPOTrainer with LoRA r=16 on ``model_dir`` (bf16 on CUDA), its data built in memory."""
+    cuda = device == "cuda"
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     with tempfile.TemporaryDirectory() as output_dir:
         config = ICPOConfig(
             output_dir=output_dir,
             model_name_or_path=str(model_dir),
             trajectories="(in memory)",
-            memory_lean=lean,
             lora_r=16,
             lora_dropout=0.0,
             bf16=cuda,
             use_cpu=not cuda,
             report_to="none",
+            **options,
         )
-        trainer = ICPOTrainer(config, train_dataset=one_small_group(tokenizer))
+        return ICPOTrainer(config, train_dataset=one_small_group(tokenizer))
+
+
+def measure(model_dir: Path, group_size: int, lean: bool, args: argparse.Namespace) -> dict:
+    """Training steps in this process and the peak memory they add (see module docstring)."""
+    cuda = args.device == "cuda"
+    trainer = benchmark_trainer(model_dir, args.device, memory_lean=lean)
     batch = group_batch(trainer, group_size, args)
     trainer.current_gradient_accumulation_steps = 1  # set by the training loop, which is not run here
 
