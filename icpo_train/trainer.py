@@ -238,6 +238,8 @@ class ICPOConfig(TrainingArguments):
             # MULTI_CPU only with use_cpu, DeepSpeed initialises its own process group and needs the backend.
             self.ddp_backend = self.ddp_backend or "gloo"
             self.use_cpu = self.use_cpu or not _deepspeed_requested(self)
+        if self.use_cpu or not torch.accelerator.is_available():
+            self.dataloader_pin_memory = False  # nothing to pin memory for; torch warns at every run
         super().__post_init__()
         checkpoint_kwargs = self.gradient_checkpointing_kwargs  # a dict once the parent parsed it
         check(

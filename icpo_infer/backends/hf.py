@@ -225,10 +225,10 @@ class HFBackend:
             return
         name = self._adapter_names.pop(adapter)
         if self._adapter_names:
-            self.model.delete_adapter(name)
-            # PEFT keeps a deleted adapter's name as the active one, which its disable_adapter() then
-            # looks up: make a loaded one active (each call sets its own anyway).
+            # Another adapter becomes active first: PEFT's disable_adapter() looks the active one up, and a
+            # deleted active adapter is only replaced with a warning (each call sets its own anyway).
             self.model.set_adapter(next(iter(self._adapter_names.values())))
+            self.model.delete_adapter(name)
         else:  # a PeftModel without adapters cannot run: unwrap the base model instead
             self.model = self.model.unload()
 
