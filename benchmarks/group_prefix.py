@@ -32,40 +32,19 @@ import time
 from pathlib import Path
 
 import torch
-from response_memory import _memory_bytes, benchmark_trainer, build_model, group_batch
+from response_memory import benchmark_trainer, build_model, group_batch, time_steps
 
 
 def measure(model_dir: Path, lean: bool, shared: bool, grads_path: Path, args: argparse.Namespace) -> dict:
     """Training steps of one configuration in this process (see module docstring)."""
-    cuda = args.device == "cuda"
     torch.set_num_threads(1)
     trainer = benchmark_trainer(model_dir, args.device, memory_lean=lean, shared_prefix=shared)
     batch = group_batch(trainer, args.group_size, args)
-    trainer.current_gradient_accumulation_steps = 1  # set by the training loop, which is not run here
-    clock = time.perf_counter if cuda else time.process_time
-
-    def step() -> float:
-        trainer.model.zero_grad(set_to_none=False)
-        if cuda:
-            torch.cuda.synchronize()
-        start = clock()
-        trainer.training_step(trainer.model, batch)
-        if cuda:
-            torch.cuda.synchronize()
-        return clock() - start
-
-    step()  # warm-up: gradient buffers, kernels
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-        baseline = torch.cuda.memory_allocated()
-    else:
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident set
-        baseline = _memory_bytes("VmRSS")
-    times = [step() for _ in range(args.repeats)]
-    peak = torch.cuda.max_memory_allocated() if cuda else _memory_bytes("VmHWM")
+    clock = time.perf_counter if args.device == "cuda" else time.process_time
+    times, peak = time_steps(trainer, batch, args.device, args.repeats, clock)
     grads = {n: p.grad.float().cpu() for n, p in trainer.model.named_parameters() if p.requires_grad}
     torch.save(grads, grads_path)
-    return {"peak_bytes": peak - baseline, "step_time_s": statistics.median(times)}
+    return {"peak_bytes": peak, "step_time_s": statistics.median(times)}
 
 
 def run_isolated(model_dir: Path, lean: bool, shared: bool, grads_path: Path, args) -> dict:

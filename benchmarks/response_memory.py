@@ -114,22 +114,21 @@ def benchmark_trainer(model_dir: Path, device: str, **options) -> ICPOTrainer:
         return ICPOTrainer(config, train_dataset=one_small_group(tokenizer))
 
 
-def measure(model_dir: Path, group_size: int, lean: bool, args: argparse.Namespace) -> dict:
-    """Training steps in this process and the peak memory they add (see module docstring)."""
-    cuda = args.device == "cuda"
-    trainer = benchmark_trainer(model_dir, args.device, memory_lean=lean)
-    batch = group_batch(trainer, group_size, args)
+def time_steps(trainer: ICPOTrainer, batch: dict, device: str, steps: int, clock) -> tuple[list[float], int]:
+    """``steps`` training steps on ``batch`` after one warm-up: each one's time by ``clock`` and the peak
+    memory they add (CUDA allocations, or the process's resident set on a CPU)."""
+    cuda = device == "cuda"
     trainer.current_gradient_accumulation_steps = 1  # set by the training loop, which is not run here
 
     def step() -> float:
         trainer.model.zero_grad(set_to_none=False)
         if cuda:
             torch.cuda.synchronize()
-        start = time.perf_counter()
+        start = clock()
         trainer.training_step(trainer.model, batch)
         if cuda:
             torch.cuda.synchronize()
-        return time.perf_counter() - start
+        return clock() - start
 
     step()  # warm-up: gradient buffers, kernels
     if cuda:
@@ -138,12 +137,20 @@ def measure(model_dir: Path, group_size: int, lean: bool, args: argparse.Namespa
     else:
         Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident set
         baseline = _memory_bytes("VmRSS")
-    times = [step() for _ in range(args.steps)]
+    times = [step() for _ in range(steps)]
     peak = torch.cuda.max_memory_allocated() if cuda else _memory_bytes("VmHWM")
+    return times, peak - baseline
+
+
+def measure(model_dir: Path, group_size: int, lean: bool, args: argparse.Namespace) -> dict:
+    """Training steps in this process and the peak memory they add (see module docstring)."""
+    trainer = benchmark_trainer(model_dir, args.device, memory_lean=lean)
+    batch = group_batch(trainer, group_size, args)
+    times, peak = time_steps(trainer, batch, args.device, args.steps, time.perf_counter)
     return {
         "group_size": group_size,
         "memory_lean": lean,
-        "peak_bytes": peak - baseline,
+        "peak_bytes": peak,
         "step_time_s": statistics.median(times),
     }
 

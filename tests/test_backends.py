@@ -102,10 +102,8 @@ def backend(request, model_dir) -> Backend:
     backend.close()
 
 
-@pytest.fixture(scope="module")
-def prompts(backend) -> list[str]:
+def conformance_prompts(tokenizer) -> list[str]:
     """Chat-rendered prompts (special tokens in the text) and plain base-model prompts, of different lengths."""
-    tokenizer = backend.tokenizer
     chat = [
         tokenizer.apply_chat_template(
             [{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True
@@ -113,6 +111,11 @@ def prompts(backend) -> list[str]:
         for q in QUESTIONS
     ]
     return chat + [tokenizer.bos_token + q for q in QUESTIONS]
+
+
+@pytest.fixture(scope="module")
+def prompts(backend) -> list[str]:
+    return conformance_prompts(backend.tokenizer)
 
 
 @torch.inference_mode()

@@ -20,7 +20,7 @@ import pytest
 import torch
 from conftest import save_tiny_model
 from script_modules import load_script
-from test_backends import QUESTIONS
+from test_backends import conformance_prompts
 from test_scripts import save_adapter, save_checkpoint
 from test_vllm_workflows import LOOP, all_texts, final_texts
 from trajectory_fixtures import integer_problems
@@ -113,15 +113,7 @@ def backend(model_dir, servers) -> Backend:
 
 @pytest.fixture(scope="module")
 def prompts(backend) -> list[str]:
-    """Chat-rendered prompts (special tokens in the text) and plain ones."""
-    tokenizer = backend.tokenizer
-    chat = [
-        tokenizer.apply_chat_template(
-            [{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True
-        )
-        for q in QUESTIONS
-    ]
-    return chat + [tokenizer.bos_token + q for q in QUESTIONS]
+    return conformance_prompts(backend.tokenizer)
 
 
 @pytest.fixture(scope="module")

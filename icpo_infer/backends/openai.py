@@ -34,7 +34,7 @@ from icpo_infer.backends.base import (
     derive_seed,
     encode_completion,
 )
-from icpo_infer.backends.vllm import to_vllm_sampling_kwargs
+from icpo_infer.backends.vllm import repeat_greedy, to_vllm_sampling_kwargs
 from icpo_infer.config import ConfigError, check
 
 RETRIED_STATUS = frozenset({408, 429, 500, 502, 503, 504})
@@ -127,9 +127,7 @@ class OpenAIBackend:
         ]
         generations = [self._generation(response) for response in self._complete_all(bodies)]
         self.usage.record(generations)
-        for generation, p in zip(generations, per_prompt, strict=True):
-            generation.completions *= p.n // len(generation.completions)
-        return generations
+        return repeat_greedy(generations, per_prompt)
 
     def score(self, prompts: list[str], completions: list[str], adapter: str | None = None) -> list[Score]:
         """Sum of the completion tokens' log-probs (EOS included), read from the server's prompt log-probs."""

@@ -120,9 +120,7 @@ class VLLMBackend:
         )
         generations = from_vllm_outputs(outputs)
         self.usage.record(generations)
-        for generation, p in zip(generations, per_prompt, strict=True):
-            generation.completions *= p.n // len(generation.completions)
-        return generations
+        return repeat_greedy(generations, per_prompt)
 
     def score(self, prompts: list[str], completions: list[str], adapter: str | None = None) -> list[Score]:
         """Sum of the completion tokens' log-probs (EOS included), read from vLLM's prompt log-probs."""
@@ -192,6 +190,14 @@ def to_vllm_sampling_kwargs(params: SamplingParams, prompt: str = "") -> dict[st
         "stop": list(params.stop),
         "seed": None if params.seed is None else derive_seed(params.seed, prompt),
     }
+
+
+def repeat_greedy(generations: list[Generation], params: list[SamplingParams]) -> list[Generation]:
+    """Each greedy generation's one completion repeated to the ``n`` asked for (see
+    :func:`to_vllm_sampling_kwargs`, which asks vLLM for one)."""
+    for generation, p in zip(generations, params, strict=True):
+        generation.completions *= p.n // len(generation.completions)
+    return generations
 
 
 def from_vllm_outputs(outputs: list[Any]) -> list[Generation]:
