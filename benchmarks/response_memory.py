@@ -34,7 +34,7 @@ from datasets import Dataset
 from transformers import AutoTokenizer
 
 from icpo_infer.backends.base import encode_completion
-from icpo_train.tiny_lm import init_tiny_llama, train_tokenizer
+from icpo_train.e2e.tiny_lm import init_tiny_llama, train_tokenizer
 from icpo_train.trainer import ICPOConfig, ICPOTrainer
 from icpo_train.trajectory_data import tokenizer_fingerprint
 

@@ -21,10 +21,10 @@ SUBCOMMANDS = {
     ),
     "train": ("icpo_train.train", "fine-tune an LLM (LoRA) with the Fisher-weighted ICPO loss"),
     "pipeline": (
-        "icpo_train.pipeline",
+        "icpo_train.e2e.pipeline",
         "the end-to-end proof: pretrain, trajectories, icpo/sft/mse adapters, evaluation, report",
     ),
-    "demo": ("icpo_train.demo", "the main job of `make demo`"),
+    "demo": ("icpo_train.e2e.demo", "the main job of `make demo`"),
 }
 
 

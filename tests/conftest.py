@@ -54,7 +54,7 @@ def shared_data() -> Path:
 
 def save_tiny_model(directory: Path, chat_template: bool, hidden_size: int = 32, num_heads: int = 1) -> Path:
     """head_dim = hidden_size / num_heads is at least 32, the smallest vLLM's CPU attention serves."""
-    from icpo_train.tiny_lm import init_tiny_llama, train_tokenizer
+    from icpo_train.e2e.tiny_lm import init_tiny_llama, train_tokenizer
 
     texts = [
         row["problem"] + " The answer is \\boxed{" + str(row["answer"]) + "}"

@@ -11,13 +11,13 @@ from trajectory_fixtures import build_trajectories
 from transformers import AutoTokenizer
 
 from icpo_infer.config import parse_config
+from icpo_train.e2e.tiny_lm import init_tiny_llama
 from icpo_train.losses import (
     fisher_weighted_logit_matching,
     fused_fisher_weighted_logit_matching,
     fused_sparse_fisher_weighted_logit_matching,
     sparse_fisher_weighted_logit_matching,
 )
-from icpo_train.tiny_lm import init_tiny_llama
 from icpo_train.trainer import ICPOConfig, ICPOTrainer, add_teacher_topk
 
 HIDDEN, VOCAB = 6, 23

@@ -17,7 +17,7 @@ from icpo_infer.data import Problem
 from icpo_infer.icpo import InferConfig, answer_entropy, run_method
 from icpo_infer.prompts import Attempt, render_prompt
 from icpo_infer.results import summarize
-from icpo_train.tiny_lm import train_tokenizer
+from icpo_train.e2e.tiny_lm import train_tokenizer
 
 QUESTION = re.compile(r"Q(\d+):")
 RESPONSE_TAG = re.compile(r"\[(q\d+\.r\d+\.s\d+)\]")

@@ -15,7 +15,7 @@ from icpo_infer.data import Problem
 from icpo_infer.icpo import InferConfig, run_method
 from icpo_infer.prompts import render_prompt
 from icpo_infer.reward_model import RewardModel
-from icpo_train.tiny_lm import train_tokenizer
+from icpo_train.e2e.tiny_lm import train_tokenizer
 
 BOXED = re.compile(r"\\boxed\{(\d+)\}")
 TAG = re.compile(r"\[(s\d+)\]")

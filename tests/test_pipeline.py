@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
-from script_modules import load_script
 
 from icpo_infer.config import ConfigError, parse_config
-from icpo_train.pipeline import MODELS, PipelineConfig, format_report, main, run_pipeline
+from icpo_train.e2e import history_probe, trajectory_fit
+from icpo_train.e2e.pipeline import MODELS, PipelineConfig, format_report, main, run_pipeline
 from icpo_train.trajectory_data import load_trajectories
 
 E2E_RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "e2e"
@@ -160,7 +160,7 @@ def test_the_shipped_recipes_are_valid(recipe, models, iterations, tmp_path):
 
 
 def test_the_demo_runs_the_toy_theory_then_the_pipeline_and_ends_with_the_table(tmp_path, capsys):
-    from icpo_train import demo
+    from icpo_train.e2e import demo
 
     recipe = tmp_path / "micro.yaml"
     recipe.write_text("\n".join(f"{key}: {value}" for key, value in MICRO.items()))
@@ -174,7 +174,6 @@ def test_the_demo_runs_the_toy_theory_then_the_pipeline_and_ends_with_the_table(
 
 
 def test_the_history_probe_counts_answers_after_each_kind_of_history(finished, capsys):
-    history_probe = load_script("history_probe")
     config, _ = finished
     seed_dir = Path(config.output_dir) / "seed-0"
     table = history_probe.probe(seed_dir, ["base", "icpo"], questions=2, k=2, templates=None, seed=0)
@@ -206,7 +205,6 @@ def rewarded_copy(seed_dir: Path, copy: Path) -> Path:
 
 
 def test_trajectory_fit_measures_each_model_against_the_target_per_round(finished, capsys, tmp_path):
-    trajectory_fit = load_script("trajectory_fit")
     config, _ = finished
     seed_dir = rewarded_copy(Path(config.output_dir) / "seed-0", tmp_path / "seed-0")
     table = trajectory_fit.fit(seed_dir, ["base", "icpo"], "fw", 2.0, rows=8, templates=config.templates)

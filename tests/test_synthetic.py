@@ -13,8 +13,8 @@ from icpo_infer.config import ConfigError
 from icpo_infer.data import load_problems
 from icpo_infer.grading import grade
 from icpo_infer.prompts import Attempt, PromptTemplates, render_prompt
-from icpo_train.pretrain import NEAR_MISSES, PretrainConfig, near_miss, pretrain, training_example
-from icpo_train.synthetic import NUMBER_WORDS, SyntheticTaskConfig, generate_splits, write_splits
+from icpo_train.e2e.pretrain import NEAR_MISSES, PretrainConfig, near_miss, pretrain, training_example
+from icpo_train.e2e.synthetic import NUMBER_WORDS, SyntheticTaskConfig, generate_splits, write_splits
 
 E2E_TEMPLATES = Path(__file__).resolve().parents[1] / "recipes" / "e2e" / "templates.yaml"
 

@@ -1,4 +1,4 @@
-"""scripts/target_ceiling.py: ME-ICPO run by the exact ICPO target policy."""
+"""icpo_train/e2e/target_ceiling.py: ME-ICPO run by the exact ICPO target policy."""
 
 from __future__ import annotations
 
@@ -7,9 +7,8 @@ import math
 import random
 
 import pytest
-from script_modules import load_script
 
-target_ceiling = load_script("target_ceiling")
+from icpo_train.e2e import target_ceiling
 
 
 def single_row(answer: str, answers: list[str | None]) -> dict:

@@ -18,7 +18,7 @@ from icpo_infer.backends.hf import HFBackend
 from icpo_infer.config import ConfigError, parse_config
 from icpo_infer.prompts import Attempt, render_prompt
 from icpo_train import cli, train
-from icpo_train.tiny_lm import init_tiny_llama
+from icpo_train.e2e.tiny_lm import init_tiny_llama
 from icpo_train.trainer import (
     ICPOConfig,
     ICPOTrainer,

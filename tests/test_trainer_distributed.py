@@ -10,7 +10,7 @@ from tiny_recipe import launch, losses
 from trajectory_fixtures import build_trajectories, write_trajectories
 from transformers import AutoTokenizer
 
-from icpo_train.tiny_lm import init_tiny_llama
+from icpo_train.e2e.tiny_lm import init_tiny_llama
 from icpo_train.trainer import add_teacher_topk
 
 

@@ -5,8 +5,8 @@
 Stages, run for every seed in ``DIR/seed-N/``, each skipped when its output exists (an interrupted
 run resumes where it stopped):
 
-- ``data``: the synthetic task's train / validation / test splits (:mod:`icpo_train.synthetic`);
-- ``pretrain``: the base model, a tiny Llama trained from scratch (:mod:`icpo_train.pretrain`);
+- ``data``: the synthetic task's train / validation / test splits (:mod:`icpo_train.e2e.synthetic`);
+- ``pretrain``: the base model, a tiny Llama trained from scratch (:mod:`icpo_train.e2e.pretrain`);
 - ``trajectories``: reflection trajectories of the base model on the validation questions
   (:mod:`icpo_train.trajectories`, resumable per question);
 - ``train``: LoRA adapters trained on those trajectories with the same data and budget: ``icpo``
@@ -45,8 +45,8 @@ from icpo_infer.icpo import InferConfig
 from icpo_infer.prompts import PromptTemplates
 from icpo_infer.report import ACCURACY_RANGE
 from icpo_infer.results import METRICS_FILE, write_json_atomic
-from icpo_train.pretrain import PretrainConfig, pretrain
-from icpo_train.synthetic import SyntheticTaskConfig, write_splits
+from icpo_train.e2e.pretrain import PretrainConfig, pretrain
+from icpo_train.e2e.synthetic import SyntheticTaskConfig, write_splits
 from icpo_train.trainer import ICPOConfig, ICPOTrainer
 from icpo_train.trajectories import PARQUET_FILE, TrajectoryConfig, build_trajectories
 

@@ -2,7 +2,7 @@
 
     icpo-infer run --model runs/e2e-full/seed-1/base --dataset runs/e2e-full/seed-1/data/test.jsonl \\
         --method single --k 64 --templates recipes/e2e/templates.yaml --output-dir runs/base64
-    python scripts/target_ceiling.py runs/base64/results.jsonl [--eta 0.5 2 4] [--rounds 3] [--k 8] \\
+    python -m icpo_train.e2e.target_ceiling runs/base64/results.jsonl [--eta 0.5 2 4] [--rounds 3] [--k 8] \\
         [--entropy-k 4] [--final-k 8] [--repeats 5] [--seed 0]
 
 pi_ref is each question's empirical answer distribution in a `single` run (many samples, no history);

@@ -1,6 +1,6 @@
 """How close does a model come to the ICPO target on its trajectories? The training loss per round.
 
-    python scripts/trajectory_fit.py --seed-dir runs/e2e-full/seed-0 [--models base icpo sft mse] \\
+    python -m icpo_train.e2e.trajectory_fit --seed-dir runs/e2e-full/seed-0 [--models base icpo sft mse] \\
         [--loss-type fw] [--tail-bucket] [--eta 2] [--rows 480] [--templates recipes/e2e/templates.yaml]
 
 For the first rows of an `icpo-train pipeline` seed directory's trajectories, computes each model's

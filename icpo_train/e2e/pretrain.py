@@ -37,7 +37,7 @@ from icpo_infer.backends.base import encode_completion, encode_prompt
 from icpo_infer.config import check, option
 from icpo_infer.data import Problem
 from icpo_infer.prompts import Attempt, PromptTemplates, answer_type_of, render_prompt
-from icpo_train.tiny_lm import init_tiny_llama, train_tokenizer
+from icpo_train.e2e.tiny_lm import init_tiny_llama, train_tokenizer
 
 IGNORE_INDEX = -100  # label of prompt tokens: the loss is on the response only
 MAX_HISTORY = 4  # entries of a pretraining history: 1 to this many

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from icpo_infer.config import parse_config
+from icpo_train.e2e.pipeline import PipelineConfig, format_report, run_pipeline
 from icpo_train.lsa.experiment import LSAConfig, format_summary, run_lsa
-from icpo_train.pipeline import PipelineConfig, format_report, run_pipeline
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Does a model read its history? Sample answers after one history entry and count copies.
 
-    python scripts/history_probe.py --seed-dir runs/e2e-full/seed-0 [--models base icpo sft mse] \\
+    python -m icpo_train.e2e.history_probe --seed-dir runs/e2e-full/seed-0 [--models base icpo sft mse] \\
         [--questions 80] [--k 8] [--templates recipes/e2e/templates.yaml]
 
 For each test question of an `icpo-train pipeline` seed directory, the prompt shows no history, or
@@ -22,7 +22,7 @@ from icpo_infer.backends.base import BackendOptions, SamplingParams
 from icpo_infer.data import load_problems
 from icpo_infer.grading import extract_answer, is_equivalent
 from icpo_infer.prompts import Attempt, PromptTemplates, render_prompt
-from icpo_train.pretrain import near_miss
+from icpo_train.e2e.pretrain import near_miss
 
 HISTORIES = {  # name -> the entries shown, as (which answer, reward)
     "none": [],
