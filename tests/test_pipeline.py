@@ -83,12 +83,19 @@ def test_a_rerun_skips_finished_stages_and_a_missing_output_is_rebuilt_alone(fin
     before = base_weights.stat().st_mtime_ns
     capsys.readouterr()
     assert run_pipeline(config) == report
-    assert "[seed" not in capsys.readouterr().out  # no stage had anything to do
+    # No stage had anything to do, and each says so once per seed.
+    assert capsys.readouterr().out.splitlines() == [
+        f"[seed {seed}] {stage}: nothing to do, reusing what an earlier run left in {root / f'seed-{seed}'}"
+        for seed in (0, 1)
+        for stage in ("data", "pretrain", "trajectories", "train", "evaluate")
+    ]
     assert base_weights.stat().st_mtime_ns == before
 
     (root / "seed-1" / "eval" / "sft" / "me-icpo" / "metrics.json").unlink()
     run_pipeline(config)
-    assert capsys.readouterr().out.count("[seed") == 1  # only that evaluation ran again
+    said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[seed")]
+    work = [line for line in said if "reusing" not in line]
+    assert work == ["[seed 1] evaluate: sft with me-icpo"]  # only that evaluation ran again
     assert base_weights.stat().st_mtime_ns == before
 
 
@@ -149,7 +156,11 @@ def test_tail_bucket_and_fisher_at_reach_the_adapters_they_apply_to(tmp_path):
 
 @pytest.mark.parametrize(
     ("recipe", "models", "iterations"),
-    [("tiny.yaml", set(MODELS), 1), ("full.yaml", {"base", "icpo", "sft"}, 2)],
+    [
+        ("demo.yaml", {"base", "icpo", "sft"}, 1),
+        ("tiny.yaml", set(MODELS), 1),
+        ("full.yaml", {"base", "icpo", "sft"}, 2),
+    ],
 )
 def test_the_shipped_recipes_are_valid(recipe, models, iterations, tmp_path):
     config = parse_config(
@@ -164,13 +175,32 @@ def test_the_demo_runs_the_toy_theory_then_the_pipeline_and_ends_with_the_table(
 
     recipe = tmp_path / "micro.yaml"
     recipe.write_text("\n".join(f"{key}: {value}" for key, value in MICRO.items()))
-    assert demo.main(["--output_dir", str(tmp_path / "demo"), "--pipeline_recipe", str(recipe)]) == 0
+    args = ["--output_dir", str(tmp_path / "demo"), "--pipeline_recipe", str(recipe)]
+    assert demo.main(args) == 0
     out = capsys.readouterr().out
     assert (tmp_path / "demo" / "lsa" / "metrics.json").is_file()
     assert (tmp_path / "demo" / "e2e" / "report.json").is_file()
+    assert "reusing" not in out
     results = out[out.index("== Results ==") :]
     assert "LSA imitating" in results and "self-impr." in results
+    # Under the table: what each row and column means, and that one seed is no measurement.
+    legend = results[results.index("self-improvement minus") :]
+    assert all(f"  {name} " in legend for name in ("base", "icpo", "sft", "mse", "round 1", "self-impr."))
+    assert "1 seed(s) of a tiny model on 3 questions: a smoke test" in legend
+    assert "recipes/e2e/full.yaml" in legend
     assert results.rstrip().endswith(str(tmp_path / "demo" / "e2e" / "accuracy_vs_round.png"))
+
+    # A second run trains nothing again and says what it reuses.
+    assert demo.main(args) == 0
+    again = capsys.readouterr().out
+    for loss in ("fw", "mse", "kl", "ce"):
+        assert f"lsa {loss}: reusing" in again
+    seed_dir = tmp_path / "demo" / "e2e" / "seed-0"
+    assert [line for line in again.splitlines() if line.startswith("[seed")] == [
+        f"[seed 0] {stage}: nothing to do, reusing what an earlier run left in {seed_dir}"
+        for stage in ("data", "pretrain", "trajectories", "train", "evaluate")
+    ]
+    assert again[again.index("== Results ==") :] == results
 
 
 def test_the_history_probe_counts_answers_after_each_kind_of_history(finished, capsys):

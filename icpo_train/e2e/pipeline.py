@@ -2,8 +2,8 @@
 
     icpo-train pipeline --config recipes/e2e/tiny.yaml --output_dir DIR [--stages STAGE ...]
 
-Stages, run for every seed in ``DIR/seed-N/``, each skipped when its output exists (an interrupted
-run resumes where it stopped):
+Stages, run for every seed in ``DIR/seed-N/``, each skipped with one line saying so when its output
+exists (an interrupted run resumes where it stopped):
 
 - ``data``: the synthetic task's train / validation / test splits (:mod:`icpo_train.e2e.synthetic`);
 - ``pretrain``: the base model, a tiny Llama trained from scratch (:mod:`icpo_train.e2e.pretrain`);
@@ -282,6 +282,8 @@ class _SeedRun:
                 ran = getattr(self, stage)()
                 if ran:
                     self.record_time(stage, time.perf_counter() - start)
+                else:
+                    self.say(f"{stage}: nothing to do, reusing what an earlier run left in {self.dir}")
 
     def record_time(self, stage: str, seconds: float) -> None:
         path = self.dir / TIMINGS_FILE
@@ -529,6 +531,42 @@ def format_report(report: dict[str, Any]) -> str:
             + " points"
         )
     return "\n".join([title, *lines, *comparisons])
+
+
+MODEL_LEGEND = {
+    "base": "the pretrained model, no adapter",
+    "icpo": "LoRA adapter trained with the Fisher-weighted ICPO loss to act on its history's rewards",
+    "sft": "same data and budget, cross-entropy on the answers its history rewards (baseline)",
+    "mse": "ICPO's target without the Fisher weights (ablation)",
+}
+
+
+def format_legend(report: dict[str, Any]) -> str:
+    """What the rows and columns of :func:`format_report`'s table mean, for a reader new to ICPO."""
+    k, rounds = report["k"], report["rounds"]
+    rows = {}
+    for model in report["models"]:
+        kind = model.rstrip("0123456789")  # icpo2 is icpo's second iteration
+        rows[model] = (
+            MODEL_LEGEND[kind]
+            if model == kind
+            else f"{kind} trained again on the histories its iteration {int(model[len(kind) :]) - 1} built"
+        )
+    rows |= {
+        "single": f"share of {k} answers sampled without a history that are right (mean@{k})",
+        "majority": f"is the most frequent of those {k} answers right? (maj@{k}, self-consistency)",
+        "round 1": "ME-ICPO's first round, empty history: single again, other samples",
+    }
+    if rounds > 1:
+        rows[f"round 2..{rounds}"] = (
+            "the prompt shows earlier answers tagged reward 1/0 by majority vote (no gold)"
+        )
+    rows |= {
+        "final": f"{k} answers sampled after the last round; final maj: is their most frequent right?",
+        "self-impr.": "final - round 1, in points: the gain from the model's own history (ICPO aims to raise it)",
+    }
+    width = max(len(name) for name in rows)
+    return "\n".join(f"  {name:<{width}}  {text}" for name, text in rows.items())
 
 
 def run_pipeline(config: PipelineConfig) -> dict[str, Any]:

@@ -235,6 +235,10 @@ def train_lsa(
     checkpoint = Path(config.output_dir) / "checkpoints" / f"lsa-{loss_name}.safetensors"
     curve = _load_checkpoint(checkpoint, config, model)
     if curve is not None:
+        if accelerator.is_main_process:
+            print(
+                f"lsa {loss_name}: reusing {checkpoint}, trained earlier with the same settings", flush=True
+            )
         return model.to(accelerator.device), curve
 
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
