@@ -186,7 +186,7 @@ def test_the_demo_runs_the_toy_theory_then_the_pipeline_and_ends_with_the_table(
     # Under the table: what each row and column means, and that one seed is no measurement.
     legend = results[results.index("self-improvement minus") :]
     assert all(f"  {name} " in legend for name in ("base", "icpo", "sft", "mse", "round 1", "self-impr."))
-    assert "1 seed(s) of a tiny model on 3 questions: a smoke test" in legend
+    assert "1 seed of a tiny model on 3 questions: a smoke test" in legend
     assert "recipes/e2e/full.yaml" in legend
     assert results.rstrip().endswith(str(tmp_path / "demo" / "e2e" / "accuracy_vs_round.png"))
 

@@ -29,10 +29,12 @@ def smoke_test_note(report: dict) -> str:
     """Why the demo's table is no measurement, and where the measurement is."""
     seeds = len(report["seeds"]["values"])
     return (
-        f"{seeds} seed(s) of a tiny model on {report['num_questions']} questions: a smoke test that every stage "
-        "runs, not a measurement;\ndifferences of a few points are noise. The measurement is "
-        "`icpo-train pipeline --config recipes/e2e/full.yaml`\n(6 seeds, 200 questions, hours on 2 CPU cores): "
-        "its results are in the README, how they were reached\nin docs/e2e-findings.md."
+        f"{seeds} seed{'s' if seeds > 1 else ''} of a tiny model on {report['num_questions']} questions: "
+        "a smoke test that every stage runs, not a measurement;\n"
+        "differences of a few points are noise. The measurement is "
+        "`icpo-train pipeline --config recipes/e2e/full.yaml`\n"
+        "(6 seeds, 200 questions, hours on 2 CPU cores): its results are in the README, how they were "
+        "reached\nin docs/e2e-findings.md."
     )
 
 
