@@ -82,7 +82,7 @@ class PipelineConfig(SyntheticTaskConfig, PretrainConfig):
     # Trajectories.
     trajectory_rounds: int = option(4, "Rounds R of the trajectories: histories H_1 (empty) .. H_R.")
     group_size: int = option(8, "G: responses sampled from pi_ref per trajectory question.")
-    # The defaults build histories as the evaluation does; see the README's end-to-end findings.
+    # The defaults build histories as the evaluation does; see docs/e2e-findings.md.
     history_reward: str = option("self", "History rewards of the trajectories: self (majority) or gt.")
     selection: str = option("me-icpo", "Which candidate enters a trajectory history: random or me-icpo.")
     # ICPO loop, trajectories and evaluation alike.

@@ -18,8 +18,8 @@ the response repeats one of them, picked whatever its tag, otherwise it gives th
 gives the tiny model what a pretrained LLM brings to in-context learning, copying from its context,
 without any preference between the reward buckets: which tag to trust is what ICPO training has to
 teach. Off by default; the end-to-end recipes give it a quarter of the texts. Such a base model locks
-in wrong answers under ME-ICPO, and ICPO training teaches it which tags to trust (README, "End-to-end
-proof on CPU").
+in wrong answers under ME-ICPO, and ICPO training teaches it which tags to trust
+(docs/e2e-findings.md).
 """
 
 from __future__ import annotations
