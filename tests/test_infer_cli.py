@@ -273,18 +273,19 @@ def test_common_mistakes_are_one_line_errors_that_write_nothing(
 def test_ctrl_c_stops_with_one_line_and_the_same_command_resumes(infer, tmp_path, capsys, monkeypatch):
     finished = []
 
-    def interrupt_after_one(*args, on_result, **kwargs):
-        def keep(result):
-            on_result(result)
-            finished.append(result)
+    def interrupt_after_one(backend, problems, config, done, on_chunk, *args):
+        def keep(results):
+            on_chunk(results)
+            finished.extend(results)
             raise KeyboardInterrupt
 
-        return run_method(*args, on_result=keep, **kwargs)
+        return run_method(backend, problems, config, done, keep, *args)
 
     monkeypatch.setattr(cli, "run_method", interrupt_after_one)
     assert infer(tmp_path / "run", "--limit", "2", "--batch-questions", "1") == 130
     err = capsys.readouterr().err
-    assert "interrupted; finished questions are kept" in err and "Traceback" not in err
+    assert "interrupted; finished questions and the finished rounds of the others are kept" in err
+    assert "Traceback" not in err
     assert len(rows(tmp_path / "run")) == 1
     monkeypatch.undo()
     assert infer(tmp_path / "run", "--limit", "2", "--batch-questions", "1") == 0
