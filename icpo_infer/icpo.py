@@ -446,7 +446,10 @@ class _Run:
         self.tokenizer = backend.tokenizer
         self.templates = PromptTemplates.from_yaml(config.templates) if config.templates else None
         self.state = state
-        self.progress: tqdm | None = None  # over questions, set by run_method; the phase is its postfix
+        # Set by run_method: a bar over questions that a chunk of m advances by m / (rounds + 1) per finished
+        # round (its ETA moves within a chunk), and the count of questions done.
+        self.progress: tqdm | None = None
+        self.finished = 0
 
     # -- prompts and engine calls -------------------------------------------------------------
 
@@ -512,7 +515,7 @@ class _Run:
         chunk of ``batch_questions`` and in a resumed run. ``max_new_tokens`` defaults to the answer
         length (the summary length for summaries).
         """
-        self.progress.set_postfix_str(phase)
+        self.show(phase)
         generations = []
         if requests:
             seed = derive_seed(self.config.seed, phase)
@@ -525,10 +528,15 @@ class _Run:
             generations = self.backend.generate(prompts, params, adapter=self.config.adapter)
         return generations
 
+    def show(self, phase: str | None = None) -> None:
+        done = f"{self.finished}/{self.progress.total} questions done"
+        self.progress.set_postfix_str(f"{done}, {phase}" if phase else done)
+
     def finish_round(self, questions: list[_Question], r: int) -> None:
         """Save the chunk after its round ``r``: from here on an interruption does not lose it."""
         if self.state is not None:
             self.state.save({"round": r, "questions": [_saved(q) for q in questions]})
+        self.progress.update(len(questions) / (self.config.rounds + 1))
 
     # -- methods ------------------------------------------------------------------------------
 
@@ -555,7 +563,7 @@ class _Run:
         """k samples, then ONE scoring call over all of them; each question picks its highest-scored
         sample among those with an answer (an empty or answerless response is no pick), the first on ties."""
         requests = self.sample_only(questions)
-        self.progress.set_postfix_str("score")
+        self.show("score")
         pairs = [(q, prompt, text) for q, prompt, _ in requests for text in q.final.texts]
         if self.reward_model is None:
             scorer = "mean_logprob"
@@ -853,7 +861,11 @@ def run_method(
         )
         tqdm.write(f"resuming: {finished}/{len(problems)} questions done{partial}", file=sys.stderr)
     results = []
-    with tqdm(total=len(problems), initial=finished, desc=config.method, unit="question") as run.progress:
+    run.finished = finished
+    initial = finished + len(restored) * rounds_done / (config.rounds + 1)
+    bar = "{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}{postfix}]"
+    with tqdm(total=len(problems), initial=initial, desc=config.method, bar_format=bar) as run.progress:
+        run.show()
         for questions, start in chunks:
             run.run(questions, start)
             chunk_results = [_result(q, config.method) for q in questions]
@@ -862,5 +874,7 @@ def run_method(
             if state is not None:
                 state.clear()
             results += chunk_results
-            run.progress.update(len(questions))
+            run.finished += len(questions)
+            run.progress.update(run.finished - run.progress.n)  # the rest of the chunk: its final phase
+            run.show()
     return results

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import json
+import signal
 from importlib.metadata import version
 from pathlib import Path
 
 import pytest
+from blocking_cli import signalled_run
 from boxed_model import teach_boxed_answers
 from conftest import read_benchmark
 
 from icpo_infer import cli
+from icpo_infer.backends.hf import HFBackend
 from icpo_infer.cli import main
 from icpo_infer.config import parse_config
-from icpo_infer.icpo import InferConfig, run_method
+from icpo_infer.icpo import ROUND_METHODS, InferConfig, run_method
+from icpo_infer.results import RESULTS_FILE, STATE_FILE, ChunkState
 from icpo_train.cli import main as icpo_train_main
 
 RECIPE = str(Path(__file__).resolve().parents[1] / "recipes" / "infer" / "tiny.yaml")
@@ -26,7 +30,7 @@ def boxed_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
     return teach_boxed_answers(tiny_model_dir, tmp_path_factory.mktemp("boxed"), questions)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def infer(boxed_model_dir, shared_data):
     def run(output_dir, *args: str) -> int:
         dataset = str(shared_data / "aime2024.jsonl")
@@ -34,6 +38,14 @@ def infer(boxed_model_dir, shared_data):
         return main([*argv, "--output-dir", str(output_dir), *args])
 
     return run
+
+
+@pytest.fixture(scope="module")
+def whole(infer, tmp_path_factory) -> Path:
+    """An uninterrupted ME-ICPO run of two questions, for interrupted ones to match."""
+    out = tmp_path_factory.mktemp("whole")
+    assert infer(out, "--limit", "2") == 0
+    return out
 
 
 def rows(output_dir: Path) -> list[dict]:
@@ -377,3 +389,82 @@ def test_show_prints_one_runs_summary(infer, tmp_path, capsys):
     assert out.startswith("me-icpo of ") and "2 questions, k = 2" in out
     assert f"mean@k per round: 1 {100 * m['mean_per_round'][0]:.1f}" in out
     assert f"{100 * m['mean@k']:.1f}" in out and "self-reward per round" in out
+
+
+def interrupt_at_save(monkeypatch, n: int) -> None:
+    """The ``n``-th save of a chunk's state is written, then the run is interrupted: between two rounds."""
+    save = ChunkState.save
+    saves = []
+
+    def save_then_interrupt(self, state):
+        save(self, state)
+        saves.append(state["round"])
+        if len(saves) == n:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(ChunkState, "save", save_then_interrupt)
+
+
+@pytest.mark.parametrize("method", ROUND_METHODS)
+def test_a_run_interrupted_between_rounds_resumes_from_the_next_round(
+    infer, tmp_path, capsys, monkeypatch, method
+):
+    args = ["--limit", "2", "--batch-questions", "1", "--method", method, "--feedback-max-tokens", "8"]
+    assert infer(tmp_path / "whole", *args) == 0
+    interrupt_at_save(monkeypatch, 3)  # 2 rounds per chunk: the second chunk's first round
+    out = tmp_path / "run"
+    assert infer(out, *args) == 130
+    assert len(rows(out)) == 1 and json.loads((out / STATE_FILE).read_text())["round"] == 1
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert infer(out, *args) == 0
+    assert "resuming: 1/2 questions done, 1 of 2 rounds done for the next 1" in capsys.readouterr().err
+    assert rows(out) == rows(tmp_path / "whole") and not (out / STATE_FILE).exists()
+    # What the kept round cost is counted once: the two runs spent what the uninterrupted one did.
+    assert metrics(out)["engine_calls"] == metrics(tmp_path / "whole")["engine_calls"]
+
+
+def test_a_run_interrupted_inside_a_round_loses_only_that_round(infer, whole, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    generate = HFBackend.generate
+    calls_after_round_1 = []
+
+    def interrupt_inside_round_2(self, *args, **kwargs):
+        if (out / STATE_FILE).exists():
+            calls_after_round_1.append(1)
+            if len(calls_after_round_1) == 2:  # round 2 has sampled and now summarises
+                raise KeyboardInterrupt
+        return generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(HFBackend, "generate", interrupt_inside_round_2)
+    assert infer(out, "--limit", "2") == 130
+    assert not (out / RESULTS_FILE).exists() and json.loads((out / STATE_FILE).read_text())["round"] == 1
+    monkeypatch.undo()
+    assert infer(out, "--limit", "2") == 0
+    assert rows(out) == rows(whole)
+
+
+def test_sigterm_stops_like_ctrl_c_after_a_round_and_the_same_command_resumes(
+    infer, whole, boxed_model_dir, shared_data, tmp_path
+):
+    out = tmp_path / "run"
+    argv = [
+        "run",
+        "--config",
+        RECIPE,
+        "--model",
+        str(boxed_model_dir),
+        "--dataset",
+        str(shared_data / "aime2024.jsonl"),
+    ]
+    argv += ["--output-dir", str(out), "--limit", "2"]
+    ended = signalled_run(out / STATE_FILE, "icpo-infer", argv, signal.SIGTERM)
+    assert ended.returncode == 143, ended.stderr[-3000:]
+    last = ended.stderr.strip().splitlines()[-1]
+    assert (
+        last.startswith("icpo-infer run: terminated; finished questions and the finished rounds")
+        and "Traceback" not in ended.stderr
+    )
+    assert json.loads((out / STATE_FILE).read_text())["round"] == 1
+    assert infer(out, "--limit", "2") == 0
+    assert rows(out) == rows(whole)

@@ -1,0 +1,59 @@
+"""Run `icpo-infer` or `icpo-train` with an hf backend that blocks at its first engine call once a file
+exists, after printing "blocked": a test signals the process there, inside the round after a saved one.
+
+usage: python tests/blocking_cli.py FILE icpo-infer|icpo-train ARGS...
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from icpo_infer.backends.hf import HFBackend
+
+ROOT = Path(__file__).resolve().parents[1]
+CLIS = {"icpo-infer": "icpo_infer.cli", "icpo-train": "icpo_train.cli"}
+
+
+def signalled_run(
+    file: Path, cli: str, args: list[str], signum: signal.Signals
+) -> subprocess.CompletedProcess:
+    """Run the CLI in a subprocess, send ``signum`` once it blocks, and return how it ended."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, __file__, str(file), cli, *args]
+    with subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    ) as process:
+        try:
+            lines = [process.stdout.readline()]
+            while lines[-1] not in ("blocked\n", ""):
+                lines.append(process.stdout.readline())
+            if lines[-1]:
+                process.send_signal(signum)
+            stdout, stderr = process.communicate(timeout=120)
+        finally:
+            process.kill()
+    return subprocess.CompletedProcess(command, process.returncode, "".join(lines) + stdout, stderr)
+
+
+def main() -> int:
+    file, cli, *args = sys.argv[1:]
+    generate = HFBackend.generate
+
+    def blocking_generate(self, *generate_args, **kwargs):
+        if Path(file).exists():
+            print("blocked", flush=True)
+            time.sleep(600)
+        return generate(self, *generate_args, **kwargs)
+
+    HFBackend.generate = blocking_generate
+    return importlib.import_module(CLIS[cli]).main(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
