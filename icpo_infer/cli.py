@@ -198,8 +198,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         except KeyboardInterrupt as err:
             stop, status = interrupt_status(err)
             print(
-                f"icpo-infer {command}: {stop}; finished questions and the finished rounds of the others are "
-                "kept, and the same command resumes.",
+                f"icpo-infer {command}: {stop}; finished questions and finished rounds are kept, and the same "
+                "command resumes.",
                 file=sys.stderr,
             )
             return status

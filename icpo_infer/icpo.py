@@ -159,8 +159,8 @@ class InferConfig:
     trust_remote_code: bool = option(False, "Run the model repository's own code (only for repos you trust).")
     batch_questions: int = option(
         64,
-        "Questions per engine call. The samples do not depend on it; an interrupted run keeps its "
-        "finished questions and the finished rounds of the others.",
+        "Questions per chunk (each phase is one engine call over a chunk). The samples do not depend on "
+        "it; an interrupted run keeps its finished questions and the finished rounds of the chunk in progress.",
     )
     overwrite: bool = option(False, "Start over in an output dir that holds results.")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 from importlib.metadata import version
 from pathlib import Path
@@ -296,7 +297,7 @@ def test_ctrl_c_stops_with_one_line_and_the_same_command_resumes(infer, tmp_path
     monkeypatch.setattr(cli, "run_method", interrupt_after_one)
     assert infer(tmp_path / "run", "--limit", "2", "--batch-questions", "1") == 130
     err = capsys.readouterr().err
-    assert "interrupted; finished questions and the finished rounds of the others are kept" in err
+    assert "interrupted; finished questions and finished rounds are kept" in err
     assert "Traceback" not in err
     assert len(rows(tmp_path / "run")) == 1
     monkeypatch.undo()
@@ -462,9 +463,23 @@ def test_sigterm_stops_like_ctrl_c_after_a_round_and_the_same_command_resumes(
     assert ended.returncode == 143, ended.stderr[-3000:]
     last = ended.stderr.strip().splitlines()[-1]
     assert (
-        last.startswith("icpo-infer run: terminated; finished questions and the finished rounds")
+        last.startswith("icpo-infer run: terminated; finished questions and finished rounds are kept")
         and "Traceback" not in ended.stderr
     )
     assert json.loads((out / STATE_FILE).read_text())["round"] == 1
     assert infer(out, "--limit", "2") == 0
     assert rows(out) == rows(whole)
+
+
+def test_a_state_write_cut_short_leaves_the_last_state_and_no_partial_file(tmp_path, monkeypatch):
+    state = ChunkState(tmp_path / STATE_FILE)
+    state.save({"round": 1, "questions": []})
+
+    def interrupted_fsync(fd):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "fsync", interrupted_fsync)
+    with pytest.raises(KeyboardInterrupt):
+        state.save({"round": 2, "questions": []})
+    assert state.load() == {"round": 1, "questions": []}
+    assert [path.name for path in tmp_path.iterdir()] == [STATE_FILE]
