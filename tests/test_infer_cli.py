@@ -9,9 +9,9 @@ from importlib.metadata import version
 from pathlib import Path
 
 import pytest
-from blocking_cli import signalled_run
 from boxed_model import teach_boxed_answers
 from conftest import read_benchmark
+from interruptions import interrupt_at_save, signalled_run
 
 from icpo_infer import cli
 from icpo_infer.backends.hf import HFBackend
@@ -392,20 +392,6 @@ def test_show_prints_one_runs_summary(infer, tmp_path, capsys):
     assert f"{100 * m['mean@k']:.1f}" in out and "self-reward per round" in out
 
 
-def interrupt_at_save(monkeypatch, n: int) -> None:
-    """The ``n``-th save of a chunk's state is written, then the run is interrupted: between two rounds."""
-    save = ChunkState.save
-    saves = []
-
-    def save_then_interrupt(self, state):
-        save(self, state)
-        saves.append(state["round"])
-        if len(saves) == n:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(ChunkState, "save", save_then_interrupt)
-
-
 @pytest.mark.parametrize("method", ROUND_METHODS)
 def test_a_run_interrupted_between_rounds_resumes_from_the_next_round(
     infer, tmp_path, capsys, monkeypatch, method
@@ -433,7 +419,7 @@ def test_a_run_interrupted_inside_a_round_loses_only_that_round(infer, whole, tm
     def interrupt_inside_round_2(self, *args, **kwargs):
         if (out / STATE_FILE).exists():
             calls_after_round_1.append(1)
-            if len(calls_after_round_1) == 2:  # round 2 has sampled and now summarises
+            if len(calls_after_round_1) == 2:  # round 2's second engine call: it has sampled
                 raise KeyboardInterrupt
         return generate(self, *args, **kwargs)
 

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from blocking_cli import signalled_run
 from boxed_model import teach_boxed_answers, teaching_prompts
 from conftest import read_benchmark
 from datasets import Dataset, load_from_disk
 from huggingface_hub import DatasetCard
+from interruptions import interrupt_at_save, signalled_run
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -25,7 +25,7 @@ from icpo_infer.config import ConfigError, parse_config
 from icpo_infer.data import load_problems
 from icpo_infer.grading import extract_answer, is_equivalent
 from icpo_infer.icpo import run_method
-from icpo_infer.results import STATE_FILE, ChunkState
+from icpo_infer.results import STATE_FILE
 from icpo_train.cli import main as icpo_train_main
 from icpo_train.trajectories import (
     FEATURES,
@@ -341,16 +341,7 @@ def test_an_interrupted_build_resumes_from_the_round_after_the_last_saved_one(
     built, boxed_model_dir, dataset_file, tmp_path, capsys, monkeypatch
 ):
     config = make_config(boxed_model_dir, dataset_file, tmp_path, batch_questions=2)
-    save = ChunkState.save
-    saves = []
-
-    def save_then_interrupt(self, state):  # the 3rd save: round 1 of the second chunk
-        save(self, state)
-        saves.append(state["round"])
-        if len(saves) == 3:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(ChunkState, "save", save_then_interrupt)
+    interrupt_at_save(monkeypatch, 3)  # 2 rounds per chunk: the second chunk's first round
     with pytest.raises(KeyboardInterrupt):
         build_trajectories(config)
     assert len((tmp_path / PROGRESS_FILE).read_text().splitlines()) == 2

@@ -1,7 +1,9 @@
-"""Run `icpo-infer` or `icpo-train` with an hf backend that blocks at its first engine call once a file
-exists, after printing "blocked": a test signals the process there, inside the round after a saved one.
+"""Runs interrupted on purpose: between two rounds in process, or by a signal inside a round.
 
-usage: python tests/blocking_cli.py FILE icpo-infer|icpo-train ARGS...
+As a script, it runs `icpo-infer` or `icpo-train` with an hf backend that blocks at its first engine
+call once a file exists, after printing "blocked": :func:`signalled_run` signals the process there.
+
+usage: python tests/interruptions.py FILE icpo-infer|icpo-train ARGS...
 """
 
 from __future__ import annotations
@@ -15,9 +17,24 @@ import time
 from pathlib import Path
 
 from icpo_infer.backends.hf import HFBackend
+from icpo_infer.results import ChunkState
 
 ROOT = Path(__file__).resolve().parents[1]
 CLIS = {"icpo-infer": "icpo_infer.cli", "icpo-train": "icpo_train.cli"}
+
+
+def interrupt_at_save(monkeypatch, n: int) -> None:
+    """The ``n``-th save of a chunk's state is written, then the run is interrupted: between two rounds."""
+    save = ChunkState.save
+    saves = []
+
+    def save_then_interrupt(self, state):
+        save(self, state)
+        saves.append(state["round"])
+        if len(saves) == n:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(ChunkState, "save", save_then_interrupt)
 
 
 def signalled_run(
