@@ -8,9 +8,11 @@ the valid ones, and every field can be overridden as ``--field value`` or ``--fi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import difflib
-from collections.abc import Sequence
+import signal
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -110,3 +112,26 @@ def to_dict(config: Any) -> dict[str, Any]:
     if hasattr(config, "to_dict"):
         return config.to_dict()
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(config).items()}
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program was, so that a CLI stops as on Ctrl-C and keeps what it saved."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated
+
+
+@contextlib.contextmanager
+def stop_on_sigterm() -> Iterator[None]:
+    """Within the block, SIGTERM raises :class:`Terminated` (a KeyboardInterrupt) instead of killing."""
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def interrupt_status(err: KeyboardInterrupt) -> tuple[str, int]:
+    """How a CLI reports a stop and its exit status: SIGTERM 128 + 15, Ctrl-C 128 + 2, as a shell would."""
+    return ("terminated", 143) if isinstance(err, Terminated) else ("interrupted", 130)
