@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from transformers import TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from icpo_infer.config import check, parse_config, to_dict
@@ -28,6 +29,27 @@ from icpo_infer.results import write_json_atomic
 from icpo_train.trainer import ICPOConfig, ICPOTrainer
 
 CONFIG_FILE = "icpo_config.json"
+# The TrainingArguments most runs set, listed by `--help` after the ICPO fields.
+TRAINING_FIELDS = (
+    "output_dir",
+    "resume_from_checkpoint",
+    "num_train_epochs",
+    "max_steps",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "learning_rate",
+    "bf16",
+    "gradient_checkpointing",
+    "logging_steps",
+    "save_steps",
+    "seed",
+)
+
+
+def main_fields() -> list[str]:
+    """What `--help` lists: the fields ICPOConfig adds to TrainingArguments, then :data:`TRAINING_FIELDS`."""
+    inherited = {f.name for f in dataclasses.fields(TrainingArguments)}
+    return [f.name for f in dataclasses.fields(ICPOConfig) if f.name not in inherited] + list(TRAINING_FIELDS)
 
 
 def resolve_checkpoint(config: ICPOConfig) -> str | None:
@@ -48,7 +70,13 @@ def trainable_checksum(model: torch.nn.Module) -> float:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    config = parse_config(ICPOConfig, argv, prog="icpo-train train")
+    config = parse_config(
+        ICPOConfig,
+        argv,
+        prog="icpo-train train",
+        main_fields=main_fields(),
+        others="transformers' TrainingArguments",
+    )
     checkpoint = resolve_checkpoint(config)
     trainer = ICPOTrainer(config)
     if trainer.is_world_process_zero():

@@ -413,3 +413,17 @@ def test_token_level_without_a_teacher(tiny_model_dir, trajectories_dir, tmp_pat
     )
     with pytest.raises(ConfigError, match="loss_level: token needs a teacher"):
         ICPOTrainer(config)
+
+
+def test_help_lists_the_icpo_options_and_help_all_every_option(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["train", "--help"])
+    assert exit_.value.code == 0
+    brief = capsys.readouterr().out
+    assert brief.index("--loss_type") < brief.index("--output_dir") < brief.index("--learning_rate")
+    assert "--adam_beta1" not in brief and "--help-all lists all of them" in brief
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help-all"])
+    full = capsys.readouterr().out
+    assert "--adam_beta1" in full and full.index("--loss_type") < full.index("--adam_beta1")
+    assert len(full.splitlines()) > 3 * len(brief.splitlines())
