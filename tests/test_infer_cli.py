@@ -1,4 +1,4 @@
-"""`icpo-infer run` and `icpo-infer compare` end to end: real hf backend, tiny model, AIME questions."""
+"""`icpo-infer run` and `icpo-infer compare` end to end: real hf backend, tiny model, arithmetic questions."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from boxed_model import teach_boxed_answers
-from conftest import read_benchmark
+from conftest import fixture_problems
 
 from icpo_infer import cli
 from icpo_infer.cli import main
@@ -22,14 +22,14 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 @pytest.fixture(scope="module")
 def boxed_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
-    questions = [row["problem"] for row in read_benchmark("aime2024")[:3]]
+    questions = [row["problem"] for row in fixture_problems()[:3]]
     return teach_boxed_answers(tiny_model_dir, tmp_path_factory.mktemp("boxed"), questions)
 
 
 @pytest.fixture
-def infer(boxed_model_dir, shared_data):
+def infer(boxed_model_dir, problems_file):
     def run(output_dir, *args: str) -> int:
-        dataset = str(shared_data / "aime2024.jsonl")
+        dataset = str(problems_file)
         argv = ["run", "--config", RECIPE, "--model", str(boxed_model_dir), "--dataset", dataset]
         return main([*argv, "--output-dir", str(output_dir), *args])
 
@@ -48,7 +48,7 @@ def test_me_icpo_run_writes_results_metrics_and_plot(infer, tmp_path):
     out = tmp_path / "me-icpo"
     assert infer(out, "--limit", "3") == 0
     results = rows(out)
-    assert [r["id"] for r in results] == [str(row["id"]) for row in read_benchmark("aime2024")[:3]]
+    assert [r["id"] for r in results] == [row["id"] for row in fixture_problems()[:3]]
     for result in results:
         assert len(result["rounds"]) == 2 and len(result["final"]["texts"]) == 2
         assert result["rounds"][0]["history"] == []

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from boxed_model import teach_boxed_answers, teaching_prompts
-from conftest import read_benchmark
+from conftest import fixture_problems
 from datasets import Dataset, load_from_disk
 from huggingface_hub import DatasetCard
 from peft import LoraConfig, get_peft_model
@@ -58,15 +58,15 @@ FAST = {
 }
 
 
-# Short MATH-500 questions (short prompts keep the tiny model fast); the taught model mostly answers 5,
-# so the first question's group has correct members and the others' have wrong ones.
-QUESTION_IDS = ("test/prealgebra/1555.json", "test/algebra/1255.json", "test/algebra/1214.json")
+# Questions answered 5, 6 and 1; the taught model mostly answers 5, so the first question's group has
+# correct members and the others' have wrong ones.
+QUESTIONS_USED = fixture_problems()[:QUESTIONS]
+QUESTION_IDS = [row["id"] for row in QUESTIONS_USED]
 
 
 @pytest.fixture(scope="module")
 def questions() -> list[dict]:
-    by_id = {row["id"]: row for row in read_benchmark("math500")}
-    return [by_id[qid] for qid in QUESTION_IDS]
+    return QUESTIONS_USED
 
 
 @pytest.fixture(scope="module")
@@ -289,13 +289,13 @@ def test_bad_options_are_config_errors(flag, value, message):
         parse_config(TrajectoryConfig, argv)
 
 
-def test_cli_builds_from_flags(boxed_model_dir, shared_data, tmp_path, capsys):
+def test_cli_builds_from_flags(boxed_model_dir, problems_file, tmp_path, capsys):
     argv = [
         "build-trajectories",
         "--model",
         str(boxed_model_dir),
         "--dataset",
-        str(shared_data / "amc.jsonl"),
+        str(problems_file),
     ]
     argv += [
         "--output",
