@@ -64,6 +64,14 @@ def fixture_problems() -> list[dict]:
     return read_jsonl(PROBLEMS_FILE)
 
 
+def tokenizer_texts() -> list[str]:
+    """What the tiny tokenizers are trained on: the fixture problems with answers and the prompts' wording."""
+    from icpo_infer.prompts import PromptTemplates
+
+    texts = [row["problem"] + " The answer is \\boxed{" + row["answer"] + "}" for row in fixture_problems()]
+    return texts + [text for text in vars(PromptTemplates()).values() if isinstance(text, str)]
+
+
 @pytest.fixture(scope="session", autouse=True)
 def one_torch_thread():
     """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP's spin-waiting
@@ -82,13 +90,9 @@ def problems_file() -> Path:
 
 def save_tiny_model(directory: Path, chat_template: bool, hidden_size: int = 32, num_heads: int = 1) -> Path:
     """head_dim = hidden_size / num_heads is at least 32, the smallest vLLM's CPU attention serves."""
-    from icpo_infer.prompts import PromptTemplates
     from icpo_train.e2e.tiny_lm import init_tiny_llama, train_tokenizer
 
-    # The texts the tiny models read: problems, answers and the prompts' wording.
-    texts = [row["problem"] + " The answer is \\boxed{" + row["answer"] + "}" for row in fixture_problems()]
-    texts += [text for text in vars(PromptTemplates()).values() if isinstance(text, str)]
-    tokenizer = train_tokenizer(texts, vocab_size=384, chat_template=chat_template)
+    tokenizer = train_tokenizer(tokenizer_texts(), vocab_size=384, chat_template=chat_template)
     model = init_tiny_llama(
         tokenizer, hidden_size=hidden_size, num_layers=2, num_heads=num_heads, context_length=4096, seed=0
     )

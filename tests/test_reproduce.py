@@ -14,7 +14,7 @@ import datasets
 import pytest
 import torch
 from boxed_model import teach_boxed_answers
-from conftest import fixture_problems
+from conftest import fixture_problems, tokenizer_texts
 from script_modules import load_script
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
@@ -111,7 +111,6 @@ SIZES = (
 
 def build_tiny_model(directory: Path, family: dict) -> Path:
     """A random model of the family's architecture (head_dim 32) with a tokenizer set up like the real one."""
-    texts = [row["problem"] + " The answer is \\boxed{" + row["answer"] + "}" for row in fixture_problems()]
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -121,7 +120,7 @@ def build_tiny_model(directory: Path, family: dict) -> Path:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(texts, trainer)
+    tokenizer.train_from_iterator(tokenizer_texts(), trainer)
     if family["bos"]:  # Llama tokenizers add BOS when asked for special tokens (the chat template has it too)
         bos_id = tokenizer.token_to_id(family["bos"])
         tokenizer.post_processor = processors.TemplateProcessing(

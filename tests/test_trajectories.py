@@ -79,7 +79,7 @@ def dataset_file(questions, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def boxed_model_dir(tiny_model_dir, questions, tmp_path_factory) -> Path:
     prompts = [row["problem"] for row in questions]
-    return teach_boxed_answers(tiny_model_dir, tmp_path_factory.mktemp("boxed"), prompts, steps=60)
+    return teach_boxed_answers(tiny_model_dir, tmp_path_factory.mktemp("boxed"), prompts)
 
 
 def make_config(model_dir: Path, dataset: Path, output: Path, **overrides) -> TrajectoryConfig:
