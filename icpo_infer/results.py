@@ -1,4 +1,4 @@
-"""The output directory of `icpo-infer run`: results.jsonl, metrics.json and config.json.
+"""The output directory of `icpo-infer run`: results.jsonl, metrics.json, config.json and log.txt.
 
 results.jsonl gets one line per finished question (appended and fsynced as questions finish);
 config.json pins what the results measure, so a rerun into the same directory resumes only when
@@ -19,6 +19,7 @@ from typing import Any
 from icpo_infer.backends.base import Usage
 from icpo_infer.config import check, to_dict
 from icpo_infer.icpo import RUN_ONLY_FIELDS, InferConfig, QuestionResult
+from icpo_infer.run_log import LOG_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -196,7 +197,7 @@ class RunDirectory:
             self.path,
             to_dict(self.config),
             overwrite=self.config.overwrite,
-            outputs=(RESULTS_FILE, METRICS_FILE, PLOT_FILE),
+            outputs=(RESULTS_FILE, METRICS_FILE, PLOT_FILE, LOG_FILE),
             ignore=RUN_ONLY_FIELDS,
             what="a run",
             flag="--output-dir",

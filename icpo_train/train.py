@@ -9,13 +9,14 @@ Several processes (DDP on GPUs or CPUs, DeepSpeed ZeRO)::
     accelerate launch --config_file recipes/accelerate/NAME.yaml -m icpo_train train --config ...
 
 The output directory receives ``checkpoint-N`` folders (safetensors LoRA adapters that icpo-infer
-loads with ``--adapter``), the final adapter, ``icpo_config.json`` (the resolved config) and the
-Trainer's ``trainer_state.json`` / ``train_results.json``. ``--resume_from_checkpoint last`` (or a
+loads with ``--adapter``), the final adapter, ``icpo_config.json`` (the resolved config), the
+Trainer's ``trainer_state.json`` / ``train_results.json`` and ``log.txt`` (what the run printed). ``--resume_from_checkpoint last`` (or a
 checkpoint path) continues an interrupted run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,6 +27,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from icpo_infer.config import check, parse_config, to_dict
 from icpo_infer.results import write_json_atomic
+from icpo_infer.run_log import run_log
 from icpo_train.trainer import ICPOConfig, ICPOTrainer
 
 CONFIG_FILE = "icpo_config.json"
@@ -79,20 +81,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     checkpoint = resolve_checkpoint(config)
     trainer = ICPOTrainer(config)
-    if trainer.is_world_process_zero():
-        Path(config.output_dir).mkdir(parents=True, exist_ok=True)
-        write_json_atomic(Path(config.output_dir) / CONFIG_FILE, to_dict(config))
-    result = trainer.train(resume_from_checkpoint=checkpoint)
-    trainer.save_model()
-    metrics = {**result.metrics, **dataclasses.asdict(trainer.trajectory_stats)}
-    trainer.log_metrics("train", metrics)
-    trainer.save_metrics("train", metrics)
-    trainer.save_state()
-    print(
-        f"icpo-train train: process {config.process_index} of {config.world_size} finished at step "
-        f"{trainer.state.global_step}; trainable-weight checksum {trainable_checksum(trainer.model)!r}",
-        flush=True,
-    )
+    with contextlib.ExitStack() as log:
+        if trainer.is_world_process_zero():
+            Path(config.output_dir).mkdir(parents=True, exist_ok=True)
+            write_json_atomic(Path(config.output_dir) / CONFIG_FILE, to_dict(config))
+            log.enter_context(run_log(config.output_dir))
+        result = trainer.train(resume_from_checkpoint=checkpoint)
+        trainer.save_model()
+        metrics = {**result.metrics, **dataclasses.asdict(trainer.trajectory_stats)}
+        trainer.log_metrics("train", metrics)
+        trainer.save_metrics("train", metrics)
+        trainer.save_state()
+        print(
+            f"icpo-train train: process {config.process_index} of {config.world_size} finished at step "
+            f"{trainer.state.global_step}; trainable-weight checksum {trainable_checksum(trainer.model)!r}",
+            flush=True,
+        )
     # Free the wrapped model and the gloo process group while the interpreter is alive: left to its
     # shutdown, a gloo thread can abort a rank ("terminate called without an active exception")
     # after training succeeded.

@@ -18,7 +18,7 @@ the groups, then the ICPO loop (one call per phase). Each finished question is a
 ``progress.jsonl`` in the output directory and skipped when the command is rerun; at the end the
 dataset is materialised from that file: ``save_to_disk`` in the output directory (what the trainer's
 ``--trajectories DIR`` reads), ``trajectories.parquet`` and a dataset card (README.md) with the
-generating config.
+generating config. ``log.txt`` collects what the runs printed.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ from icpo_infer.grading import extract_answer, is_equivalent
 from icpo_infer.icpo import RUN_ONLY_FIELDS, InferConfig, derive_seed, in_chunks, run_method
 from icpo_infer.prompts import Attempt, PromptTemplates, answer_type_of, render_prompt
 from icpo_infer.results import append_line, prepare_resumable, read_results
+from icpo_infer.run_log import LOG_FILE, run_log
 from icpo_train import trajectory_data
 from icpo_train.trajectory_data import tokenizer_fingerprint
 
@@ -270,7 +271,7 @@ def open_output(config: TrajectoryConfig, write: bool = True) -> dict[str, list[
         output,
         to_dict(config),
         overwrite=config.overwrite,
-        outputs=(PROGRESS_FILE,),
+        outputs=(PROGRESS_FILE, LOG_FILE),
         ignore=RUN_ONLY,
         what="trajectories built",
         flag="--output",
@@ -340,22 +341,24 @@ def build_trajectories(config: TrajectoryConfig, backend: Backend | None = None)
             f"question {p.id} alone fills context_length={config.context_length}; raise --context-length.",
         )
     done = open_output(config)
-    for chunk in in_chunks(todo, config.batch_questions):
-        groups = sample_groups(backend, chunk, config, templates)
-        histories = icpo_histories(backend, chunk, config)
-        fingerprint = tokenizer_fingerprint(backend.tokenizer)
-        for problem, group, question_histories in zip(chunk, groups, histories, strict=True):
-            rows = question_rows(problem, question_histories, group, fingerprint)
-            append_line(Path(config.output) / PROGRESS_FILE, {"question_id": problem.id, "rows": rows})
-            done[problem.id] = rows
-    write_dataset(config, [row for p in problems for row in done[p.id]], skipped)
+    with run_log(config.output):
+        for chunk in in_chunks(todo, config.batch_questions):
+            groups = sample_groups(backend, chunk, config, templates)
+            histories = icpo_histories(backend, chunk, config)
+            fingerprint = tokenizer_fingerprint(backend.tokenizer)
+            for problem, group, question_histories in zip(chunk, groups, histories, strict=True):
+                rows = question_rows(problem, question_histories, group, fingerprint)
+                append_line(Path(config.output) / PROGRESS_FILE, {"question_id": problem.id, "rows": rows})
+                done[problem.id] = rows
+        write_dataset(config, [row for p in problems for row in done[p.id]], skipped)
     return Path(config.output)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     config = parse_config(TrajectoryConfig, argv, prog="icpo-train build-trajectories")
     output = build_trajectories(config)
-    print(f"trajectories: {output} (load with datasets.load_from_disk, or {output / PARQUET_FILE})")
+    with run_log(output):
+        print(f"trajectories: {output} (load with datasets.load_from_disk, or {output / PARQUET_FILE})")
     return 0
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import sys
 from importlib.metadata import version
 from pathlib import Path
 
@@ -14,6 +16,7 @@ from icpo_infer import cli
 from icpo_infer.cli import main
 from icpo_infer.config import parse_config
 from icpo_infer.icpo import InferConfig, run_method
+from icpo_infer.run_log import run_log
 from icpo_train.cli import main as icpo_train_main
 
 RECIPE = str(Path(__file__).resolve().parents[1] / "recipes" / "infer" / "tiny.yaml")
@@ -315,7 +318,8 @@ def test_compare_needs_finished_runs(tmp_path, capsys):
 def test_output_files_share_one_mode_and_the_clis_say_their_version(infer, tmp_path, capsys):
     assert infer(tmp_path / "run", "--limit", "1", "--method", "single") == 0
     modes = {path.name: path.stat().st_mode & 0o777 for path in (tmp_path / "run").iterdir()}
-    assert {"config.json", "metrics.json", "results.jsonl"} <= set(modes) and len(set(modes.values())) == 1
+    assert {"config.json", "metrics.json", "results.jsonl", "log.txt"} <= set(modes)
+    assert len(set(modes.values())) == 1
     capsys.readouterr()
     assert main(["--version"]) == 0 and icpo_train_main(["--version"]) == 0
     assert capsys.readouterr().out.splitlines() == [f"icpo {version('icpo')}"] * 2
@@ -376,3 +380,33 @@ def test_show_prints_one_runs_summary(infer, tmp_path, capsys):
     assert out.startswith("me-icpo of ") and "2 questions, k = 2" in out
     assert f"mean@k per round: 1 {100 * m['mean_per_round'][0]:.1f}" in out
     assert f"{100 * m['mean@k']:.1f}" in out and "self-reward per round" in out
+
+
+def test_the_log_holds_what_the_run_printed_and_a_resume_appends_to_it(infer, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert infer(out, "--limit", "1", "--method", "single") == 0
+    summary = capsys.readouterr().out.strip().splitlines()[-1]
+    assert summary.startswith("1 questions: mean@2")
+    first = (out / "log.txt").read_text()
+    assert first.rstrip().endswith(f"INFO stdout: {summary}")
+    assert infer(out, "--limit", "2", "--method", "single") == 0
+    resumed = (out / "log.txt").read_text()
+    assert resumed.startswith(first) and "INFO stdout: 2 questions: mean@2" in resumed[len(first) :]
+
+
+def test_run_log_records_stdout_stderr_and_logging_then_lets_go(tmp_path, capsys, monkeypatch):
+    # Without pytest's handlers, as in a CLI process: logged warnings still reach the console.
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])
+    stdout, stderr = sys.stdout, sys.stderr
+    with run_log(tmp_path):
+        print("step 1\rstep 2 of 2")  # a progress bar's redraws: its last state is kept
+        print("UserWarning: watch out", file=sys.stderr)
+        logging.getLogger("icpo_infer.test").warning("a logged warning")
+    assert sys.stdout is stdout and sys.stderr is stderr and logging.getLogger().handlers == []
+    print("after")
+    log = (tmp_path / "log.txt").read_text()
+    assert "INFO stdout: step 2 of 2\n" in log and "step 1" not in log
+    assert "INFO stderr: UserWarning: watch out" in log
+    assert "WARNING icpo_infer.test: a logged warning" in log and "after" not in log
+    captured = capsys.readouterr()
+    assert "step 1\rstep 2 of 2" in captured.out and "a logged warning" in captured.err
