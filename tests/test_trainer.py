@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -427,3 +428,16 @@ def test_help_lists_the_icpo_options_and_help_all_every_option(capsys):
     full = capsys.readouterr().out
     assert "--adam_beta1" in full and full.index("--loss_type") < full.index("--adam_beta1")
     assert len(full.splitlines()) > 3 * len(brief.splitlines())
+
+
+def test_deepspeeds_cpu_notice_is_dropped_and_its_other_messages_kept():
+    deepspeed_logger = logging.getLogger("DeepSpeed")  # the logger deepspeed.utils.logging creates
+
+    def kept(message: str) -> bool:
+        record = deepspeed_logger.makeRecord("DeepSpeed", logging.WARNING, __file__, 1, message, (), None)
+        return bool(deepspeed_logger.filter(record))
+
+    assert not kept(
+        "Setting accelerator to CPU. If you have GPU or other accelerator, we were unable to detect it."
+    )
+    assert kept("Setting ds_accelerator to cuda (auto detect)")
