@@ -169,6 +169,7 @@ def hub_stand_ins(tmp_path, monkeypatch):
         ("amc", Problem("0", "p2", "142.0")),
         ("amc23", Problem("0", "p2", "142.0")),
         ("math500", Problem("test/algebra/1.json", "p3", "\\frac{1}{2}")),
+        ("MATH-500", Problem("test/algebra/1.json", "p3", "\\frac{1}{2}")),
     ],
 )
 def test_benchmarks_by_name_load_their_hub_dataset_split_and_columns(hub_stand_ins, tmp_path, name, expected):
