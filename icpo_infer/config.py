@@ -122,9 +122,7 @@ def _arrange_help(
     """A short usage line; ``--config`` and then ``main_fields`` first in the help. A ``brief`` help
     leaves out the other fields, with one line saying that ``--help-all`` lists them."""
     required = [f"{a.option_strings[0]} {a.metavar or a.dest.upper()}" for a in parser._actions if a.required]
-    parser.usage = f"{parser.prog} [--config RECIPE.yaml] {' '.join(required)} [--FIELD VALUE ...]".replace(
-        "  ", " "
-    )
+    parser.usage = " ".join([parser.prog, "[--config RECIPE.yaml]", *required, "[--FIELD VALUE ...]"])
     if main_fields is None:
         order = ["help", "config"]
     else:

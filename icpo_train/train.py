@@ -10,8 +10,8 @@ Several processes (DDP on GPUs or CPUs, DeepSpeed ZeRO)::
 
 The output directory receives ``checkpoint-N`` folders (safetensors LoRA adapters that icpo-infer
 loads with ``--adapter``), the final adapter, ``icpo_config.json`` (the resolved config), the
-Trainer's ``trainer_state.json`` / ``train_results.json`` and ``log.txt`` (what the run printed). ``--resume_from_checkpoint last`` (or a
-checkpoint path) continues an interrupted run.
+Trainer's ``trainer_state.json`` / ``train_results.json`` and ``log.txt`` (what the run printed).
+``--resume_from_checkpoint last`` (or a checkpoint path) continues an interrupted run.
 """
 
 from __future__ import annotations
