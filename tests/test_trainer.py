@@ -234,9 +234,11 @@ def resumed_run(tiny_model_dir, trajectories_dir, tmp_path_factory):
 
 
 def test_resume_reproduces_the_uninterrupted_run(resumed_run):
-    reference, resumed, _ = resumed_run
+    reference, resumed, interrupted = resumed_run
     assert len(losses(resumed)) == 6
     assert losses(resumed) == pytest.approx(losses(reference), rel=1e-5)
+    log = (interrupted / "log.txt").read_text()  # what the CLI printed: the losses of steps 4 to 6
+    assert log.count("INFO stdout: {'loss'") == 3 and "finished at step 6" in log
 
 
 def test_saved_adapter_loads_in_the_hf_backend_and_changes_outputs(tiny_model_dir, trajectories, resumed_run):
