@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import warnings
 from pathlib import Path
 
 import pytest
@@ -163,11 +164,14 @@ def sevens_adapter(boxed_model_dir, questions, tmp_path_factory) -> Path:
     """A LoRA adapter that makes the boxed model answer 7 (the bare model mostly answers 5)."""
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(boxed_model_dir)
-    model = get_peft_model(
-        AutoModelForCausalLM.from_pretrained(boxed_model_dir, dtype=torch.float32),
-        # lm_head: on attention alone the 32-wide model's digit barely moves (log-prob of 7: -3.2).
-        LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "o_proj", "lm_head"]),
-    )
+    with warnings.catch_warnings():
+        # The adapter is never merged nor converted, what PEFT warns about when it adapts a tied lm_head.
+        warnings.filterwarnings("ignore", "Model has `tie_word_embeddings=True`", UserWarning, "peft")
+        model = get_peft_model(
+            AutoModelForCausalLM.from_pretrained(boxed_model_dir, dtype=torch.float32),
+            # lm_head: on attention alone the 32-wide model's digit barely moves (log-prob of 7: -3.2).
+            LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "o_proj", "lm_head"]),
+        )
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     answer = encode_completion(tokenizer, "\\boxed{7}")
     prompts = [
@@ -180,7 +184,7 @@ def sevens_adapter(boxed_model_dir, questions, tmp_path_factory) -> Path:
         optimizer.step()
         optimizer.zero_grad()
     directory = tmp_path_factory.mktemp("sevens")
-    model.save_pretrained(directory)
+    model.save_pretrained(directory, save_embedding_layers=True)  # lm_head is adapted: what "auto" picks
     return directory
 
 
