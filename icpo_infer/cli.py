@@ -27,6 +27,7 @@ from icpo_infer.report import (
     self_reward_table,
 )
 from icpo_infer.results import PLOT_FILE, STATE_FILE, ChunkState, RunDirectory
+from icpo_infer.run_log import run_log
 
 USAGE = """usage: icpo-infer run [--config recipes/infer/NAME.yaml] --model M --dataset D --output-dir DIR [--field value ...]
        icpo-infer compare DIR_A DIR_B ... [--output compare.png] [--cost-output cost_accuracy.png]
@@ -53,43 +54,59 @@ def run(config: InferConfig, backend: Backend | None = None) -> dict[str, Any]:
     if backend is None:
         backend = make_backend(config.backend, BackendOptions.from_config(config))
     done = directory.open()
-    reward_model = None
-    if config.reward_model is not None:
-        from icpo_infer.reward_model import RewardModel  # the hf backend's modules, for best-of-n only
+    with run_log(directory.path):
+        reward_model = None
+        if config.reward_model is not None:
+            from icpo_infer.reward_model import RewardModel  # the hf backend's modules, for best-of-n only
 
-        reward_model = RewardModel(
-            config.reward_model,
-            config.device,
-            config.dtype,
-            config.max_batch_tokens,
-            config.trust_remote_code,
-        )
-    engines = [engine for engine in (backend, reward_model) if engine is not None]
-    usage_before = [Usage(**vars(engine.usage)) for engine in engines]
-    start = time.perf_counter()
+            reward_model = RewardModel(
+                config.reward_model,
+                config.device,
+                config.dtype,
+                config.max_batch_tokens,
+                config.trust_remote_code,
+            )
+        engines = [engine for engine in (backend, reward_model) if engine is not None]
+        usage_before = [Usage(**vars(engine.usage)) for engine in engines]
+        start = time.perf_counter()
 
-    def write_metrics() -> dict[str, Any]:
-        spent = Usage(
-            **{
-                name: sum(
-                    getattr(engine.usage, name) - getattr(before, name)
-                    for engine, before in zip(engines, usage_before, strict=True)
-                )
-                for name in vars(Usage())
-            }
-        )
-        return directory.write_metrics(spent, time.perf_counter() - start, skipped)
+        def write_metrics() -> dict[str, Any]:
+            spent = Usage(
+                **{
+                    name: sum(
+                        getattr(engine.usage, name) - getattr(before, name)
+                        for engine, before in zip(engines, usage_before, strict=True)
+                    )
+                    for name in vars(Usage())
+                }
+            )
+            return directory.write_metrics(spent, time.perf_counter() - start, skipped)
 
-    def on_chunk(results: list[QuestionResult]) -> None:
-        for result in results:
-            directory.add(result)
-            write_metrics()
+        def on_chunk(results: list[QuestionResult]) -> None:
+            for result in results:
+                directory.add(result)
+                write_metrics()
 
-    state = ChunkState(directory.path / STATE_FILE, after_save=write_metrics)
-    run_method(backend, problems, config, done, on_chunk, reward_model, state)
-    metrics = write_metrics()
-    plot_accuracy(metrics, directory.path / PLOT_FILE)
-    return metrics
+        state = ChunkState(directory.path / STATE_FILE, after_save=write_metrics)
+        run_method(backend, problems, config, done, on_chunk, reward_model, state)
+        metrics = write_metrics()
+        plot_accuracy(metrics, directory.path / PLOT_FILE)
+        return metrics
+
+
+def print_summary(metrics: dict[str, Any]) -> None:
+    """A finished run's accuracy and cost in one line, and its self-reward diagnostics."""
+    k = metrics["k"]
+    best = f"best@{k} {metrics['best@k']:.3f}, " if "best@k" in metrics else ""
+    print(
+        f"{metrics['num_questions']} questions: mean@{k} {metrics['mean@k']:.3f}, "
+        f"maj@{k} {metrics['maj@k']:.3f}, pass@{k} {metrics['pass@k']:.3f}, {best}"
+        f"self-improvement {metrics['self_improvement']:+.3f}; {metrics['engine_calls']} engine "
+        f"calls, {metrics['generated_tokens']} generated tokens -> {metrics['config']['output_dir']}"
+    )
+    diagnostics = self_reward_table([metrics["config"]["method"]], [metrics])
+    if diagnostics:
+        print(diagnostics)
 
 
 def compare(argv: Sequence[str]) -> None:
@@ -168,17 +185,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             if command == "run":
                 metrics = run(parse_config(InferConfig, rest, prog="icpo-infer run"))
-                k = metrics["k"]
-                best = f"best@{k} {metrics['best@k']:.3f}, " if "best@k" in metrics else ""
-                print(
-                    f"{metrics['num_questions']} questions: mean@{k} {metrics['mean@k']:.3f}, "
-                    f"maj@{k} {metrics['maj@k']:.3f}, pass@{k} {metrics['pass@k']:.3f}, {best}"
-                    f"self-improvement {metrics['self_improvement']:+.3f}; {metrics['engine_calls']} engine "
-                    f"calls, {metrics['generated_tokens']} generated tokens -> {metrics['config']['output_dir']}"
-                )
-                diagnostics = self_reward_table([metrics["config"]["method"]], [metrics])
-                if diagnostics:
-                    print(diagnostics)
+                with run_log(metrics["config"]["output_dir"]):
+                    print_summary(metrics)
             elif command == "compare":
                 compare(rest)
             elif command == "show":

@@ -1,4 +1,5 @@
-"""The output directory of `icpo-infer run`: results.jsonl, metrics.json, config.json and chunk_state.json.
+"""The output directory of `icpo-infer run`: results.jsonl, metrics.json, config.json, chunk_state.json
+and log.txt.
 
 results.jsonl gets one line per finished question (appended and fsynced as questions finish);
 chunk_state.json holds the chunk in progress after its last finished round (rewritten atomically);
@@ -20,6 +21,7 @@ from typing import Any
 from icpo_infer.backends.base import Usage
 from icpo_infer.config import check, to_dict
 from icpo_infer.icpo import RUN_ONLY_FIELDS, InferConfig, QuestionResult
+from icpo_infer.run_log import LOG_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -224,7 +226,7 @@ class RunDirectory:
             self.path,
             to_dict(self.config),
             overwrite=self.config.overwrite,
-            outputs=(RESULTS_FILE, METRICS_FILE, PLOT_FILE, STATE_FILE),
+            outputs=(RESULTS_FILE, METRICS_FILE, PLOT_FILE, STATE_FILE, LOG_FILE),
             ignore=RUN_ONLY_FIELDS,
             what="a run",
             flag="--output-dir",

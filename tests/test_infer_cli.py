@@ -1,16 +1,18 @@
-"""`icpo-infer run` and `icpo-infer compare` end to end: real hf backend, tiny model, AIME questions."""
+"""`icpo-infer run` and `icpo-infer compare` end to end: real hf backend, tiny model, arithmetic questions."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
+import sys
 from importlib.metadata import version
 from pathlib import Path
 
 import pytest
 from boxed_model import teach_boxed_answers
-from conftest import read_benchmark
+from conftest import fixture_problems
 from interruptions import interrupt_at_save, signalled_run
 
 from icpo_infer import cli
@@ -19,6 +21,7 @@ from icpo_infer.cli import main
 from icpo_infer.config import parse_config
 from icpo_infer.icpo import ROUND_METHODS, InferConfig, run_method
 from icpo_infer.results import RESULTS_FILE, STATE_FILE, ChunkState
+from icpo_infer.run_log import run_log
 from icpo_train.cli import main as icpo_train_main
 
 RECIPE = str(Path(__file__).resolve().parents[1] / "recipes" / "infer" / "tiny.yaml")
@@ -27,14 +30,14 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 @pytest.fixture(scope="module")
 def boxed_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
-    questions = [row["problem"] for row in read_benchmark("aime2024")[:3]]
+    questions = [row["problem"] for row in fixture_problems()[:3]]
     return teach_boxed_answers(tiny_model_dir, tmp_path_factory.mktemp("boxed"), questions)
 
 
 @pytest.fixture(scope="module")
-def infer(boxed_model_dir, shared_data):
+def infer(boxed_model_dir, problems_file):
     def run(output_dir, *args: str) -> int:
-        dataset = str(shared_data / "aime2024.jsonl")
+        dataset = str(problems_file)
         argv = ["run", "--config", RECIPE, "--model", str(boxed_model_dir), "--dataset", dataset]
         return main([*argv, "--output-dir", str(output_dir), *args])
 
@@ -61,7 +64,7 @@ def test_me_icpo_run_writes_results_metrics_and_plot(infer, tmp_path):
     out = tmp_path / "me-icpo"
     assert infer(out, "--limit", "3") == 0
     results = rows(out)
-    assert [r["id"] for r in results] == [str(row["id"]) for row in read_benchmark("aime2024")[:3]]
+    assert [r["id"] for r in results] == [row["id"] for row in fixture_problems()[:3]]
     for result in results:
         assert len(result["rounds"]) == 2 and len(result["final"]["texts"]) == 2
         assert result["rounds"][0]["history"] == []
@@ -329,7 +332,8 @@ def test_compare_needs_finished_runs(tmp_path, capsys):
 def test_output_files_share_one_mode_and_the_clis_say_their_version(infer, tmp_path, capsys):
     assert infer(tmp_path / "run", "--limit", "1", "--method", "single") == 0
     modes = {path.name: path.stat().st_mode & 0o777 for path in (tmp_path / "run").iterdir()}
-    assert {"config.json", "metrics.json", "results.jsonl"} <= set(modes) and len(set(modes.values())) == 1
+    assert {"config.json", "metrics.json", "results.jsonl", "log.txt"} <= set(modes)
+    assert len(set(modes.values())) == 1
     capsys.readouterr()
     assert main(["--version"]) == 0 and icpo_train_main(["--version"]) == 0
     assert capsys.readouterr().out.splitlines() == [f"icpo {version('icpo')}"] * 2
@@ -432,7 +436,7 @@ def test_a_run_interrupted_inside_a_round_loses_only_that_round(infer, whole, tm
 
 
 def test_sigterm_stops_like_ctrl_c_after_a_round_and_the_same_command_resumes(
-    infer, whole, boxed_model_dir, shared_data, tmp_path
+    infer, whole, boxed_model_dir, problems_file, tmp_path
 ):
     out = tmp_path / "run"
     argv = [
@@ -442,7 +446,7 @@ def test_sigterm_stops_like_ctrl_c_after_a_round_and_the_same_command_resumes(
         "--model",
         str(boxed_model_dir),
         "--dataset",
-        str(shared_data / "aime2024.jsonl"),
+        str(problems_file),
     ]
     argv += ["--output-dir", str(out), "--limit", "2"]
     ended = signalled_run(out / STATE_FILE, "icpo-infer", argv, signal.SIGTERM)
@@ -469,3 +473,33 @@ def test_a_state_write_cut_short_leaves_the_last_state_and_no_partial_file(tmp_p
         state.save({"round": 2, "questions": []})
     assert state.load() == {"round": 1, "questions": []}
     assert [path.name for path in tmp_path.iterdir()] == [STATE_FILE]
+
+
+def test_the_log_holds_what_the_run_printed_and_a_resume_appends_to_it(infer, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert infer(out, "--limit", "1", "--method", "single") == 0
+    summary = capsys.readouterr().out.strip().splitlines()[-1]
+    assert summary.startswith("1 questions: mean@2")
+    first = (out / "log.txt").read_text()
+    assert first.rstrip().endswith(f"INFO stdout: {summary}")
+    assert infer(out, "--limit", "2", "--method", "single") == 0
+    resumed = (out / "log.txt").read_text()
+    assert resumed.startswith(first) and "INFO stdout: 2 questions: mean@2" in resumed[len(first) :]
+
+
+def test_run_log_records_stdout_stderr_and_logging_then_lets_go(tmp_path, capsys, monkeypatch):
+    # Without pytest's handlers, as in a CLI process: logged warnings still reach the console.
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])
+    stdout, stderr = sys.stdout, sys.stderr
+    with run_log(tmp_path):
+        print("step 1\rstep 2 of 2")  # a progress bar's redraws: its last state is kept
+        print("UserWarning: watch out", file=sys.stderr)
+        logging.getLogger("icpo_infer.test").warning("a logged warning")
+    assert sys.stdout is stdout and sys.stderr is stderr and logging.getLogger().handlers == []
+    print("after")
+    log = (tmp_path / "log.txt").read_text()
+    assert "INFO stdout: step 2 of 2\n" in log and "step 1" not in log
+    assert "INFO stderr: UserWarning: watch out" in log
+    assert "WARNING icpo_infer.test: a logged warning" in log and "after" not in log
+    captured = capsys.readouterr()
+    assert "step 1\rstep 2 of 2" in captured.out and "a logged warning" in captured.err

@@ -6,12 +6,13 @@ import dataclasses
 import json
 import re
 import signal
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 from boxed_model import teach_boxed_answers, teaching_prompts
-from conftest import read_benchmark
+from conftest import fixture_problems
 from datasets import Dataset, load_from_disk
 from huggingface_hub import DatasetCard
 from interruptions import interrupt_at_save, signalled_run
@@ -61,15 +62,15 @@ FAST = {
 }
 
 
-# Short MATH-500 questions (short prompts keep the tiny model fast); the taught model mostly answers 5,
-# so the first question's group has correct members and the others' have wrong ones.
-QUESTION_IDS = ("test/prealgebra/1555.json", "test/algebra/1255.json", "test/algebra/1214.json")
+# Questions answered 5, 6 and 1; the taught model mostly answers 5, so the first question's group has
+# correct members and the others' have wrong ones.
+QUESTIONS_USED = fixture_problems()[:QUESTIONS]
+QUESTION_IDS = [row["id"] for row in QUESTIONS_USED]
 
 
 @pytest.fixture(scope="module")
 def questions() -> list[dict]:
-    by_id = {row["id"]: row for row in read_benchmark("math500")}
-    return [by_id[qid] for qid in QUESTION_IDS]
+    return QUESTIONS_USED
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +83,7 @@ def dataset_file(questions, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def boxed_model_dir(tiny_model_dir, questions, tmp_path_factory) -> Path:
     prompts = [row["problem"] for row in questions]
-    return teach_boxed_answers(tiny_model_dir, tmp_path_factory.mktemp("boxed"), prompts, steps=60)
+    return teach_boxed_answers(tiny_model_dir, tmp_path_factory.mktemp("boxed"), prompts)
 
 
 def make_config(model_dir: Path, dataset: Path, output: Path, **overrides) -> TrajectoryConfig:
@@ -166,11 +167,14 @@ def sevens_adapter(boxed_model_dir, questions, tmp_path_factory) -> Path:
     """A LoRA adapter that makes the boxed model answer 7 (the bare model mostly answers 5)."""
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(boxed_model_dir)
-    model = get_peft_model(
-        AutoModelForCausalLM.from_pretrained(boxed_model_dir, dtype=torch.float32),
-        # lm_head: on attention alone the 32-wide model's digit barely moves (log-prob of 7: -3.2).
-        LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "o_proj", "lm_head"]),
-    )
+    with warnings.catch_warnings():
+        # The adapter is never merged nor converted, what PEFT warns about when it adapts a tied lm_head.
+        warnings.filterwarnings("ignore", "Model has `tie_word_embeddings=True`", UserWarning, "peft")
+        model = get_peft_model(
+            AutoModelForCausalLM.from_pretrained(boxed_model_dir, dtype=torch.float32),
+            # lm_head: on attention alone the 32-wide model's digit barely moves (log-prob of 7: -3.2).
+            LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "o_proj", "lm_head"]),
+        )
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     answer = encode_completion(tokenizer, "\\boxed{7}")
     prompts = [
@@ -183,7 +187,7 @@ def sevens_adapter(boxed_model_dir, questions, tmp_path_factory) -> Path:
         optimizer.step()
         optimizer.zero_grad()
     directory = tmp_path_factory.mktemp("sevens")
-    model.save_pretrained(directory)
+    model.save_pretrained(directory, save_embedding_layers=True)  # lm_head is adapted: what "auto" picks
     return directory
 
 
@@ -292,13 +296,13 @@ def test_bad_options_are_config_errors(flag, value, message):
         parse_config(TrajectoryConfig, argv)
 
 
-def test_cli_builds_from_flags(boxed_model_dir, shared_data, tmp_path, capsys):
+def test_cli_builds_from_flags(boxed_model_dir, problems_file, tmp_path, capsys):
     argv = [
         "build-trajectories",
         "--model",
         str(boxed_model_dir),
         "--dataset",
-        str(shared_data / "amc.jsonl"),
+        str(problems_file),
     ]
     argv += [
         "--output",

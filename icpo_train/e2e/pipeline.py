@@ -19,6 +19,8 @@ run resumes where it stopped):
   resumable per question);
 - ``report``: over all seeds, ``DIR/report.json``, the table of :func:`format_report` and the plot
   ``DIR/accuracy_vs_round.png``.
+
+``DIR/log.txt`` collects what the runs printed.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from icpo_infer.icpo import InferConfig
 from icpo_infer.prompts import PromptTemplates
 from icpo_infer.report import ACCURACY_RANGE
 from icpo_infer.results import METRICS_FILE, write_json_atomic
+from icpo_infer.run_log import run_log
 from icpo_train.e2e.pretrain import PretrainConfig, pretrain
 from icpo_train.e2e.synthetic import SyntheticTaskConfig, write_splits
 from icpo_train.trainer import ICPOConfig, ICPOTrainer
@@ -562,19 +565,21 @@ def format_report(report: dict[str, Any]) -> str:
 
 def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
     """Run the selected stages for every seed; returns the report when 'report' is one of them, else {}."""
-    for seed in config.seeds:
-        _SeedRun(dataclasses.replace(config, seed=seed)).run(config.stages)
-    if "report" not in config.stages:
-        return {}
     root = Path(config.output_dir)
-    for seed in config.seeds:
-        for model in config.evaluated_models:
-            for method in config.eval_methods:
-                _require_finished(root / f"seed-{seed}" / "eval" / model / method)
-    report = build_report(config)
-    write_json_atomic(root / REPORT_FILE, report)
-    plot_report(report, root / PLOT_FILE)
-    return report
+    root.mkdir(parents=True, exist_ok=True)
+    with run_log(root):
+        for seed in config.seeds:
+            _SeedRun(dataclasses.replace(config, seed=seed)).run(config.stages)
+        if "report" not in config.stages:
+            return {}
+        for seed in config.seeds:
+            for model in config.evaluated_models:
+                for method in config.eval_methods:
+                    _require_finished(root / f"seed-{seed}" / "eval" / model / method)
+        report = build_report(config)
+        write_json_atomic(root / REPORT_FILE, report)
+        plot_report(report, root / PLOT_FILE)
+        return report
 
 
 def _require_finished(run_dir: Path) -> None:
@@ -589,8 +594,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = parse_config(PipelineConfig, argv, prog="icpo-train pipeline")
     report = run_pipeline(config)
     if report:
-        print(format_report(report))
-        print(f"report: {report['report']}\nplot: {report['plot']}")
+        with run_log(config.output_dir):
+            print(format_report(report))
+            print(f"report: {report['report']}\nplot: {report['plot']}")
     return 0
 
 

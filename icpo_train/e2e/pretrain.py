@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from datasets import Dataset
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
@@ -202,6 +203,7 @@ def pretrain(
             save_strategy="no",
             report_to="none",
             seed=config.seed,
+            dataloader_pin_memory=torch.accelerator.is_available(),  # torch warns when there is none
         )
         collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
         Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator).train()
