@@ -12,9 +12,9 @@ from typing import Any
 
 from icpo_infer.backends import make_backend
 from icpo_infer.backends.base import Backend, BackendOptions, ServerError, Usage
-from icpo_infer.config import ConfigError, check, parse_config
+from icpo_infer.config import ConfigError, check, interrupt_status, parse_config, stop_on_sigterm
 from icpo_infer.data import load_run_problems
-from icpo_infer.icpo import InferConfig, run_method
+from icpo_infer.icpo import InferConfig, QuestionResult, run_method
 from icpo_infer.report import (
     accuracy_curve,
     comparability_problems,
@@ -26,7 +26,8 @@ from icpo_infer.report import (
     run_labels,
     self_reward_table,
 )
-from icpo_infer.results import PLOT_FILE, RunDirectory
+from icpo_infer.results import PLOT_FILE, STATE_FILE, ChunkState, RunDirectory
+from icpo_infer.run_log import run_log
 
 USAGE = """usage: icpo-infer run [--config recipes/infer/NAME.yaml] --model M --dataset D --output-dir DIR [--field value ...]
        icpo-infer compare DIR_A DIR_B ... [--output compare.png] [--cost-output cost_accuracy.png]
@@ -53,41 +54,59 @@ def run(config: InferConfig, backend: Backend | None = None) -> dict[str, Any]:
     if backend is None:
         backend = make_backend(config.backend, BackendOptions.from_config(config))
     done = directory.open()
-    reward_model = None
-    if config.reward_model is not None:
-        from icpo_infer.reward_model import RewardModel  # the hf backend's modules, for best-of-n only
+    with run_log(directory.path):
+        reward_model = None
+        if config.reward_model is not None:
+            from icpo_infer.reward_model import RewardModel  # the hf backend's modules, for best-of-n only
 
-        reward_model = RewardModel(
-            config.reward_model,
-            config.device,
-            config.dtype,
-            config.max_batch_tokens,
-            config.trust_remote_code,
-        )
-    engines = [engine for engine in (backend, reward_model) if engine is not None]
-    usage_before = [Usage(**vars(engine.usage)) for engine in engines]
-    start = time.perf_counter()
+            reward_model = RewardModel(
+                config.reward_model,
+                config.device,
+                config.dtype,
+                config.max_batch_tokens,
+                config.trust_remote_code,
+            )
+        engines = [engine for engine in (backend, reward_model) if engine is not None]
+        usage_before = [Usage(**vars(engine.usage)) for engine in engines]
+        start = time.perf_counter()
 
-    def write_metrics() -> dict[str, Any]:
-        spent = Usage(
-            **{
-                name: sum(
-                    getattr(engine.usage, name) - getattr(before, name)
-                    for engine, before in zip(engines, usage_before, strict=True)
-                )
-                for name in vars(Usage())
-            }
-        )
-        return directory.write_metrics(spent, time.perf_counter() - start, skipped)
+        def write_metrics() -> dict[str, Any]:
+            spent = Usage(
+                **{
+                    name: sum(
+                        getattr(engine.usage, name) - getattr(before, name)
+                        for engine, before in zip(engines, usage_before, strict=True)
+                    )
+                    for name in vars(Usage())
+                }
+            )
+            return directory.write_metrics(spent, time.perf_counter() - start, skipped)
 
-    def on_result(result) -> None:
-        directory.add(result)
-        write_metrics()
+        def on_chunk(results: list[QuestionResult]) -> None:
+            for result in results:
+                directory.add(result)
+                write_metrics()
 
-    run_method(backend, problems, config, done_ids=done, on_result=on_result, reward_model=reward_model)
-    metrics = write_metrics()
-    plot_accuracy(metrics, directory.path / PLOT_FILE)
-    return metrics
+        state = ChunkState(directory.path / STATE_FILE, after_save=write_metrics)
+        run_method(backend, problems, config, done, on_chunk, reward_model, state)
+        metrics = write_metrics()
+        plot_accuracy(metrics, directory.path / PLOT_FILE)
+        return metrics
+
+
+def print_summary(metrics: dict[str, Any]) -> None:
+    """A finished run's accuracy and cost in one line, and its self-reward diagnostics."""
+    k = metrics["k"]
+    best = f"best@{k} {metrics['best@k']:.3f}, " if "best@k" in metrics else ""
+    print(
+        f"{metrics['num_questions']} questions: mean@{k} {metrics['mean@k']:.3f}, "
+        f"maj@{k} {metrics['maj@k']:.3f}, pass@{k} {metrics['pass@k']:.3f}, {best}"
+        f"self-improvement {metrics['self_improvement']:+.3f}; {metrics['engine_calls']} engine "
+        f"calls, {metrics['generated_tokens']} generated tokens -> {metrics['config']['output_dir']}"
+    )
+    diagnostics = self_reward_table([metrics["config"]["method"]], [metrics])
+    if diagnostics:
+        print(diagnostics)
 
 
 def compare(argv: Sequence[str]) -> None:
@@ -162,42 +181,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"icpo {version('icpo')}")
         return 0
     command, rest = argv[0], argv[1:]
-    try:
-        if command == "run":
-            metrics = run(parse_config(InferConfig, rest, prog="icpo-infer run"))
-            k = metrics["k"]
-            best = f"best@{k} {metrics['best@k']:.3f}, " if "best@k" in metrics else ""
+    with stop_on_sigterm():
+        try:
+            if command == "run":
+                metrics = run(parse_config(InferConfig, rest, prog="icpo-infer run"))
+                with run_log(metrics["config"]["output_dir"]):
+                    print_summary(metrics)
+            elif command == "compare":
+                compare(rest)
+            elif command == "show":
+                show(rest)
+            else:
+                print(
+                    f"icpo-infer: unknown command '{command}'. Valid: run, compare, show.\n\n{USAGE}",
+                    file=sys.stderr,
+                )
+                return 2
+        except ConfigError as err:
+            print(f"icpo-infer {command}: error: {err}", file=sys.stderr)
+            return 2
+        except ServerError as err:
+            print(f"icpo-infer {command}: error: {err}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt as err:
+            stop, status = interrupt_status(err)
             print(
-                f"{metrics['num_questions']} questions: mean@{k} {metrics['mean@k']:.3f}, "
-                f"maj@{k} {metrics['maj@k']:.3f}, pass@{k} {metrics['pass@k']:.3f}, {best}"
-                f"self-improvement {metrics['self_improvement']:+.3f}; {metrics['engine_calls']} engine "
-                f"calls, {metrics['generated_tokens']} generated tokens -> {metrics['config']['output_dir']}"
-            )
-            diagnostics = self_reward_table([metrics["config"]["method"]], [metrics])
-            if diagnostics:
-                print(diagnostics)
-        elif command == "compare":
-            compare(rest)
-        elif command == "show":
-            show(rest)
-        else:
-            print(
-                f"icpo-infer: unknown command '{command}'. Valid: run, compare, show.\n\n{USAGE}",
+                f"icpo-infer {command}: {stop}; finished questions and finished rounds are kept, and the same "
+                "command resumes.",
                 file=sys.stderr,
             )
-            return 2
-    except ConfigError as err:
-        print(f"icpo-infer {command}: error: {err}", file=sys.stderr)
-        return 2
-    except ServerError as err:
-        print(f"icpo-infer {command}: error: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(
-            f"icpo-infer {command}: interrupted; finished questions are kept, and the same command resumes.",
-            file=sys.stderr,
-        )
-        return 130
+            return status
     return 0
 
 

@@ -8,9 +8,11 @@ the valid ones, and every field can be overridden as ``--field value`` or ``--fi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import difflib
-from collections.abc import Sequence
+import signal
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -74,13 +76,24 @@ def check_keys(config_cls: type, keys: Sequence[str], source: str) -> None:
             raise ConfigError(f"{source}: unknown key '{key}'.{hint} Valid keys: {', '.join(valid)}.")
 
 
-def parse_config(config_cls: type[T], argv: Sequence[str] | None = None, prog: str | None = None) -> T:
-    """Build ``config_cls`` from ``--config recipe.yaml`` (optional) and command-line overrides."""
+def parse_config(
+    config_cls: type[T],
+    argv: Sequence[str] | None = None,
+    prog: str | None = None,
+    main_fields: Sequence[str] | None = None,
+    others: str = "",
+) -> T:
+    """Build ``config_cls`` from ``--config recipe.yaml`` (optional) and command-line overrides.
+
+    With ``main_fields``, ``--help`` lists only those fields (in that order) and ``--help-all`` every
+    field; ``others`` says what the fields left out are (e.g. "transformers' TrainingArguments").
+    """
     recipe_parser = argparse.ArgumentParser(add_help=False)
     recipe_parser.add_argument("--config", default=None)
     known, argv = recipe_parser.parse_known_args(list(argv or []))
     parser = HfArgumentParser(config_cls, prog=prog)
     parser.add_argument("--config", default=None, help="YAML recipe; command-line flags override its values.")
+    _arrange_help(parser, main_fields, others, brief="--help-all" not in argv)
     if known.config:
         recipe = load_recipe(known.config)
         check_keys(config_cls, list(recipe), f"recipe '{known.config}'")
@@ -105,8 +118,61 @@ def parse_config(config_cls: type[T], argv: Sequence[str] | None = None, prog: s
     return parser.parse_args_into_dataclasses(argv)[0]
 
 
+def _arrange_help(
+    parser: argparse.ArgumentParser, main_fields: Sequence[str] | None, others: str, brief: bool
+) -> None:
+    """A short usage line; ``--config`` and then ``main_fields`` first in the help. A ``brief`` help
+    leaves out the other fields, with one line saying that ``--help-all`` lists them."""
+    required = [f"{a.option_strings[0]} {a.metavar or a.dest.upper()}" for a in parser._actions if a.required]
+    parser.usage = " ".join([parser.prog, "[--config RECIPE.yaml]", *required, "[--FIELD VALUE ...]"])
+    if main_fields is None:
+        order = ["help", "config"]
+    else:
+        order = ["help", "help_all", "config", *main_fields]
+        parser.add_argument("--help-all", action="help", help="List every option, not only the main ones.")
+    for action in parser._actions:
+        if isinstance(action, argparse._StoreFalseAction):  # HfArgumentParser's --no_FIELD of a true default
+            action.help = f"Same as --{action.dest} false."
+    rank = {dest: index for index, dest in enumerate(order)}
+    # argparse prints each group's actions in the order they were added: ``config`` and the main fields,
+    # added after the fields, move to the front.
+    for group in parser._action_groups:
+        group._group_actions.sort(key=lambda action: rank.get(action.dest, len(order)))
+    if main_fields is None or not brief:
+        return
+    left_out = [a for a in parser._actions if a.dest not in rank]
+    for action in left_out:
+        action.help = argparse.SUPPRESS
+    parser.epilog = (
+        f"These are the main options; --help-all lists all of them ({len(left_out)} more: {others})."
+    )
+
+
 def to_dict(config: Any) -> dict[str, Any]:
     """The resolved config as JSON-serialisable data (for metrics.json and dataset cards)."""
     if hasattr(config, "to_dict"):
         return config.to_dict()
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(config).items()}
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program was, so that a CLI stops as on Ctrl-C and keeps what it saved."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated
+
+
+@contextlib.contextmanager
+def stop_on_sigterm() -> Iterator[None]:
+    """Within the block, SIGTERM raises :class:`Terminated` (a KeyboardInterrupt) instead of killing."""
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def interrupt_status(err: KeyboardInterrupt) -> tuple[str, int]:
+    """How a CLI reports a stop and its exit status: SIGTERM 128 + 15, Ctrl-C 128 + 2, as a shell would."""
+    return ("terminated", 143) if isinstance(err, Terminated) else ("interrupted", 130)

@@ -5,7 +5,7 @@ normalised): they are stored in results and trajectories and shown back to the m
 history. Two answers are the same when math-verify says so (``0.5`` = ``\\frac{1}{2}``, ``025`` =
 ``25``, ``142.0`` = ``142``), and majority votes count equivalence classes, not raw strings.
 
-What counts as a final answer (README, "Grading", lists the same): the last of
+What counts as a final answer (docs/inference.md, "Grading", lists the same): the last of
 
 - a box: ``\\boxed{...}`` (nested braces), ``\\fbox{...}``, ``boxed{...}`` written without its
   backslash, ``\\boxed 5`` (one token, as LaTeX allows);

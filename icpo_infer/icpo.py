@@ -17,13 +17,19 @@ Randomness on our side comes from a per-question generator seeded by the run see
 id; each engine call carries a seed derived from the run seed and the phase, and the backends draw a
 prompt's samples from that seed and the prompt alone. A question's results therefore do not depend
 on the questions run with it: any ``batch_questions`` and a resumed run reproduce them.
+
+The methods with rounds save the chunk in progress after every round (each question's history, rounds,
+self-refine chains and generator state, see :func:`_saved`); a resumed run restores it and goes on
+from the next round, so an interruption loses at most the round in progress.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import random
+import sys
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -57,6 +63,7 @@ from icpo_infer.prompts import (
 if (
     TYPE_CHECKING
 ):  # loading a reward model needs the hf backend's modules; only best-of-n's users pay for them
+    from icpo_infer.results import ChunkState
     from icpo_infer.reward_model import RewardModel
 
 logger = logging.getLogger(__name__)
@@ -152,7 +159,8 @@ class InferConfig:
     trust_remote_code: bool = option(False, "Run the model repository's own code (only for repos you trust).")
     batch_questions: int = option(
         64,
-        "Questions per chunk; an interrupted run loses at most one chunk. The samples do not depend on it.",
+        "Questions per chunk (each phase is one engine call over a chunk). The samples do not depend on "
+        "it; an interrupted run keeps its finished questions and the finished rounds of the chunk in progress.",
     )
     overwrite: bool = option(False, "Start over in an output dir that holds results.")
 
@@ -361,6 +369,44 @@ class _Question:
     rounds: list[RoundRecord] | list[RefineRound] = field(default_factory=list)
     final: Samples | None = None
     pick: Pick | None = None
+    chains: list[str] = field(default_factory=list)  # self-refine: each chain's latest response
+
+
+def _saved(q: _Question) -> dict[str, Any]:
+    """What a question carries from one round to the next, as JSON."""
+    return {
+        "id": q.problem.id,
+        "rng": q.rng.getstate(),
+        "history": [dataclasses.asdict(a) for a in q.history],
+        "rounds": [dataclasses.asdict(record) for record in q.rounds],
+        "chains": q.chains,
+    }
+
+
+def _restored(problem: Problem, saved: dict[str, Any]) -> _Question:
+    """The question :func:`_saved` wrote, as it was after its last finished round."""
+    version, internal, gauss = saved["rng"]
+    rng = random.Random()
+    rng.setstate((version, tuple(internal), gauss))
+
+    def attempt(a: dict[str, Any] | None) -> Attempt | None:
+        return None if a is None else Attempt(**a)
+
+    def record(r: dict[str, Any]) -> RoundRecord | RefineRound:
+        samples = Samples(**r["samples"])
+        if "feedback" in r:
+            return RefineRound(**{**r, "samples": samples})
+        history = [attempt(a) for a in r["history"]]
+        return RoundRecord(**{**r, "samples": samples, "history": history, "evicted": attempt(r["evicted"])})
+
+    return _Question(
+        problem,
+        answer_type_of(problem.answer),
+        rng,
+        history=[attempt(a) for a in saved["history"]],
+        rounds=[record(r) for r in saved["rounds"]],
+        chains=saved["chains"],
+    )
 
 
 def _texts(generation: Generation) -> list[str]:
@@ -386,7 +432,11 @@ class _Run:
     """Questions through one method, a chunk at a time; each phase is one backend call."""
 
     def __init__(
-        self, backend: Backend, config: InferConfig, reward_model: RewardModel | None = None
+        self,
+        backend: Backend,
+        config: InferConfig,
+        reward_model: RewardModel | None = None,
+        state: ChunkState | None = None,
     ) -> None:
         if (reward_model is None) != (config.reward_model is None):
             raise ValueError("pass the loaded reward model exactly when config.reward_model names one")
@@ -395,7 +445,11 @@ class _Run:
         self.config = config
         self.tokenizer = backend.tokenizer
         self.templates = PromptTemplates.from_yaml(config.templates) if config.templates else None
-        self.progress: tqdm | None = None  # one step per phase, set by run_method
+        self.state = state
+        # Set by run_method: a bar over questions that a chunk of m advances by m / (rounds + 1) per finished
+        # round (its ETA moves within a chunk), and the count of questions done.
+        self.progress: tqdm | None = None
+        self.finished = 0
 
     # -- prompts and engine calls -------------------------------------------------------------
 
@@ -461,7 +515,7 @@ class _Run:
         chunk of ``batch_questions`` and in a resumed run. ``max_new_tokens`` defaults to the answer
         length (the summary length for summaries).
         """
-        self.progress.set_postfix_str(phase)
+        self.show(phase)
         generations = []
         if requests:
             seed = derive_seed(self.config.seed, phase)
@@ -472,31 +526,31 @@ class _Run:
             # The run's adapter on every call, so one loaded backend can evaluate several adapters.
             prompts = [prompt for _, prompt, _ in requests]
             generations = self.backend.generate(prompts, params, adapter=self.config.adapter)
-        self.progress.update(1)
         return generations
+
+    def show(self, phase: str | None = None) -> None:
+        done = f"{self.finished}/{self.progress.total} questions done"
+        self.progress.set_postfix_str(f"{done}, {phase}" if phase else done)
+
+    def finish_round(self, questions: list[_Question], r: int) -> None:
+        """Save the chunk after its round ``r``: from here on an interruption does not lose it."""
+        if self.state is not None:
+            self.state.save({"round": r, "questions": [_saved(q) for q in questions]})
+        self.progress.update(len(questions) / (self.config.rounds + 1))
 
     # -- methods ------------------------------------------------------------------------------
 
-    def run(self, questions: list[_Question]) -> None:
-        """The configured method on one chunk of questions."""
+    def run(self, questions: list[_Question], rounds_done: int = 0) -> None:
+        """The configured method on one chunk of questions, from the round after ``rounds_done``."""
         method = self.config.method
         if method in ICPO_METHODS:
-            self.icpo(questions)
+            self.icpo(questions, rounds_done)
         elif method == "self-refine":
-            self.self_refine(questions)
+            self.self_refine(questions, rounds_done)
         elif method == "best-of-n":
             self.best_of_n(questions)
         else:
             self.sample_only(questions)
-
-    def phases(self) -> int:
-        """Engine calls per chunk, at most: the progress bar's steps."""
-        method, rounds = self.config.method, self.config.rounds
-        if method in ICPO_METHODS:
-            return 4 * rounds + 1  # per round: sample, summarise, probe, evict; then the final samples
-        if method == "self-refine":
-            return 2 * rounds + 1
-        return 2 if method == "best-of-n" else 1
 
     def sample_only(self, questions: list[_Question]) -> list[tuple[_Question, str, int]]:
         """single / majority / best-of-n: k samples with no history; returns the requests sent."""
@@ -509,7 +563,7 @@ class _Run:
         """k samples, then ONE scoring call over all of them; each question picks its highest-scored
         sample among those with an answer (an empty or answerless response is no pick), the first on ties."""
         requests = self.sample_only(questions)
-        self.progress.set_postfix_str("score")
+        self.show("score")
         pairs = [(q, prompt, text) for q, prompt, _ in requests for text in q.final.texts]
         if self.reward_model is None:
             scorer = "mean_logprob"
@@ -524,7 +578,6 @@ class _Run:
             scores = self.reward_model.score(
                 [q.problem.problem for q, _, _ in pairs], [text for _, _, text in pairs]
             )
-        self.progress.update(1)
         start = 0
         for q in questions:
             own = scores[start : start + len(q.final.texts)]
@@ -533,22 +586,23 @@ class _Run:
             chosen = max(answered or range(len(own)), key=own.__getitem__)
             q.pick = Pick(scorer, own, chosen, q.final.correct[chosen])
 
-    def self_refine(self, questions: list[_Question]) -> None:
+    def self_refine(self, questions: list[_Question], rounds_done: int = 0) -> None:
         """k chains per question: an answer, then per round the model's feedback on it and a refined
         answer. Feedback and refinement are one engine call each over all chains of all questions; a
         chain whose prompt no longer fits the context keeps its response."""
         config = self.config
-        chains = [
-            _texts(generation)
-            for generation in self.generate("samples", self.bare_requests(questions), config.k)
-        ]
+        if rounds_done == 0:
+            generations = self.generate("samples", self.bare_requests(questions), config.k)
+            for q, generation in zip(questions, generations, strict=True):
+                q.chains = _texts(generation)
         keep = "the chain keeps its response"
-        for r in range(1, config.rounds + 1):
+        for r in range(rounds_done + 1, config.rounds + 1):
             phase = f"round {r}/{config.rounds}"
             requests, owners = [], []
-            for q, texts in zip(questions, chains, strict=True):
-                q.rounds.append(RefineRound(r, _grade(texts, q), [None] * len(texts)))
-                for j, text in enumerate(texts):
+            for q in questions:
+                # A copy: the refinement below replaces the chains' responses, not this round's record.
+                q.rounds.append(RefineRound(r, _grade(list(q.chains), q), [None] * len(q.chains)))
+                for j, text in enumerate(q.chains):
                     prompt = render_feedback_prompt(self.tokenizer, q.problem.problem, text, self.templates)
                     request = self.request(q, prompt, keep)
                     if request is not None:
@@ -560,33 +614,40 @@ class _Run:
             for (q, j), generation in zip(owners, generations, strict=True):
                 q.rounds[-1].feedback[j] = generation.completions[0].text.strip()
             requests, refined = [], []
-            for i, (q, texts) in enumerate(zip(questions, chains, strict=True)):
+            for q in questions:
                 for j, feedback in enumerate(q.rounds[-1].feedback):
                     if feedback is None:
                         continue
                     prompt = render_refine_prompt(
-                        self.tokenizer, q.problem.problem, texts[j], feedback, q.answer_type, self.templates
+                        self.tokenizer,
+                        q.problem.problem,
+                        q.chains[j],
+                        feedback,
+                        q.answer_type,
+                        self.templates,
                     )
                     request = self.request(q, prompt, keep)
                     if request is not None:
                         requests.append(request)
-                        refined.append((i, j))
-            for (i, j), generation in zip(
+                        refined.append((q, j))
+            for (q, j), generation in zip(
                 refined, self.generate(f"{phase}: refine", requests, n=1), strict=True
             ):
-                chains[i][j] = generation.completions[0].text
-        for q, texts in zip(questions, chains, strict=True):
-            q.final = _grade(texts, q)
+                q.chains[j] = generation.completions[0].text
+            self.finish_round(questions, r)
+        for q in questions:
+            q.final = _grade(q.chains, q)
 
-    def icpo(self, questions: list[_Question]) -> None:
+    def icpo(self, questions: list[_Question], rounds_done: int = 0) -> None:
         config = self.config
-        for r in range(1, config.rounds + 1):
+        for r in range(rounds_done + 1, config.rounds + 1):
             phase = f"round {r}/{config.rounds}"
             self.sample_round(questions, r, phase)
             with_candidates = [q for q in questions if q.rounds[-1].candidates()]
             self.summarise(with_candidates, phase)
             self.select(with_candidates, phase)
             self.evict([q for q in with_candidates if self.overfull(q)], phase)
+            self.finish_round(questions, r)
         requests = []
         for q in questions:
             prompt, q.history, room = self.fit(q, q.history)
@@ -757,38 +818,63 @@ def run_method(
     problems: Sequence[Problem],
     config: InferConfig,
     done_ids: Iterable[str] = (),
-    on_result: Callable[[QuestionResult], None] | None = None,
+    on_chunk: Callable[[list[QuestionResult]], None] | None = None,
     reward_model: RewardModel | None = None,
+    state: ChunkState | None = None,
 ) -> list[QuestionResult]:
     """Run ``config.method`` on the problems (unique ids) not in ``done_ids``.
 
     ``reward_model``: the model ``config.reward_model`` names, loaded (best-of-n).
 
-    Questions go through in chunks of ``config.batch_questions``. ``on_result`` gets each question's
-    result as soon as its chunk finishes (results.jsonl appends there): an interrupted run loses at
-    most one chunk.
+    Questions go through in chunks of ``config.batch_questions``; ``on_chunk`` gets a chunk's results
+    as soon as it finishes (results.jsonl appends there). With ``state``, the methods with rounds save
+    the chunk in progress after every round and clear it once ``on_chunk`` returns; a run that finds
+    a saved chunk goes on from its next round, so an interrupted run loses at most the round in progress.
     """
     done = set(done_ids)
-    chunks = list(in_chunks([p for p in problems if p.id not in done], config.batch_questions))
-    run = _Run(backend, config, reward_model)
-    for chunk in chunks:  # refuse before any work when a bare question cannot fit the context
-        for p in chunk:
-            bare = render_prompt(run.tokenizer, p.problem, [], answer_type_of(p.answer), run.templates)
-            check(
-                run.prompt_tokens(bare) < config.context_length,
-                f"question {p.id} alone fills context_length={config.context_length}; raise --context-length.",
-            )
+    todo = [p for p in problems if p.id not in done]
+    saved = state.load() if state is not None else None
+    by_id = {p.id: p for p in todo}
+    # Questions of the saved chunk that are finished since (results written, state not yet cleared)
+    # or no longer asked for (a smaller --limit) are left out.
+    restored = [_restored(by_id[q["id"]], q) for q in (saved or {}).get("questions", []) if q["id"] in by_id]
+    rounds_done = saved["round"] if restored else 0
+    fresh = [p for p in todo if p.id not in {q.problem.id for q in restored}]
+    run = _Run(backend, config, reward_model, state)
+    for p in fresh:  # refuse before any work when a bare question cannot fit the context
+        bare = render_prompt(run.tokenizer, p.problem, [], answer_type_of(p.answer), run.templates)
+        check(
+            run.prompt_tokens(bare) < config.context_length,
+            f"question {p.id} alone fills context_length={config.context_length}; raise --context-length.",
+        )
+    chunks = [(restored, rounds_done)] if restored else []
+    for chunk in in_chunks(fresh, config.batch_questions):
+        questions = [
+            _Question(p, answer_type_of(p.answer), random.Random(derive_seed(config.seed, p.id)))
+            for p in chunk
+        ]
+        chunks.append((questions, 0))
+    finished = len(problems) - len(todo)
+    if finished or restored:
+        partial = (
+            f", {rounds_done} of {config.rounds} rounds done for the next {len(restored)}" if restored else ""
+        )
+        tqdm.write(f"resuming: {finished}/{len(problems)} questions done{partial}", file=sys.stderr)
     results = []
-    with tqdm(total=len(chunks) * run.phases(), desc=config.method, unit="phase") as run.progress:
-        for chunk in chunks:
-            questions = [
-                _Question(p, answer_type_of(p.answer), random.Random(derive_seed(config.seed, p.id)))
-                for p in chunk
-            ]
-            run.run(questions)
-            for q in questions:
-                result = _result(q, config.method)
-                results.append(result)
-                if on_result is not None:
-                    on_result(result)
+    run.finished = finished
+    initial = finished + len(restored) * rounds_done / (config.rounds + 1)
+    bar = "{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}{postfix}]"
+    with tqdm(total=len(problems), initial=initial, desc=config.method, bar_format=bar) as run.progress:
+        run.show()
+        for questions, start in chunks:
+            run.run(questions, start)
+            chunk_results = [_result(q, config.method) for q in questions]
+            if on_chunk is not None:
+                on_chunk(chunk_results)
+            if state is not None:
+                state.clear()
+            results += chunk_results
+            run.finished += len(questions)
+            run.progress.update(run.finished - run.progress.n)  # the rest of the chunk: its final phase
+            run.show()
     return results

@@ -1,8 +1,10 @@
-"""The output directory of `icpo-infer run`: results.jsonl, metrics.json and config.json.
+"""The output directory of `icpo-infer run`: results.jsonl, metrics.json, config.json, chunk_state.json
+and log.txt.
 
 results.jsonl gets one line per finished question (appended and fsynced as questions finish);
+chunk_state.json holds the chunk in progress after its last finished round (rewritten atomically);
 config.json pins what the results measure, so a rerun into the same directory resumes only when
-nothing result-changing differs; metrics.json is rewritten atomically after every question.
+nothing result-changing differs; metrics.json is rewritten atomically after every question and round.
 """
 
 from __future__ import annotations
@@ -12,13 +14,14 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any
 
 from icpo_infer.backends.base import Usage
 from icpo_infer.config import check, to_dict
 from icpo_infer.icpo import RUN_ONLY_FIELDS, InferConfig, QuestionResult
+from icpo_infer.run_log import LOG_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +29,7 @@ RESULTS_FILE = "results.jsonl"
 METRICS_FILE = "metrics.json"
 CONFIG_FILE = "config.json"
 PLOT_FILE = "accuracy_vs_round.png"
+STATE_FILE = "chunk_state.json"
 SPEND_KEYS = ("prompt_tokens", "generated_tokens", "engine_calls", "wall_time_s")
 
 
@@ -33,9 +37,13 @@ def write_text_atomic(path: Path, text: str) -> None:
     """Write ``text`` to a temporary file beside ``path`` and rename it over ``path``, with the permissions
     a plain ``open()`` gives (a temporary file is readable by its owner alone)."""
     with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
-        tmp.write(text)
-        tmp.flush()
-        os.fsync(tmp.fileno())
+        try:
+            tmp.write(text)
+            tmp.flush()
+            os.fsync(tmp.fileno())
+        except BaseException:  # Ctrl-C or SIGTERM while writing a large state: leave no partial file behind
+            os.unlink(tmp.name)
+            raise
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp.name, 0o666 & ~umask)
@@ -73,6 +81,28 @@ def read_results(path: Path) -> list[dict[str, Any]]:
             )
             path.write_text("".join(lines[:-1]))
     return rows
+
+
+class ChunkState:
+    """The chunk in progress, saved after each of its rounds and cleared once its results are written.
+
+    ``after_save`` runs after each save (e.g. to record what the saved rounds cost).
+    """
+
+    def __init__(self, path: Path, after_save: Callable[[], Any] | None = None) -> None:
+        self.path = path
+        self.after_save = after_save
+
+    def load(self) -> dict[str, Any] | None:
+        return json.loads(self.path.read_text()) if self.path.is_file() else None
+
+    def save(self, state: dict[str, Any]) -> None:
+        write_text_atomic(self.path, json.dumps(state))
+        if self.after_save is not None:
+            self.after_save()
+
+    def clear(self) -> None:
+        self.path.unlink(missing_ok=True)
 
 
 def pooled_self_reward(per_question: list[list[dict[str, Any]]]) -> dict[str, list[float | None]]:
@@ -196,7 +226,7 @@ class RunDirectory:
             self.path,
             to_dict(self.config),
             overwrite=self.config.overwrite,
-            outputs=(RESULTS_FILE, METRICS_FILE, PLOT_FILE),
+            outputs=(RESULTS_FILE, METRICS_FILE, PLOT_FILE, STATE_FILE, LOG_FILE),
             ignore=RUN_ONLY_FIELDS,
             what="a run",
             flag="--output-dir",

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from importlib.metadata import version
 
 from icpo_infer.backends.base import ServerError
-from icpo_infer.config import ConfigError
+from icpo_infer.config import ConfigError, interrupt_status
 
 SUBCOMMANDS = {
     "lsa": (
@@ -56,13 +56,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ServerError as err:
         print(f"icpo-train {name}: error: {err}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM where a subcommand turns it into one
+        stop, status = interrupt_status(err)
         print(
-            f"icpo-train {name}: interrupted; what was saved stays in the output directory and the same "
+            f"icpo-train {name}: {stop}; what was saved stays in the output directory and the same "
             "command resumes (train: add --resume_from_checkpoint last).",
             file=sys.stderr,
         )
-        return 130
+        return status
 
 
 if __name__ == "__main__":

@@ -9,25 +9,49 @@ Several processes (DDP on GPUs or CPUs, DeepSpeed ZeRO)::
     accelerate launch --config_file recipes/accelerate/NAME.yaml -m icpo_train train --config ...
 
 The output directory receives ``checkpoint-N`` folders (safetensors LoRA adapters that icpo-infer
-loads with ``--adapter``), the final adapter, ``icpo_config.json`` (the resolved config) and the
-Trainer's ``trainer_state.json`` / ``train_results.json``. ``--resume_from_checkpoint last`` (or a
-checkpoint path) continues an interrupted run.
+loads with ``--adapter``), the final adapter, ``icpo_config.json`` (the resolved config), the
+Trainer's ``trainer_state.json`` / ``train_results.json`` and ``log.txt`` (what the run printed).
+``--resume_from_checkpoint last`` (or a checkpoint path) continues an interrupted run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from transformers import TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from icpo_infer.config import check, parse_config, to_dict
 from icpo_infer.results import write_json_atomic
+from icpo_infer.run_log import run_log
 from icpo_train.trainer import ICPOConfig, ICPOTrainer
 
 CONFIG_FILE = "icpo_config.json"
+# The TrainingArguments most runs set, listed by `--help` after the ICPO fields.
+TRAINING_FIELDS = (
+    "output_dir",
+    "resume_from_checkpoint",
+    "num_train_epochs",
+    "max_steps",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "learning_rate",
+    "bf16",
+    "gradient_checkpointing",
+    "logging_steps",
+    "save_steps",
+    "seed",
+)
+
+
+def main_fields() -> list[str]:
+    """What `--help` lists: the fields ICPOConfig adds to TrainingArguments, then :data:`TRAINING_FIELDS`."""
+    inherited = {f.name for f in dataclasses.fields(TrainingArguments)}
+    return [f.name for f in dataclasses.fields(ICPOConfig) if f.name not in inherited] + list(TRAINING_FIELDS)
 
 
 def resolve_checkpoint(config: ICPOConfig) -> str | None:
@@ -48,23 +72,31 @@ def trainable_checksum(model: torch.nn.Module) -> float:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    config = parse_config(ICPOConfig, argv, prog="icpo-train train")
+    config = parse_config(
+        ICPOConfig,
+        argv,
+        prog="icpo-train train",
+        main_fields=main_fields(),
+        others="transformers' TrainingArguments",
+    )
     checkpoint = resolve_checkpoint(config)
     trainer = ICPOTrainer(config)
-    if trainer.is_world_process_zero():
-        Path(config.output_dir).mkdir(parents=True, exist_ok=True)
-        write_json_atomic(Path(config.output_dir) / CONFIG_FILE, to_dict(config))
-    result = trainer.train(resume_from_checkpoint=checkpoint)
-    trainer.save_model()
-    metrics = {**result.metrics, **dataclasses.asdict(trainer.trajectory_stats)}
-    trainer.log_metrics("train", metrics)
-    trainer.save_metrics("train", metrics)
-    trainer.save_state()
-    print(
-        f"icpo-train train: process {config.process_index} of {config.world_size} finished at step "
-        f"{trainer.state.global_step}; trainable-weight checksum {trainable_checksum(trainer.model)!r}",
-        flush=True,
-    )
+    with contextlib.ExitStack() as log:
+        if trainer.is_world_process_zero():
+            Path(config.output_dir).mkdir(parents=True, exist_ok=True)
+            write_json_atomic(Path(config.output_dir) / CONFIG_FILE, to_dict(config))
+            log.enter_context(run_log(config.output_dir))
+        result = trainer.train(resume_from_checkpoint=checkpoint)
+        trainer.save_model()
+        metrics = {**result.metrics, **dataclasses.asdict(trainer.trajectory_stats)}
+        trainer.log_metrics("train", metrics)
+        trainer.save_metrics("train", metrics)
+        trainer.save_state()
+        print(
+            f"icpo-train train: process {config.process_index} of {config.world_size} finished at step "
+            f"{trainer.state.global_step}; trainable-weight checksum {trainable_checksum(trainer.model)!r}",
+            flush=True,
+        )
     # Free the wrapped model and the gloo process group while the interpreter is alive: left to its
     # shutdown, a gloo thread can abort a rank ("terminate called without an active exception")
     # after training succeeded.

@@ -13,12 +13,14 @@ For every training question:
 3. Each round t gives one row (schema: :mod:`icpo_train.trajectory_data`), with the in-context reward
    of every group member R_t(y_j) = sum over s in H_t of (2 r_s - 1) [answer(y_j) equivalent to answer(s)].
 
-Questions go through in chunks of ``batch_questions``: per chunk one generate and one score call for
-the groups, then the ICPO loop (one call per phase). Each finished question is appended to
-``progress.jsonl`` in the output directory and skipped when the command is rerun; at the end the
+Questions go through in chunks of ``batch_questions``: per chunk the ICPO loop (one call per phase),
+then one generate and one score call for the groups. Each finished question is appended to
+``progress.jsonl`` in the output directory and skipped when the command is rerun, and the loop saves
+the chunk in progress after every round (``chunk_state.json``), so that an interrupted run loses at
+most the round in progress (or the groups being sampled); at the end the
 dataset is materialised from that file: ``save_to_disk`` in the output directory (what the trainer's
 ``--trajectories DIR`` reads), ``trajectories.parquet`` and a dataset card (README.md) with the
-generating config.
+generating config. ``log.txt`` collects what the runs printed.
 """
 
 from __future__ import annotations
@@ -43,12 +45,13 @@ from icpo_infer.backends.base import (
     adapter_problem,
     encode_prompt,
 )
-from icpo_infer.config import ConfigError, check, option, option_like, parse_config, to_dict
+from icpo_infer.config import ConfigError, check, option, option_like, parse_config, stop_on_sigterm, to_dict
 from icpo_infer.data import Problem, load_run_problems
 from icpo_infer.grading import extract_answer, is_equivalent
-from icpo_infer.icpo import RUN_ONLY_FIELDS, InferConfig, derive_seed, in_chunks, run_method
+from icpo_infer.icpo import RUN_ONLY_FIELDS, InferConfig, QuestionResult, derive_seed, in_chunks, run_method
 from icpo_infer.prompts import Attempt, PromptTemplates, answer_type_of, render_prompt
-from icpo_infer.results import append_line, prepare_resumable, read_results
+from icpo_infer.results import STATE_FILE, ChunkState, append_line, prepare_resumable, read_results
+from icpo_infer.run_log import LOG_FILE, run_log
 from icpo_train import trajectory_data
 from icpo_train.trajectory_data import tokenizer_fingerprint
 
@@ -232,14 +235,9 @@ def sample_groups(
     return groups
 
 
-def icpo_histories(
-    backend: Backend, problems: Sequence[Problem], config: TrajectoryConfig
-) -> list[list[list[Attempt]]]:
-    """Per problem, the histories H_1 .. H_R from icpo_infer's ICPO loop."""
-    if config.rounds == 1:
-        return [[[]] for _ in problems]
-    results = run_method(backend, problems, config.infer_config())
-    return [[record.history for record in result.rounds] + [result.history] for result in results]
+def icpo_histories(result: QuestionResult) -> list[list[Attempt]]:
+    """The histories H_1 .. H_R of one question of icpo_infer's ICPO loop."""
+    return [record.history for record in result.rounds] + [result.history]
 
 
 def question_rows(
@@ -270,7 +268,7 @@ def open_output(config: TrajectoryConfig, write: bool = True) -> dict[str, list[
         output,
         to_dict(config),
         overwrite=config.overwrite,
-        outputs=(PROGRESS_FILE,),
+        outputs=(PROGRESS_FILE, STATE_FILE, LOG_FILE),
         ignore=RUN_ONLY,
         what="trajectories built",
         flag="--output",
@@ -340,22 +338,41 @@ def build_trajectories(config: TrajectoryConfig, backend: Backend | None = None)
             f"question {p.id} alone fills context_length={config.context_length}; raise --context-length.",
         )
     done = open_output(config)
-    for chunk in in_chunks(todo, config.batch_questions):
-        groups = sample_groups(backend, chunk, config, templates)
-        histories = icpo_histories(backend, chunk, config)
-        fingerprint = tokenizer_fingerprint(backend.tokenizer)
-        for problem, group, question_histories in zip(chunk, groups, histories, strict=True):
-            rows = question_rows(problem, question_histories, group, fingerprint)
-            append_line(Path(config.output) / PROGRESS_FILE, {"question_id": problem.id, "rows": rows})
-            done[problem.id] = rows
-    write_dataset(config, [row for p in problems for row in done[p.id]], skipped)
+    with run_log(config.output):
+
+        def finish(chunk: Sequence[Problem], histories: Sequence[list[list[Attempt]]]) -> None:
+            groups = sample_groups(backend, chunk, config, templates)
+            fingerprint = tokenizer_fingerprint(backend.tokenizer)
+            for problem, group, question_histories in zip(chunk, groups, histories, strict=True):
+                rows = question_rows(problem, question_histories, group, fingerprint)
+                append_line(Path(config.output) / PROGRESS_FILE, {"question_id": problem.id, "rows": rows})
+                done[problem.id] = rows
+
+        if config.rounds == 1:  # no ICPO loop: every history is empty
+            for chunk in in_chunks(todo, config.batch_questions):
+                finish(chunk, [[[]] for _ in chunk])
+        elif todo:
+            by_id = {p.id: p for p in todo}
+            run_method(
+                backend,
+                problems,
+                config.infer_config(),
+                done_ids=done,
+                on_chunk=lambda results: finish(
+                    [by_id[r.id] for r in results], list(map(icpo_histories, results))
+                ),
+                state=ChunkState(Path(config.output) / STATE_FILE),
+            )
+        write_dataset(config, [row for p in problems for row in done[p.id]], skipped)
     return Path(config.output)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     config = parse_config(TrajectoryConfig, argv, prog="icpo-train build-trajectories")
-    output = build_trajectories(config)
-    print(f"trajectories: {output} (load with datasets.load_from_disk, or {output / PARQUET_FILE})")
+    with stop_on_sigterm():
+        output = build_trajectories(config)
+    with run_log(output):
+        print(f"trajectories: {output} (load with datasets.load_from_disk, or {output / PARQUET_FILE})")
     return 0
 
 

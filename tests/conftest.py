@@ -1,4 +1,5 @@
-"""Shared fixtures: real benchmark files from ../shared/data and tiny models saved to disk."""
+"""Shared fixtures: hand-written arithmetic problems, the real benchmark files (for the tests about them)
+and tiny models saved to disk."""
 
 from __future__ import annotations
 
@@ -10,7 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+# aime2024.jsonl, amc.jsonl and math500.jsonl: in ICPO_BENCHMARK_DATA when set, else ../shared/data.
+BENCHMARK_DATA = Path(
+    os.environ.get("ICPO_BENCHMARK_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data"
+)
+PROBLEMS_FILE = Path(__file__).resolve().parent / "data" / "arithmetic.jsonl"
 VLLM_INSTALLED = importlib.util.find_spec("vllm") is not None
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # its INFO lines drown pytest's report
 
@@ -30,11 +35,41 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-def read_benchmark(name: str) -> list[dict]:
-    path = SHARED_DATA / f"{name}.jsonl"
-    if not path.is_file():
-        pytest.fail(f"benchmark file {path} is missing: the tests read ../shared/data beside the checkout")
+def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def benchmark_file(name: str) -> Path:
+    """The real benchmark file ``name``.jsonl. Tests about the real data skip without it, except in CI,
+    where a missing file fails them, so that they never pass as skipped there."""
+    path = BENCHMARK_DATA / f"{name}.jsonl"
+    if not path.is_file():
+        message = (
+            f"benchmark file {path} is missing: put aime2024.jsonl, amc.jsonl and math500.jsonl in "
+            "../shared/data beside the checkout, or point ICPO_BENCHMARK_DATA at their folder"
+        )
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+def read_benchmark(name: str) -> list[dict]:
+    return read_jsonl(benchmark_file(name))
+
+
+def fixture_problems() -> list[dict]:
+    """Hand-written arithmetic problems (id, problem, answer), short so that the tiny models run fast.
+    The first three answers are 5, 6 and 1; one answer is an expression, the others integers."""
+    return read_jsonl(PROBLEMS_FILE)
+
+
+def tokenizer_texts() -> list[str]:
+    """What the tiny tokenizers are trained on: the fixture problems with answers and the prompts' wording."""
+    from icpo_infer.prompts import PromptTemplates
+
+    texts = [row["problem"] + " The answer is \\boxed{" + row["answer"] + "}" for row in fixture_problems()]
+    return texts + [text for text in vars(PromptTemplates()).values() if isinstance(text, str)]
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -48,19 +83,16 @@ def one_torch_thread():
 
 
 @pytest.fixture(scope="session")
-def shared_data() -> Path:
-    return SHARED_DATA
+def problems_file() -> Path:
+    """:func:`fixture_problems` as a JSONL file, for the options that take a dataset path."""
+    return PROBLEMS_FILE
 
 
 def save_tiny_model(directory: Path, chat_template: bool, hidden_size: int = 32, num_heads: int = 1) -> Path:
     """head_dim = hidden_size / num_heads is at least 32, the smallest vLLM's CPU attention serves."""
     from icpo_train.e2e.tiny_lm import init_tiny_llama, train_tokenizer
 
-    texts = [
-        row["problem"] + " The answer is \\boxed{" + str(row["answer"]) + "}"
-        for row in read_benchmark("math500")
-    ]
-    tokenizer = train_tokenizer(texts, vocab_size=384, chat_template=chat_template)
+    tokenizer = train_tokenizer(tokenizer_texts(), vocab_size=384, chat_template=chat_template)
     model = init_tiny_llama(
         tokenizer, hidden_size=hidden_size, num_layers=2, num_heads=num_heads, context_length=4096, seed=0
     )

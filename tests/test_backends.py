@@ -467,12 +467,12 @@ def test_hf_default_adapter_is_used_when_none_is_named(model_dir, lora_dir):
     assert with_adapter.score(prompts, completions) != plain.score(prompts, completions)
 
 
-def test_a_run_on_a_shared_backend_samples_with_its_own_adapter(model_dir, lora_dir, shared_data, tmp_path):
+def test_a_run_on_a_shared_backend_samples_with_its_own_adapter(model_dir, lora_dir, problems_file, tmp_path):
     """One loaded model serves runs of the base and of an adapter, as in the pipeline's evaluation."""
 
     def sampled(name: str, adapter: str | None, backend: Backend) -> list[list[str]]:
         config = InferConfig(
-            model=str(model_dir), adapter=adapter, dataset=str(shared_data / "aime2024.jsonl"), limit=2,
+            model=str(model_dir), adapter=adapter, dataset=str(problems_file), limit=2,
             method="single", k=2, max_new_tokens=6, context_length=2048, dtype="float32",
             output_dir=str(tmp_path / name),
         )  # fmt: skip

@@ -7,6 +7,7 @@ import shutil
 
 import datasets
 import pytest
+from conftest import benchmark_file
 
 from icpo_infer.config import ConfigError
 from icpo_infer.data import Problem, benchmark_name, load_problems, load_run_problems
@@ -18,24 +19,24 @@ def write_jsonl(path, rows):
     return path
 
 
-def test_real_benchmarks(shared_data):
-    aime, skipped = load_problems(shared_data / "aime2024.jsonl")
+def test_real_benchmarks():
+    aime, skipped = load_problems(benchmark_file("aime2024"))
     assert skipped == 0 and len(aime) == 30
     assert aime[1] == Problem(id="1", problem=aime[1].problem, answer="025")
-    amc, _ = load_problems(shared_data / "amc.jsonl")
+    amc, _ = load_problems(benchmark_file("amc"))
     assert len(amc) == 83 and amc[0].answer == "142.0"
-    math500, _ = load_problems(str(shared_data / "math500.jsonl"))
+    math500, _ = load_problems(str(benchmark_file("math500")))
     assert len(math500) == 500 and len({p.id for p in math500}) == 500
     assert math500[0].id == "test/precalculus/807.json"
     assert math500[0].answer == "\\left( 3, \\frac{\\pi}{2} \\right)"
 
 
-def test_limit_keeps_the_first_problems(shared_data):
-    first, _ = load_problems(shared_data / "aime2024.jsonl", limit=3)
-    every, _ = load_problems(shared_data / "aime2024.jsonl")
-    assert first == every[:3]
+def test_limit_keeps_the_first_problems(problems_file):
+    first, _ = load_problems(problems_file, limit=3)
+    every, _ = load_problems(problems_file)
+    assert first == every[:3] and len(every) > 3
     with pytest.raises(ConfigError, match="--limit"):
-        load_problems(shared_data / "aime2024.jsonl", limit=0)
+        load_problems(problems_file, limit=0)
 
 
 def test_parquet_with_field_mapping_and_float_answers(tmp_path):
@@ -168,6 +169,7 @@ def hub_stand_ins(tmp_path, monkeypatch):
         ("amc", Problem("0", "p2", "142.0")),
         ("amc23", Problem("0", "p2", "142.0")),
         ("math500", Problem("test/algebra/1.json", "p3", "\\frac{1}{2}")),
+        ("MATH-500", Problem("test/algebra/1.json", "p3", "\\frac{1}{2}")),
     ],
 )
 def test_benchmarks_by_name_load_their_hub_dataset_split_and_columns(hub_stand_ins, tmp_path, name, expected):

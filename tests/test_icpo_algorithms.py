@@ -311,10 +311,12 @@ def test_questions_are_processed_in_chunks(tokenizer, tmp_path):
         cfg,
         Script(cfg, {f"q{i}": [["7"] * 3] for i in range(5)}),
         n_questions=5,
-        on_result=finished.append,
+        on_chunk=finished.append,
     )
-    assert [len(call) for call in backend.calls] == [2, 2, 1]
-    assert [r.id for r in finished] == [r.id for r in results] == [f"q{i}" for i in range(5)]
+    assert [len(call) for call in backend.calls] == [len(chunk) for chunk in finished] == [2, 2, 1]
+    assert (
+        [r.id for chunk in finished for r in chunk] == [r.id for r in results] == [f"q{i}" for i in range(5)]
+    )
 
 
 def test_without_summaries_the_truncated_response_enters_the_history(tokenizer, tmp_path):

@@ -1,19 +1,27 @@
-"""`icpo-infer run` and `icpo-infer compare` end to end: real hf backend, tiny model, AIME questions."""
+"""`icpo-infer run` and `icpo-infer compare` end to end: real hf backend, tiny model, arithmetic questions."""
 
 from __future__ import annotations
 
 import json
+import logging
+import os
+import signal
+import sys
 from importlib.metadata import version
 from pathlib import Path
 
 import pytest
 from boxed_model import teach_boxed_answers
-from conftest import read_benchmark
+from conftest import fixture_problems
+from interruptions import interrupt_at_save, signalled_run
 
 from icpo_infer import cli
+from icpo_infer.backends.hf import HFBackend
 from icpo_infer.cli import main
 from icpo_infer.config import parse_config
-from icpo_infer.icpo import InferConfig, run_method
+from icpo_infer.icpo import ROUND_METHODS, InferConfig, run_method
+from icpo_infer.results import RESULTS_FILE, STATE_FILE, ChunkState
+from icpo_infer.run_log import run_log
 from icpo_train.cli import main as icpo_train_main
 
 RECIPE = str(Path(__file__).resolve().parents[1] / "recipes" / "infer" / "tiny.yaml")
@@ -22,18 +30,26 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 @pytest.fixture(scope="module")
 def boxed_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
-    questions = [row["problem"] for row in read_benchmark("aime2024")[:3]]
+    questions = [row["problem"] for row in fixture_problems()[:3]]
     return teach_boxed_answers(tiny_model_dir, tmp_path_factory.mktemp("boxed"), questions)
 
 
-@pytest.fixture
-def infer(boxed_model_dir, shared_data):
+@pytest.fixture(scope="module")
+def infer(boxed_model_dir, problems_file):
     def run(output_dir, *args: str) -> int:
-        dataset = str(shared_data / "aime2024.jsonl")
+        dataset = str(problems_file)
         argv = ["run", "--config", RECIPE, "--model", str(boxed_model_dir), "--dataset", dataset]
         return main([*argv, "--output-dir", str(output_dir), *args])
 
     return run
+
+
+@pytest.fixture(scope="module")
+def whole(infer, tmp_path_factory) -> Path:
+    """An uninterrupted ME-ICPO run of two questions, for interrupted ones to match."""
+    out = tmp_path_factory.mktemp("whole")
+    assert infer(out, "--limit", "2") == 0
+    return out
 
 
 def rows(output_dir: Path) -> list[dict]:
@@ -48,7 +64,7 @@ def test_me_icpo_run_writes_results_metrics_and_plot(infer, tmp_path):
     out = tmp_path / "me-icpo"
     assert infer(out, "--limit", "3") == 0
     results = rows(out)
-    assert [r["id"] for r in results] == [str(row["id"]) for row in read_benchmark("aime2024")[:3]]
+    assert [r["id"] for r in results] == [row["id"] for row in fixture_problems()[:3]]
     for result in results:
         assert len(result["rounds"]) == 2 and len(result["final"]["texts"]) == 2
         assert result["rounds"][0]["history"] == []
@@ -273,18 +289,19 @@ def test_common_mistakes_are_one_line_errors_that_write_nothing(
 def test_ctrl_c_stops_with_one_line_and_the_same_command_resumes(infer, tmp_path, capsys, monkeypatch):
     finished = []
 
-    def interrupt_after_one(*args, on_result, **kwargs):
-        def keep(result):
-            on_result(result)
-            finished.append(result)
+    def interrupt_after_one(backend, problems, config, done, on_chunk, *args):
+        def keep(results):
+            on_chunk(results)
+            finished.extend(results)
             raise KeyboardInterrupt
 
-        return run_method(*args, on_result=keep, **kwargs)
+        return run_method(backend, problems, config, done, keep, *args)
 
     monkeypatch.setattr(cli, "run_method", interrupt_after_one)
     assert infer(tmp_path / "run", "--limit", "2", "--batch-questions", "1") == 130
     err = capsys.readouterr().err
-    assert "interrupted; finished questions are kept" in err and "Traceback" not in err
+    assert "interrupted; finished questions and finished rounds are kept" in err
+    assert "Traceback" not in err
     assert len(rows(tmp_path / "run")) == 1
     monkeypatch.undo()
     assert infer(tmp_path / "run", "--limit", "2", "--batch-questions", "1") == 0
@@ -315,7 +332,8 @@ def test_compare_needs_finished_runs(tmp_path, capsys):
 def test_output_files_share_one_mode_and_the_clis_say_their_version(infer, tmp_path, capsys):
     assert infer(tmp_path / "run", "--limit", "1", "--method", "single") == 0
     modes = {path.name: path.stat().st_mode & 0o777 for path in (tmp_path / "run").iterdir()}
-    assert {"config.json", "metrics.json", "results.jsonl"} <= set(modes) and len(set(modes.values())) == 1
+    assert {"config.json", "metrics.json", "results.jsonl", "log.txt"} <= set(modes)
+    assert len(set(modes.values())) == 1
     capsys.readouterr()
     assert main(["--version"]) == 0 and icpo_train_main(["--version"]) == 0
     assert capsys.readouterr().out.splitlines() == [f"icpo {version('icpo')}"] * 2
@@ -376,3 +394,112 @@ def test_show_prints_one_runs_summary(infer, tmp_path, capsys):
     assert out.startswith("me-icpo of ") and "2 questions, k = 2" in out
     assert f"mean@k per round: 1 {100 * m['mean_per_round'][0]:.1f}" in out
     assert f"{100 * m['mean@k']:.1f}" in out and "self-reward per round" in out
+
+
+@pytest.mark.parametrize("method", ROUND_METHODS)
+def test_a_run_interrupted_between_rounds_resumes_from_the_next_round(
+    infer, tmp_path, capsys, monkeypatch, method
+):
+    args = ["--limit", "2", "--batch-questions", "1", "--method", method, "--feedback-max-tokens", "8"]
+    assert infer(tmp_path / "whole", *args) == 0
+    interrupt_at_save(monkeypatch, 3)  # 2 rounds per chunk: the second chunk's first round
+    out = tmp_path / "run"
+    assert infer(out, *args) == 130
+    assert len(rows(out)) == 1 and json.loads((out / STATE_FILE).read_text())["round"] == 1
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert infer(out, *args) == 0
+    assert "resuming: 1/2 questions done, 1 of 2 rounds done for the next 1" in capsys.readouterr().err
+    assert rows(out) == rows(tmp_path / "whole") and not (out / STATE_FILE).exists()
+    # What the kept round cost is counted once: the two runs spent what the uninterrupted one did.
+    assert metrics(out)["engine_calls"] == metrics(tmp_path / "whole")["engine_calls"]
+
+
+def test_a_run_interrupted_inside_a_round_loses_only_that_round(infer, whole, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    generate = HFBackend.generate
+    calls_after_round_1 = []
+
+    def interrupt_inside_round_2(self, *args, **kwargs):
+        if (out / STATE_FILE).exists():
+            calls_after_round_1.append(1)
+            if len(calls_after_round_1) == 2:  # round 2's second engine call: it has sampled
+                raise KeyboardInterrupt
+        return generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(HFBackend, "generate", interrupt_inside_round_2)
+    assert infer(out, "--limit", "2") == 130
+    assert not (out / RESULTS_FILE).exists() and json.loads((out / STATE_FILE).read_text())["round"] == 1
+    monkeypatch.undo()
+    assert infer(out, "--limit", "2") == 0
+    assert rows(out) == rows(whole)
+
+
+def test_sigterm_stops_like_ctrl_c_after_a_round_and_the_same_command_resumes(
+    infer, whole, boxed_model_dir, problems_file, tmp_path
+):
+    out = tmp_path / "run"
+    argv = [
+        "run",
+        "--config",
+        RECIPE,
+        "--model",
+        str(boxed_model_dir),
+        "--dataset",
+        str(problems_file),
+    ]
+    argv += ["--output-dir", str(out), "--limit", "2"]
+    ended = signalled_run(out / STATE_FILE, "icpo-infer", argv, signal.SIGTERM)
+    assert ended.returncode == 143, ended.stderr[-3000:]
+    last = ended.stderr.strip().splitlines()[-1]
+    assert (
+        last.startswith("icpo-infer run: terminated; finished questions and finished rounds are kept")
+        and "Traceback" not in ended.stderr
+    )
+    assert json.loads((out / STATE_FILE).read_text())["round"] == 1
+    assert infer(out, "--limit", "2") == 0
+    assert rows(out) == rows(whole)
+
+
+def test_a_state_write_cut_short_leaves_the_last_state_and_no_partial_file(tmp_path, monkeypatch):
+    state = ChunkState(tmp_path / STATE_FILE)
+    state.save({"round": 1, "questions": []})
+
+    def interrupted_fsync(fd):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "fsync", interrupted_fsync)
+    with pytest.raises(KeyboardInterrupt):
+        state.save({"round": 2, "questions": []})
+    assert state.load() == {"round": 1, "questions": []}
+    assert [path.name for path in tmp_path.iterdir()] == [STATE_FILE]
+
+
+def test_the_log_holds_what_the_run_printed_and_a_resume_appends_to_it(infer, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert infer(out, "--limit", "1", "--method", "single") == 0
+    summary = capsys.readouterr().out.strip().splitlines()[-1]
+    assert summary.startswith("1 questions: mean@2")
+    first = (out / "log.txt").read_text()
+    assert first.rstrip().endswith(f"INFO stdout: {summary}")
+    assert infer(out, "--limit", "2", "--method", "single") == 0
+    resumed = (out / "log.txt").read_text()
+    assert resumed.startswith(first) and "INFO stdout: 2 questions: mean@2" in resumed[len(first) :]
+
+
+def test_run_log_records_stdout_stderr_and_logging_then_lets_go(tmp_path, capsys, monkeypatch):
+    # Without pytest's handlers, as in a CLI process: logged warnings still reach the console.
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])
+    stdout, stderr = sys.stdout, sys.stderr
+    with run_log(tmp_path):
+        print("step 1\rstep 2 of 2")  # a progress bar's redraws: its last state is kept
+        print("UserWarning: watch out", file=sys.stderr)
+        logging.getLogger("icpo_infer.test").warning("a logged warning")
+    assert sys.stdout is stdout and sys.stderr is stderr and logging.getLogger().handlers == []
+    print("after")
+    log = (tmp_path / "log.txt").read_text()
+    assert "INFO stdout: step 2 of 2\n" in log and "step 1" not in log
+    assert "INFO stderr: UserWarning: watch out" in log
+    assert "WARNING icpo_infer.test: a logged warning" in log and "after" not in log
+    captured = capsys.readouterr()
+    assert "step 1\rstep 2 of 2" in captured.out and "a logged warning" in captured.err

@@ -110,6 +110,10 @@ def test_self_refine_chains_answer_feedback_and_refine(tokenizer, tmp_path):
     backend = ScriptedBackend(tokenizer, refine_script({"3": "5", "5": "7", "7": "7"}))
     [result] = run_method(backend, problems(1), cfg)
     assert [record.samples.answers for record in result.rounds] == [["3", "7"], ["5", "7"]]
+    assert [record.samples.texts for record in result.rounds] == [
+        ["[s0] work so \\boxed{3}", "[s1] work so \\boxed{7}"],
+        ["[s9] work so \\boxed{5}", "[s9] work so \\boxed{7}"],
+    ]
     assert result.rounds[0].feedback == ["feedback on answer 3", "feedback on answer 7"]
     assert result.rounds[1].feedback == ["feedback on answer 5", "feedback on answer 7"]
     assert result.final.answers == ["7", "7"]

@@ -129,6 +129,32 @@ def test_a_second_iteration_trains_on_the_histories_of_the_first_and_is_reported
         micro_config(tmp_path, iterations=0)
 
 
+@pytest.mark.vllm
+def test_a_given_base_model_skips_pretraining_and_the_vllm_engine_runs_every_model(tiny_model_dir, tmp_path):
+    config = micro_config(
+        tmp_path,
+        base_model=str(tiny_model_dir),
+        backend="vllm",
+        kv_cache_gb=1,
+        models=["base", "icpo"],
+        learning_rate=0.05,  # two steps that change the samples
+    )
+    report = run_pipeline(config)
+    run = tmp_path / "seed-0"
+    assert not (run / "base").exists() and "pretrain" not in json.loads((run / "timings.json").read_text())
+    assert load_trajectories(run / "trajectories")["ref_logps"]  # scored by the engine
+    adapter_config = json.loads((run / "adapters" / "icpo" / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == str(tiny_model_dir)
+    assert list(report["models"]) == ["base", "icpo"]
+    # The adapter ran as a LoRA request of the one engine: its samples are its own, not the base model's.
+    samples = {
+        model: (run / "eval" / model / "me-icpo" / "results.jsonl").read_text() for model in ("base", "icpo")
+    }
+    assert samples["base"] != samples["icpo"]
+    with pytest.raises(ConfigError, match="backend 'sglang'"):
+        micro_config(tmp_path, backend="sglang")
+
+
 def test_the_cli_reads_a_recipe_and_rejects_bad_values_before_any_work(tmp_path):
     recipe = tmp_path / "micro.yaml"
     recipe.write_text("\n".join(f"{key}: {value}" for key, value in MICRO.items()))

@@ -14,7 +14,7 @@ import datasets
 import pytest
 import torch
 from boxed_model import teach_boxed_answers
-from conftest import read_benchmark
+from conftest import fixture_problems, tokenizer_texts
 from script_modules import load_script
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
@@ -111,9 +111,6 @@ SIZES = (
 
 def build_tiny_model(directory: Path, family: dict) -> Path:
     """A random model of the family's architecture (head_dim 32) with a tokenizer set up like the real one."""
-    texts = [
-        row["problem"] + " The answer is \\boxed{" + row["answer"] + "}" for row in read_benchmark("aime2024")
-    ]
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -123,7 +120,7 @@ def build_tiny_model(directory: Path, family: dict) -> Path:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(texts, trainer)
+    tokenizer.train_from_iterator(tokenizer_texts(), trainer)
     if family["bos"]:  # Llama tokenizers add BOS when asked for special tokens (the chat template has it too)
         bos_id = tokenizer.token_to_id(family["bos"])
         tokenizer.post_processor = processors.TemplateProcessing(
@@ -160,7 +157,7 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
     """Per family, the tiny model taught to answer in \\boxed{} in the prompt format its recipes use, so
     that ME-ICPO goes through its summary and probe phases."""
     root = tmp_path_factory.mktemp("families")
-    questions = [row["problem"] for row in read_benchmark("aime2024")[:4]]
+    questions = [row["problem"] for row in fixture_problems()[:4]]
     taught = {}
     for name, family in FAMILIES.items():
         templates = PromptTemplates(prompt_format="plain") if name == "qwen2.5-math" else None
@@ -171,7 +168,7 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture
 def aime_stand_in(tmp_path, monkeypatch) -> Path:
-    """Two AIME 2024 problems at the path of the Hub id, with its columns; the recipes' relative paths
+    """Two integer-answer problems at the path of the AIME 2024 Hub id, with its columns; the recipes' relative paths
     (templates) resolve from the working directory, as from the repository root."""
     rows = [
         {
@@ -182,7 +179,7 @@ def aime_stand_in(tmp_path, monkeypatch) -> Path:
             "url": "",
             "year": "2024",
         }
-        for i, row in enumerate(read_benchmark("aime2024")[:2])
+        for i, row in enumerate(fixture_problems()[:2])
     ]
     folder = tmp_path / "HuggingFaceH4" / "aime_2024"
     folder.mkdir(parents=True)
@@ -269,11 +266,11 @@ def test_recipe_runs_as_written_on_a_tiny_model_of_its_family(name, tiny_models,
 
 
 def test_a_local_file_runs_without_the_paper_figures_of_another_benchmark(
-    tiny_models, aime_stand_in, tmp_path, shared_data
+    tiny_models, aime_stand_in, tmp_path, problems_file
 ):
     recipe = str(RECIPES / "qwen2.5-math-7b.yaml")
     model = str(tiny_models["qwen2.5-math"])
-    args = ["--model", model, "--dataset", str(shared_data / "amc.jsonl"), "--methods", "single", *SIZES]
+    args = ["--model", model, "--dataset", str(problems_file), "--methods", "single", *SIZES]
     assert reproduce.main(["--config", recipe, "--output-dir", str(tmp_path / "out"), *args]) == 0
     row = next(
         line

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -233,9 +234,11 @@ def resumed_run(tiny_model_dir, trajectories_dir, tmp_path_factory):
 
 
 def test_resume_reproduces_the_uninterrupted_run(resumed_run):
-    reference, resumed, _ = resumed_run
+    reference, resumed, interrupted = resumed_run
     assert len(losses(resumed)) == 6
     assert losses(resumed) == pytest.approx(losses(reference), rel=1e-5)
+    log = (interrupted / "log.txt").read_text()  # what the CLI printed: the losses of steps 4 to 6
+    assert log.count("INFO stdout: {'loss'") == 3 and "finished at step 6" in log
 
 
 def test_saved_adapter_loads_in_the_hf_backend_and_changes_outputs(tiny_model_dir, trajectories, resumed_run):
@@ -413,3 +416,30 @@ def test_token_level_without_a_teacher(tiny_model_dir, trajectories_dir, tmp_pat
     )
     with pytest.raises(ConfigError, match="loss_level: token needs a teacher"):
         ICPOTrainer(config)
+
+
+def test_help_lists_the_icpo_options_and_help_all_every_option(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["train", "--help"])
+    assert exit_.value.code == 0
+    brief = capsys.readouterr().out
+    assert brief.index("--loss_type") < brief.index("--output_dir") < brief.index("--learning_rate")
+    assert "--adam_beta1" not in brief and "--help-all lists all of them" in brief
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help-all"])
+    full = capsys.readouterr().out
+    assert "--adam_beta1" in full and full.index("--loss_type") < full.index("--adam_beta1")
+    assert len(full.splitlines()) > 3 * len(brief.splitlines())
+
+
+def test_deepspeeds_cpu_notice_is_dropped_and_its_other_messages_kept():
+    deepspeed_logger = logging.getLogger("DeepSpeed")  # the logger deepspeed.utils.logging creates
+
+    def kept(message: str) -> bool:
+        record = deepspeed_logger.makeRecord("DeepSpeed", logging.WARNING, __file__, 1, message, (), None)
+        return bool(deepspeed_logger.filter(record))
+
+    assert not kept(
+        "Setting accelerator to CPU. If you have GPU or other accelerator, we were unable to detect it."
+    )
+    assert kept("Setting ds_accelerator to cuda (auto detect)")

@@ -5,14 +5,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import signal
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 from boxed_model import teach_boxed_answers, teaching_prompts
-from conftest import read_benchmark
+from conftest import fixture_problems
 from datasets import Dataset, load_from_disk
 from huggingface_hub import DatasetCard
+from interruptions import interrupt_at_save, signalled_run
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -23,6 +26,7 @@ from icpo_infer.config import ConfigError, parse_config
 from icpo_infer.data import load_problems
 from icpo_infer.grading import extract_answer, is_equivalent
 from icpo_infer.icpo import run_method
+from icpo_infer.results import STATE_FILE
 from icpo_train.cli import main as icpo_train_main
 from icpo_train.trajectories import (
     FEATURES,
@@ -58,15 +62,15 @@ FAST = {
 }
 
 
-# Short MATH-500 questions (short prompts keep the tiny model fast); the taught model mostly answers 5,
-# so the first question's group has correct members and the others' have wrong ones.
-QUESTION_IDS = ("test/prealgebra/1555.json", "test/algebra/1255.json", "test/algebra/1214.json")
+# Questions answered 5, 6 and 1; the taught model mostly answers 5, so the first question's group has
+# correct members and the others' have wrong ones.
+QUESTIONS_USED = fixture_problems()[:QUESTIONS]
+QUESTION_IDS = [row["id"] for row in QUESTIONS_USED]
 
 
 @pytest.fixture(scope="module")
 def questions() -> list[dict]:
-    by_id = {row["id"]: row for row in read_benchmark("math500")}
-    return [by_id[qid] for qid in QUESTION_IDS]
+    return QUESTIONS_USED
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +83,7 @@ def dataset_file(questions, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def boxed_model_dir(tiny_model_dir, questions, tmp_path_factory) -> Path:
     prompts = [row["problem"] for row in questions]
-    return teach_boxed_answers(tiny_model_dir, tmp_path_factory.mktemp("boxed"), prompts, steps=60)
+    return teach_boxed_answers(tiny_model_dir, tmp_path_factory.mktemp("boxed"), prompts)
 
 
 def make_config(model_dir: Path, dataset: Path, output: Path, **overrides) -> TrajectoryConfig:
@@ -163,11 +167,14 @@ def sevens_adapter(boxed_model_dir, questions, tmp_path_factory) -> Path:
     """A LoRA adapter that makes the boxed model answer 7 (the bare model mostly answers 5)."""
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(boxed_model_dir)
-    model = get_peft_model(
-        AutoModelForCausalLM.from_pretrained(boxed_model_dir, dtype=torch.float32),
-        # lm_head: on attention alone the 32-wide model's digit barely moves (log-prob of 7: -3.2).
-        LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "o_proj", "lm_head"]),
-    )
+    with warnings.catch_warnings():
+        # The adapter is never merged nor converted, what PEFT warns about when it adapts a tied lm_head.
+        warnings.filterwarnings("ignore", "Model has `tie_word_embeddings=True`", UserWarning, "peft")
+        model = get_peft_model(
+            AutoModelForCausalLM.from_pretrained(boxed_model_dir, dtype=torch.float32),
+            # lm_head: on attention alone the 32-wide model's digit barely moves (log-prob of 7: -3.2).
+            LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "o_proj", "lm_head"]),
+        )
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     answer = encode_completion(tokenizer, "\\boxed{7}")
     prompts = [
@@ -180,7 +187,7 @@ def sevens_adapter(boxed_model_dir, questions, tmp_path_factory) -> Path:
         optimizer.step()
         optimizer.zero_grad()
     directory = tmp_path_factory.mktemp("sevens")
-    model.save_pretrained(directory)
+    model.save_pretrained(directory, save_embedding_layers=True)  # lm_head is adapted: what "auto" picks
     return directory
 
 
@@ -289,13 +296,13 @@ def test_bad_options_are_config_errors(flag, value, message):
         parse_config(TrajectoryConfig, argv)
 
 
-def test_cli_builds_from_flags(boxed_model_dir, shared_data, tmp_path, capsys):
+def test_cli_builds_from_flags(boxed_model_dir, problems_file, tmp_path, capsys):
     argv = [
         "build-trajectories",
         "--model",
         str(boxed_model_dir),
         "--dataset",
-        str(shared_data / "amc.jsonl"),
+        str(problems_file),
     ]
     argv += [
         "--output",
@@ -332,3 +339,39 @@ def test_a_mistyped_flag_names_the_closest_one(tmp_path, capsys):
     assert icpo_train_main(argv) == 2
     err = capsys.readouterr().err
     assert "unknown option '--group-sise'. Did you mean '--group-size'?" in err and "Traceback" not in err
+
+
+def test_an_interrupted_build_resumes_from_the_round_after_the_last_saved_one(
+    built, boxed_model_dir, dataset_file, tmp_path, capsys, monkeypatch
+):
+    config = make_config(boxed_model_dir, dataset_file, tmp_path, batch_questions=2)
+    interrupt_at_save(monkeypatch, 3)  # 2 rounds per chunk: the second chunk's first round
+    with pytest.raises(KeyboardInterrupt):
+        build_trajectories(config)
+    assert len((tmp_path / PROGRESS_FILE).read_text().splitlines()) == 2
+    assert json.loads((tmp_path / STATE_FILE).read_text())["round"] == 1
+    monkeypatch.undo()
+    capsys.readouterr()
+    build_trajectories(config)
+    assert (
+        f"resuming: 2/{QUESTIONS} questions done, 1 of 2 rounds done for the next 1"
+        in capsys.readouterr().err
+    )
+    resumed, whole = load_trajectories(tmp_path).to_list(), built[1].to_list()
+    for a, b in zip(
+        resumed, whole, strict=True
+    ):  # scored in batches of another shape: the last digits differ
+        assert a.pop("ref_logps") == pytest.approx(b.pop("ref_logps"), abs=1e-5)
+    assert resumed == whole and not (tmp_path / STATE_FILE).exists()
+
+
+def test_a_build_killed_inside_a_round_loses_only_that_round(built, boxed_model_dir, dataset_file, tmp_path):
+    options = {"rounds": ROUNDS, "group_size": GROUP, "limit": QUESTIONS, **FAST}
+    argv = ["build-trajectories", "--model", str(boxed_model_dir), "--dataset", str(dataset_file)]
+    argv += ["--output", str(tmp_path), *(f"--{key}={value}" for key, value in options.items())]
+    ended = signalled_run(tmp_path / STATE_FILE, "icpo-train", argv, signal.SIGKILL)
+    assert ended.returncode == -signal.SIGKILL, ended.stderr[-3000:]
+    assert json.loads((tmp_path / STATE_FILE).read_text())["round"] == 1
+    assert not (tmp_path / PROGRESS_FILE).exists()
+    assert icpo_train_main(argv) == 0
+    assert load_trajectories(tmp_path).to_list() == built[1].to_list()

@@ -67,7 +67,7 @@ def dataset_file(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def boxed_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
     questions = [row["problem"] for row in integer_problems(3)]
-    return teach_boxed_answers(tiny_model_dir, tmp_path_factory.mktemp("boxed"), questions, steps=60)
+    return teach_boxed_answers(tiny_model_dir, tmp_path_factory.mktemp("boxed"), questions)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from conftest import read_benchmark
+from conftest import fixture_problems
 from datasets import Dataset
 
 from icpo_infer.backends.base import BackendOptions
@@ -27,9 +27,8 @@ SOLUTIONS = (
 
 
 def integer_problems(count: int) -> list[dict]:
-    """The shortest MATH-500 problems with integer answers (short prompts keep the tests fast)."""
-    rows = [r for r in read_benchmark("math500") if answer_type_of(str(r["answer"])) == "integer"]
-    return sorted(rows, key=lambda r: len(r["problem"]))[:count]
+    """The first ``count`` fixture problems with integer answers."""
+    return [r for r in fixture_problems() if answer_type_of(r["answer"]) == "integer"][:count]
 
 
 def icl_reward(answer: str | None, history: list[Attempt]) -> float:

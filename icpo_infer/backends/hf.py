@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -238,10 +239,14 @@ class HFBackend:
             # PEFT names are module keys (no dots or slashes); a count of loads, never reused after a release.
             self._adapters_loaded += 1
             name = f"adapter_{self._adapters_loaded}"
-            if isinstance(self.model, PeftModel):
-                self.model.load_adapter(path, adapter_name=name)
-            else:
-                self.model = PeftModel.from_pretrained(self.model, path, adapter_name=name).eval()
+            with warnings.catch_warnings():
+                # An adapter of a tied lm_head: PEFT warns about merging and converting it, which this
+                # backend never does.
+                warnings.filterwarnings("ignore", "Model has `tie_word_embeddings=True`", UserWarning, "peft")
+                if isinstance(self.model, PeftModel):
+                    self.model.load_adapter(path, adapter_name=name)
+                else:
+                    self.model = PeftModel.from_pretrained(self.model, path, adapter_name=name).eval()
             self._adapter_names[path] = name
         return self._adapter_names[path]
 

