@@ -61,11 +61,12 @@ def trajectories_dir(model_dir, templates, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def adapter_dir(model_dir, trajectories_dir, tmp_path_factory) -> Path:
-    """A LoRA adapter from `icpo-train train`: two steps on the trajectories, large enough to move scores."""
+    """A LoRA adapter from `icpo-train train`: one step on all four rows (round 1 alone has no
+    reward to learn from), large enough to move scores."""
     output = tmp_path_factory.mktemp("smollm2-adapter")
     args = recipe_args(model_dir, trajectories_dir, output, "--templates", str(TEMPLATES_FILE))
     assert (
-        train_main([*args, "--max_steps", "2", "--per_device_train_batch_size", "2", "--save_strategy", "no"])
+        train_main([*args, "--max_steps", "1", "--per_device_train_batch_size", "4", "--save_strategy", "no"])
         == 0
     )
     return output
