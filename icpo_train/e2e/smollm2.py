@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import importlib.util
 import os
 import shutil
 import tempfile
@@ -67,6 +68,10 @@ def convert(output: str | Path = DEFAULT_DIR) -> Path:
         print(f"SmolLM2-135M-Instruct: reusing {output}")
         return output
     gguf = gguf_path()
+    if importlib.util.find_spec("gguf") is None:
+        raise MissingPackageError(
+            "reading a GGUF file needs the package 'gguf'; run `pip install 'icpo[gguf]'`."
+        )
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}."))
     try:
