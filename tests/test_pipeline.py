@@ -138,6 +138,10 @@ def test_a_given_base_model_skips_pretraining_and_the_vllm_engine_runs_every_mod
         kv_cache_gb=1,
         models=["base", "icpo"],
         learning_rate=0.05,  # two steps that change the samples
+        task="arithmetic",
+        train_facts=0,
+        validation_facts=1,
+        test_facts=1,
     )
     report = run_pipeline(config)
     run = tmp_path / "seed-0"
@@ -151,8 +155,14 @@ def test_a_given_base_model_skips_pretraining_and_the_vllm_engine_runs_every_mod
         model: (run / "eval" / model / "me-icpo" / "results.jsonl").read_text() for model in ("base", "icpo")
     }
     assert samples["base"] != samples["icpo"]
+    test = [json.loads(line) for line in (run / "data" / "test.jsonl").read_text().splitlines()]
+    assert test and all(row["id"].split("-")[0] in ("multiplication", "addition") for row in test)
     with pytest.raises(ConfigError, match="backend 'sglang'"):
         micro_config(tmp_path, backend="sglang")
+    with pytest.raises(ConfigError, match="task 'algebra'"):
+        micro_config(tmp_path, task="algebra")
+    with pytest.raises(ConfigError, match="the validation split is empty"):
+        micro_config(tmp_path, task="arithmetic", validation_facts=0)
 
 
 def test_the_cli_reads_a_recipe_and_rejects_bad_values_before_any_work(tmp_path):
@@ -186,6 +196,7 @@ def test_tail_bucket_and_fisher_at_reach_the_adapters_they_apply_to(tmp_path):
         ("demo.yaml", {"base", "icpo", "sft"}, 1),
         ("tiny.yaml", set(MODELS), 1),
         ("full.yaml", {"base", "icpo", "sft"}, 2),
+        ("smollm2.yaml", set(MODELS), 1),
     ],
 )
 def test_the_shipped_recipes_are_valid(recipe, models, iterations, tmp_path):

@@ -5,7 +5,8 @@
 Stages, run for every seed in ``DIR/seed-N/``, each skipped with one line saying so when its output
 exists (an interrupted run resumes where it stopped):
 
-- ``data``: the synthetic task's train / validation / test splits (:mod:`icpo_train.e2e.synthetic`);
+- ``data``: the task's train / validation / test splits: sums of spelled-out digits
+  (:mod:`icpo_train.e2e.synthetic`) or one-digit arithmetic facts (:mod:`icpo_train.e2e.arithmetic`);
 - ``pretrain``: the base model, a tiny Llama trained from scratch (:mod:`icpo_train.e2e.pretrain`), or
   nothing when ``base_model`` names a pretrained model to start from;
 - ``trajectories``: reflection trajectories of the base model on the validation questions
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -49,11 +51,13 @@ from icpo_infer.prompts import PromptTemplates
 from icpo_infer.report import ACCURACY_RANGE
 from icpo_infer.results import METRICS_FILE, write_json_atomic
 from icpo_infer.run_log import run_log
+from icpo_train.e2e.arithmetic import ArithmeticTaskConfig, generate_splits
 from icpo_train.e2e.pretrain import PretrainConfig, pretrain
-from icpo_train.e2e.synthetic import SyntheticTaskConfig, write_splits
+from icpo_train.e2e.synthetic import SyntheticTaskConfig, write_problems, write_splits
 from icpo_train.trainer import ICPOConfig, ICPOTrainer
 from icpo_train.trajectories import PARQUET_FILE, TrajectoryConfig, build_trajectories
 
+TASKS = ("spelled-sums", "arithmetic")
 STAGES = ("data", "pretrain", "trajectories", "train", "evaluate", "report")
 LOSS_OF_MODEL = {"icpo": "fw", "sft": "sft", "mse": "mse"}  # adapters and the trainer loss of each
 MODELS = ("base", *LOSS_OF_MODEL)
@@ -83,6 +87,14 @@ class PipelineConfig(SyntheticTaskConfig, PretrainConfig):
     templates: str | None = option(
         None, "YAML prompt wording, used by every stage (recipes/e2e/templates.yaml)."
     )
+    task: str = option(
+        "spelled-sums",
+        "The task family: spelled-sums (sums of spelled-out digits; the *_size and operand fields) or "
+        "arithmetic (one-digit facts in several phrasings; the *_facts fields).",
+    )
+    train_facts: int = option_like(ArithmeticTaskConfig, "train_facts")
+    validation_facts: int = option_like(ArithmeticTaskConfig, "validation_facts")
+    test_facts: int = option_like(ArithmeticTaskConfig, "test_facts")
     base_model: str | None = option(
         None,
         "A pretrained model (directory or Hub id) to start from instead of pretraining one: the pretrain "
@@ -91,6 +103,7 @@ class PipelineConfig(SyntheticTaskConfig, PretrainConfig):
     # Trajectories.
     trajectory_rounds: int = option(4, "Rounds R of the trajectories: histories H_1 (empty) .. H_R.")
     group_size: int = option(8, "G: responses sampled from pi_ref per trajectory question.")
+    group_temperature: float = option_like(TrajectoryConfig, "group_temperature")
     # The defaults build histories as the evaluation does; see docs/e2e-findings.md.
     history_reward: str = option("self", "History rewards of the trajectories: self (majority) or gt.")
     selection: str = option("me-icpo", "Which candidate enters a trajectory history: random or me-icpo.")
@@ -123,6 +136,7 @@ class PipelineConfig(SyntheticTaskConfig, PretrainConfig):
         "target",
         "icpo: where the FW loss evaluates its Fisher weights, target or policy (the trainer's fisher_at).",
     )
+    shared_prefix: bool = option_like(ICPOConfig, "shared_prefix")
     lora_r: int = option(16, "LoRA rank.")
     lora_alpha: int = option(32, "LoRA alpha.")
     iterations: int = option(
@@ -157,8 +171,16 @@ class PipelineConfig(SyntheticTaskConfig, PretrainConfig):
             unknown = [value for value in values if value not in valid]
             check(not unknown, f"{name}: unknown {unknown}; choose among {', '.join(valid)}.")
         check(bool(self.models), "models is empty; name at least one of " + ", ".join(MODELS) + ".")
-        check(self.validation_size > 0, "validation_size=0: the trajectories need validation questions.")
-        check(self.test_size > 0, "test_size=0: the evaluation needs test questions.")
+        check(self.task in TASKS, f"task '{self.task}' is unknown; use one of {', '.join(TASKS)}.")
+        if self.task == "arithmetic":
+            self.arithmetic_config()  # checks the split sizes against the facts the family holds
+            validation, test = self.validation_facts, self.test_facts
+        else:
+            validation, test = self.validation_size, self.test_size
+        check(validation > 0, "the validation split is empty: the trajectories need validation questions.")
+        check(test > 0, "the test split is empty: the evaluation needs test questions.")
+        if self.base_model:
+            self.base_model = os.path.expanduser(self.base_model)
         check(self.train_steps >= 1, f"train_steps={self.train_steps}: use at least 1 step.")
         check(self.iterations >= 1, f"iterations={self.iterations}: use at least 1 iteration.")
         check(self.backend in ("hf", "vllm"), f"backend '{self.backend}' is unknown; use hf or vllm.")
@@ -168,6 +190,14 @@ class PipelineConfig(SyntheticTaskConfig, PretrainConfig):
         self.trajectory_config(Path(self.output_dir))
         self.infer_config(Path(self.output_dir), "me-icpo", None)
         self.train_config(Path(self.output_dir), "icpo")
+
+    def arithmetic_config(self) -> ArithmeticTaskConfig:
+        return ArithmeticTaskConfig(
+            seed=self.seed,
+            train_facts=self.train_facts,
+            validation_facts=self.validation_facts,
+            test_facts=self.test_facts,
+        )
 
     @property
     def seeds(self) -> list[int]:
@@ -228,6 +258,7 @@ class PipelineConfig(SyntheticTaskConfig, PretrainConfig):
             output=str(output),
             rounds=self.trajectory_rounds,
             group_size=self.group_size,
+            group_temperature=self.group_temperature,
             history_reward=self.history_reward,
             selection=self.selection,
             **self.icpo_loop(),
@@ -243,6 +274,7 @@ class PipelineConfig(SyntheticTaskConfig, PretrainConfig):
             eta=self.eta,
             tail_bucket=self.tail_bucket and LOSS_OF_MODEL[model] != "sft",
             fisher_at=self.fisher_at if LOSS_OF_MODEL[model] == "fw" else "target",
+            shared_prefix=self.shared_prefix,
             lora_r=self.lora_r,
             lora_alpha=self.lora_alpha,
             lora_dropout=0.0,
@@ -328,9 +360,13 @@ class _SeedRun:
     def data(self) -> bool:
         if all((self.dir / "data" / f"{split}.jsonl").is_file() for split in ("train", "validation", "test")):
             return False
-        self.say("data: writing the synthetic splits")
-        fields = {f.name: getattr(self.config, f.name) for f in dataclasses.fields(SyntheticTaskConfig)}
-        write_splits(SyntheticTaskConfig(**fields), self.dir / "data")
+        self.say(f"data: writing the {self.config.task} splits")
+        if self.config.task == "arithmetic":
+            for split, problems in generate_splits(self.config.arithmetic_config()).items():
+                write_problems(problems, self.dir / "data" / f"{split}.jsonl")
+        else:
+            fields = {f.name: getattr(self.config, f.name) for f in dataclasses.fields(SyntheticTaskConfig)}
+            write_splits(SyntheticTaskConfig(**fields), self.dir / "data")
         return True
 
     def pretrain(self) -> bool:
