@@ -44,10 +44,16 @@ def write_text_atomic(path: Path, text: str) -> None:
         except BaseException:  # Ctrl-C or SIGTERM while writing a large state: leave no partial file behind
             os.unlink(tmp.name)
             raise
+    os.chmod(tmp.name, plain_mode(0o666))
+    os.replace(tmp.name, path)
+
+
+def plain_mode(mode: int) -> int:
+    """``mode`` less the process umask: what ``open()`` or ``mkdir()`` would give a new file or folder,
+    for one made private by ``tempfile``."""
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp.name, 0o666 & ~umask)
-    os.replace(tmp.name, path)
+    return mode & ~umask
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

