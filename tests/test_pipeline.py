@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -129,6 +131,30 @@ def test_a_second_iteration_trains_on_the_histories_of_the_first_and_is_reported
         micro_config(tmp_path, iterations=0)
 
 
+def test_merged_adapters_evaluate_as_their_lora_requests_do(tmp_path):
+    # Two steps that change the samples, so that evaluating the base weights instead would show.
+    config = micro_config(
+        tmp_path / "lora", models=["base", "icpo"], learning_rate=0.05, eval_methods=["me-icpo"]
+    )
+    run_pipeline(config)
+    for part in ("data", "base", "trajectories", "adapters"):
+        shutil.copytree(tmp_path / "lora" / "seed-0" / part, tmp_path / "merged" / "seed-0" / part)
+    merged = dataclasses.replace(
+        config, output_dir=str(tmp_path / "merged"), stages=["evaluate"], merge_adapters=True
+    )
+    run_pipeline(merged)
+
+    def finals(root: str, model: str) -> list:
+        path = Path(root) / "seed-0" / "eval" / model / "me-icpo" / "results.jsonl"
+        return [json.loads(line)["final"] for line in path.open()]
+
+    assert finals(config.output_dir, "icpo") != finals(config.output_dir, "base")
+    for model in ("base", "icpo"):
+        assert finals(merged.output_dir, model) == finals(config.output_dir, model), model
+    weights = tmp_path / "merged" / "seed-0" / "merged" / "icpo"
+    assert (weights / "model.safetensors").is_file() and not (weights / "adapter_config.json").exists()
+
+
 @pytest.mark.vllm
 def test_a_given_base_model_skips_pretraining_and_the_vllm_engine_runs_every_model(tiny_model_dir, tmp_path):
     config = micro_config(
@@ -137,6 +163,7 @@ def test_a_given_base_model_skips_pretraining_and_the_vllm_engine_runs_every_mod
         backend="vllm",
         kv_cache_gb=1,
         models=["base", "icpo"],
+        merge_adapters=True,  # the base model in the trajectories' engine, the adapter merged in its own
         learning_rate=0.05,  # two steps that change the samples
         task="arithmetic",
         train_facts=0,
@@ -150,7 +177,8 @@ def test_a_given_base_model_skips_pretraining_and_the_vllm_engine_runs_every_mod
     adapter_config = json.loads((run / "adapters" / "icpo" / "adapter_config.json").read_text())
     assert adapter_config["base_model_name_or_path"] == str(tiny_model_dir)
     assert list(report["models"]) == ["base", "icpo"]
-    # The adapter ran as a LoRA request of the one engine: its samples are its own, not the base model's.
+    assert (run / "merged" / "icpo" / "model.safetensors").is_file()
+    # The merged adapter's samples are its own, not the base model's.
     samples = {
         model: (run / "eval" / model / "me-icpo" / "results.jsonl").read_text() for model in ("base", "icpo")
     }
