@@ -238,6 +238,10 @@ class ICPOConfig(TrainingArguments):
             # MULTI_CPU only with use_cpu, DeepSpeed initialises its own process group and needs the backend.
             self.ddp_backend = self.ddp_backend or "gloo"
             self.use_cpu = self.use_cpu or not _deepspeed_requested(self)
+        if self.bf16 and not torch.accelerator.is_available():
+            # transformers runs bf16 without an accelerator only with use_cpu (CPU autocast; twice fp32's
+            # speed on CPUs with AVX512-BF16)
+            self.use_cpu = self.use_cpu or not _deepspeed_requested(self)
         if self.use_cpu or not torch.accelerator.is_available():
             self.dataloader_pin_memory = False  # nothing to pin memory for; torch warns at every run
         super().__post_init__()

@@ -362,6 +362,17 @@ def test_tail_bucket_trains_on_the_distinct_responses(tiny_model_dir, trajectori
     assert all(math.isfinite(entry["loss"]) and 0.99 < entry["tail_mass"] <= 1 for entry in entries)
 
 
+def test_bf16_trains_on_a_machine_without_accelerators(tiny_model_dir, trajectories_dir, tmp_path):
+    overrides = ["--bf16", "true", "--tail_bucket", "true", "--fisher_at", "policy", "--shared_prefix", "true"]
+    config = make_config(tiny_model_dir, trajectories_dir, tmp_path, *overrides, "--max_steps", "2")
+    assert config.use_cpu  # transformers takes bf16 without an accelerator only as CPU autocast
+    trainer = ICPOTrainer(config)
+    frozen = {p.dtype for p in trainer.model.parameters() if not p.requires_grad}
+    assert frozen == {torch.bfloat16}
+    trainer.train()
+    assert all(math.isfinite(loss) for loss in losses(trainer.state.log_history))
+
+
 def test_non_finite_loss_stops_training_naming_the_example(tiny_model_dir, trajectories, tmp_path, capsys):
     def overflow(row, index):  # finite, but its squared deviation overflows float32
         return {"ref_logps": [-3e38, *row["ref_logps"][1:]]} if index == 7 else {}
