@@ -114,6 +114,41 @@ def tiny_chat_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def ending_model_dir(tmp_path_factory) -> Path:
+    """A tiny chat model (two heads) with its EOS embedding scaled up: a random tiny model almost never
+    ends a completion, this one ends some early and runs others to max_new_tokens."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    directory = save_tiny_model(tmp_path_factory.mktemp("tiny-ending"), True, hidden_size=64, num_heads=2)
+    model = AutoModelForCausalLM.from_pretrained(directory)
+    with torch.no_grad():
+        model.get_input_embeddings().weight[model.config.eos_token_id] *= 4
+    model.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def ending_vllm_engine(ending_model_dir):
+    """One CPU vLLM engine of ``ending_model_dir`` (fp32, LoRA enabled) for every module that tests against
+    it: an engine start costs 20-60 s on 2 cores. Its users leave no adapter loaded."""
+    from icpo_infer.backends import make_backend
+    from icpo_infer.backends.base import BackendOptions
+
+    options = BackendOptions(
+        str(ending_model_dir),
+        dtype="float32",
+        kv_cache_gb=1,
+        max_model_len=2048,
+        enforce_eager=True,
+        enable_lora=True,
+    )
+    backend = make_backend("vllm", options)
+    yield backend
+    backend.close()
+
+
+@pytest.fixture(scope="session")
 def tiny_reward_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
     """A randomly initialised tiny Llama sequence classifier with one output (a reward model), with the
     tiny model's tokenizer."""

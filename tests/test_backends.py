@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import save_tiny_model
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
@@ -48,22 +47,12 @@ def _options(name: str, model: Path, **changes) -> BackendOptions:
     return BackendOptions(str(model), **(options | changes))
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    """A tiny chat model (two heads) with its EOS embedding scaled up: a random tiny model almost never
-    ends a completion, this one ends some early and runs others to max_new_tokens."""
-    directory = save_tiny_model(tmp_path_factory.mktemp("tiny-ending"), True, hidden_size=64, num_heads=2)
-    model = AutoModelForCausalLM.from_pretrained(directory)
-    with torch.no_grad():
-        model.get_input_embeddings().weight[model.config.eos_token_id] *= 4
-    model.save_pretrained(directory)
-    return directory
-
-
-def save_random_lora(model_dir: Path, directory: Path, targets: list[str], rank: int, seed: int) -> Path:
-    """A PEFT LoRA adapter of ``model_dir`` whose B weights are random, so it changes the model."""
+def save_random_lora(
+    ending_model_dir: Path, directory: Path, targets: list[str], rank: int, seed: int
+) -> Path:
+    """A PEFT LoRA adapter of ``ending_model_dir`` whose B weights are random, so it changes the model."""
     model = get_peft_model(
-        AutoModelForCausalLM.from_pretrained(model_dir),
+        AutoModelForCausalLM.from_pretrained(ending_model_dir),
         LoraConfig(r=rank, lora_alpha=8, target_modules=targets),
     )
     generator = torch.Generator().manual_seed(seed)
@@ -77,27 +66,30 @@ def save_random_lora(model_dir: Path, directory: Path, targets: list[str], rank:
 
 
 @pytest.fixture(scope="module")
-def lora_dir(model_dir, tmp_path_factory) -> Path:
+def lora_dir(ending_model_dir, tmp_path_factory) -> Path:
     return save_random_lora(
-        model_dir, tmp_path_factory.mktemp("tiny-lora"), ["q_proj", "v_proj", "o_proj"], 4, 0
+        ending_model_dir, tmp_path_factory.mktemp("tiny-lora"), ["q_proj", "v_proj", "o_proj"], 4, 0
     )
 
 
 @pytest.fixture(scope="module")
-def reference(model_dir) -> torch.nn.Module:
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+def reference(ending_model_dir) -> torch.nn.Module:
+    return AutoModelForCausalLM.from_pretrained(ending_model_dir, dtype=torch.float32).eval()
 
 
 @pytest.fixture(scope="module")
-def reference_lora(model_dir, lora_dir) -> torch.nn.Module:
+def reference_lora(ending_model_dir, lora_dir) -> torch.nn.Module:
     return PeftModel.from_pretrained(
-        AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), lora_dir
+        AutoModelForCausalLM.from_pretrained(ending_model_dir, dtype=torch.float32), lora_dir
     ).eval()
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
-def backend(request, model_dir) -> Backend:
-    backend = make_backend(request.param, _options(request.param, model_dir))
+def backend(request, ending_model_dir) -> Backend:
+    if request.param == "vllm":
+        yield request.getfixturevalue("ending_vllm_engine")
+        return
+    backend = make_backend("hf", _options("hf", ending_model_dir))
     yield backend
     backend.close()
 
@@ -337,10 +329,10 @@ def test_lora_adapter_changes_outputs_and_scores_and_leaves_the_base_alone(
 
 
 @pytest.fixture(scope="module")
-def mlp_lora_dir(model_dir, tmp_path_factory) -> Path:
-    """A second adapter of ``model_dir``, on the MLP instead of attention."""
+def mlp_lora_dir(ending_model_dir, tmp_path_factory) -> Path:
+    """A second adapter of ``ending_model_dir``, on the MLP instead of attention."""
     directory = tmp_path_factory.mktemp("tiny-mlp-lora")
-    return save_random_lora(model_dir, directory, ["gate_proj", "up_proj", "down_proj"], 8, 1)
+    return save_random_lora(ending_model_dir, directory, ["gate_proj", "up_proj", "down_proj"], 8, 1)
 
 
 def test_adapters_per_call_through_one_backend_with_the_base_between_them(
@@ -376,8 +368,8 @@ def test_release_drops_an_adapter_and_a_later_call_loads_it_again(backend, promp
 
 
 @pytest.mark.parametrize("name", BACKENDS)
-def test_bf16_on_the_cpu_scores_and_decodes_close_to_fp32(name, model_dir, reference):
-    backend = make_backend(name, _options(name, model_dir, dtype="bfloat16"))
+def test_bf16_on_the_cpu_scores_and_decodes_close_to_fp32(name, ending_model_dir, reference):
+    backend = make_backend(name, _options(name, ending_model_dir, dtype="bfloat16"))
     tokenizer = backend.tokenizer
     prompts = [tokenizer.bos_token + q for q in QUESTIONS]
     completions = [" The answer is \\boxed{5}.", "7", " so 15"]
@@ -433,8 +425,8 @@ def test_hf_row_sampler_draws_from_the_filtered_distribution(params, allowed):
     assert torch.equal(again(torch.zeros(rows, 1, dtype=torch.long), logits.repeat(rows, 1)), picked)
 
 
-def test_hf_release_frees_an_adapter_and_a_later_call_loads_it_again(model_dir, lora_dir, tmp_path):
-    backend = make_backend("hf", BackendOptions(str(model_dir), dtype="float32"))
+def test_hf_release_frees_an_adapter_and_a_later_call_loads_it_again(ending_model_dir, lora_dir, tmp_path):
+    backend = make_backend("hf", BackendOptions(str(ending_model_dir), dtype="float32"))
     copy = shutil.copytree(lora_dir, tmp_path / "copy")  # another path: a second PEFT adapter
     prompts, completions = [backend.tokenizer.bos_token + QUESTIONS[0]], [" 4"]
     base = backend.score(prompts, completions)
@@ -451,36 +443,42 @@ def test_hf_release_frees_an_adapter_and_a_later_call_loads_it_again(model_dir, 
     assert backend.score(prompts, completions) == base
     assert backend.score(prompts, completions, adapter=str(lora_dir)) == adapted
 
-    with_default = make_backend("hf", BackendOptions(str(model_dir), dtype="float32", adapter=str(lora_dir)))
+    with_default = make_backend(
+        "hf", BackendOptions(str(ending_model_dir), dtype="float32", adapter=str(lora_dir))
+    )
     with_default.release(str(lora_dir))  # the default adapter stays
     assert with_default.score(prompts, completions) == adapted
 
 
-def test_hf_default_adapter_is_used_when_none_is_named(model_dir, lora_dir):
-    with_adapter = make_backend("hf", BackendOptions(str(model_dir), dtype="float32", adapter=str(lora_dir)))
+def test_hf_default_adapter_is_used_when_none_is_named(ending_model_dir, lora_dir):
+    with_adapter = make_backend(
+        "hf", BackendOptions(str(ending_model_dir), dtype="float32", adapter=str(lora_dir))
+    )
     prompts = [with_adapter.tokenizer.bos_token + q for q in QUESTIONS]
     completions = ["4", " The answer is 25", ""]
     assert with_adapter.score(prompts, completions) == with_adapter.score(
         prompts, completions, adapter=str(lora_dir)
     )
-    plain = make_backend("hf", BackendOptions(str(model_dir), dtype="float32"))
+    plain = make_backend("hf", BackendOptions(str(ending_model_dir), dtype="float32"))
     assert with_adapter.score(prompts, completions) != plain.score(prompts, completions)
 
 
-def test_a_run_on_a_shared_backend_samples_with_its_own_adapter(model_dir, lora_dir, problems_file, tmp_path):
+def test_a_run_on_a_shared_backend_samples_with_its_own_adapter(
+    ending_model_dir, lora_dir, problems_file, tmp_path
+):
     """One loaded model serves runs of the base and of an adapter, as in the pipeline's evaluation."""
 
     def sampled(name: str, adapter: str | None, backend: Backend) -> list[list[str]]:
         config = InferConfig(
-            model=str(model_dir), adapter=adapter, dataset=str(problems_file), limit=2,
+            model=str(ending_model_dir), adapter=adapter, dataset=str(problems_file), limit=2,
             method="single", k=2, max_new_tokens=6, context_length=2048, dtype="float32",
             output_dir=str(tmp_path / name),
         )  # fmt: skip
         run(config, backend)
         return [row["final"]["texts"] for row in read_results(tmp_path / name / "results.jsonl")]
 
-    shared = make_backend("hf", BackendOptions(str(model_dir), dtype="float32"))
-    own = make_backend("hf", BackendOptions(str(model_dir), dtype="float32", adapter=str(lora_dir)))
+    shared = make_backend("hf", BackendOptions(str(ending_model_dir), dtype="float32"))
+    own = make_backend("hf", BackendOptions(str(ending_model_dir), dtype="float32", adapter=str(lora_dir)))
     with_adapter = sampled("shared-lora", str(lora_dir), shared)
     assert with_adapter == sampled("own-lora", str(lora_dir), own)
     assert sampled("shared-base", None, shared) != with_adapter

@@ -17,14 +17,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-import torch
-from conftest import save_tiny_model
 from script_modules import load_script
 from test_backends import conformance_prompts
 from test_scripts import save_adapter, save_checkpoint
 from test_vllm_workflows import LOOP, all_texts, final_texts
 from trajectory_fixtures import integer_problems
-from transformers import AutoModelForCausalLM
 from vllm_server import VLLMServer
 
 from icpo_infer import cli
@@ -47,20 +44,9 @@ TINY_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "infer" / "tiny.
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    """A tiny model whose EOS embedding is scaled up, so that some samples end and others run to the limit."""
-    directory = save_tiny_model(tmp_path_factory.mktemp("served"), True, hidden_size=64, num_heads=2)
-    model = AutoModelForCausalLM.from_pretrained(directory)
-    with torch.no_grad():
-        model.get_input_embeddings().weight[model.config.eos_token_id] *= 4
-    model.save_pretrained(directory)
-    return directory
-
-
-@pytest.fixture(scope="module")
-def adapter_dir(model_dir, tmp_path_factory) -> Path:
+def adapter_dir(ending_model_dir, tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp("adapter")
-    save_adapter(model_dir, directory, seed=0)
+    save_adapter(ending_model_dir, directory, seed=0)
     return directory
 
 
@@ -72,12 +58,14 @@ def api_key():
 
 
 @pytest.fixture(scope="module")
-def servers(model_dir, tmp_path_factory, api_key) -> list[VLLMServer]:
+def servers(ending_model_dir, tmp_path_factory, api_key) -> list[VLLMServer]:
     logs = tmp_path_factory.mktemp("server-logs")
     started = []
     try:
         for name in ("a", "b"):
-            started.append(VLLMServer(model_dir, logs / f"{name}.log", API_KEY).start())
+            started.append(VLLMServer(ending_model_dir, logs / f"{name}.log", API_KEY).launch())
+        for server in started:
+            server.wait()
         yield started
     finally:
         for server in started:
@@ -85,18 +73,9 @@ def servers(model_dir, tmp_path_factory, api_key) -> list[VLLMServer]:
 
 
 @pytest.fixture(scope="module")
-def offline(model_dir) -> Backend:
-    options = BackendOptions(
-        str(model_dir),
-        dtype="float32",
-        max_model_len=2048,
-        kv_cache_gb=1,
-        enforce_eager=True,
-        enable_lora=True,
-    )
-    backend = make_backend("vllm", options)
-    yield backend
-    backend.close()
+def offline(ending_vllm_engine) -> Backend:
+    """The offline engine of the servers' model, which the servers must match."""
+    return ending_vllm_engine
 
 
 def served(model: Path | str, *servers: VLLMServer | FlakyProxy, **changes) -> Backend:
@@ -105,8 +84,8 @@ def served(model: Path | str, *servers: VLLMServer | FlakyProxy, **changes) -> B
 
 
 @pytest.fixture(scope="module")
-def backend(model_dir, servers) -> Backend:
-    backend = served(model_dir, servers[0])
+def backend(ending_model_dir, servers) -> Backend:
+    backend = served(ending_model_dir, servers[0])
     yield backend
     backend.close()
 
@@ -204,10 +183,10 @@ def test_scores_and_an_adapter_loaded_at_run_time_equal_the_offline_engines(
 
 
 def test_methods_run_through_the_server_as_on_the_offline_engine(
-    model_dir, dataset_file, servers, offline, tmp_path
+    ending_model_dir, dataset_file, servers, offline, tmp_path
 ):
     for method in METHODS:
-        config = infer_config(model_dir, dataset_file, tmp_path / method, servers[0], method=method)
+        config = infer_config(ending_model_dir, dataset_file, tmp_path / method, servers[0], method=method)
         metrics = run(config)
         assert metrics["num_questions"] == 3 and metrics["engine_calls"] >= 1
         if method == "me-icpo":
@@ -219,10 +198,10 @@ def test_methods_run_through_the_server_as_on_the_offline_engine(
         assert not path.is_file() or API_KEY.encode() not in path.read_bytes(), path
 
 
-def test_two_servers_give_the_results_of_one(model_dir, dataset_file, servers, tmp_path):
-    config = infer_config(model_dir, dataset_file, tmp_path / "one", servers[0], max_concurrency=4)
+def test_two_servers_give_the_results_of_one(ending_model_dir, dataset_file, servers, tmp_path):
+    config = infer_config(ending_model_dir, dataset_file, tmp_path / "one", servers[0], max_concurrency=4)
     run(config)
-    both = served(model_dir, *servers, max_concurrency=4)
+    both = served(ending_model_dir, *servers, max_concurrency=4)
     run(
         dataclasses.replace(config, base_url=[s.url for s in servers], output_dir=str(tmp_path / "two")), both
     )
@@ -231,13 +210,21 @@ def test_two_servers_give_the_results_of_one(model_dir, dataset_file, servers, t
 
 
 def test_a_server_gone_mid_run_fails_it_with_its_url_and_a_rerun_resumes(
-    model_dir, dataset_file, servers, tmp_path, capsys
+    ending_model_dir, dataset_file, servers, tmp_path, capsys
 ):
     gone = servers[1]
 
     def command(output: Path, server: VLLMServer) -> list[str]:
         return [
-            *("run", "--config", str(TINY_RECIPE), "--model", str(model_dir), "--dataset", str(dataset_file)),
+            *(
+                "run",
+                "--config",
+                str(TINY_RECIPE),
+                "--model",
+                str(ending_model_dir),
+                "--dataset",
+                str(dataset_file),
+            ),
             *(
                 "--output-dir",
                 str(output),
@@ -323,34 +310,36 @@ class FlakyProxy:
 
 
 def test_429_and_5xx_are_retried_and_a_server_that_keeps_failing_is_named(
-    model_dir, servers, backend, prompts
+    ending_model_dir, servers, backend, prompts
 ):
     params = SamplingParams(n=2, max_new_tokens=6, seed=4)
     proxy = FlakyProxy(servers[0].url, failures=[503, 429, 502])
     try:
-        assert served(model_dir, proxy).generate(prompts[:1], params) == backend.generate(prompts[:1], params)
+        assert served(ending_model_dir, proxy).generate(prompts[:1], params) == backend.generate(
+            prompts[:1], params
+        )
         assert proxy.failures == []  # three failures, then the answer
         proxy.failures = [503] * 6
         with pytest.raises(
             ServerError, match=rf"^{re.escape(proxy.url)} failed a request 6 times, the last with HTTP 503"
         ):
-            served(model_dir, proxy).generate(prompts[:1], params)
+            served(ending_model_dir, proxy).generate(prompts[:1], params)
     finally:
         proxy.close()
 
 
 def test_a_wrong_url_model_or_key_is_a_config_error_before_any_work(
-    model_dir, servers, monkeypatch, tmp_path
+    ending_model_dir, servers, monkeypatch, tmp_path
 ):
     with pytest.raises(ConfigError, match=r"127\.0\.0\.1:9/v1: no server answers"):
-        make_backend("openai", BackendOptions(str(model_dir), base_url=["http://127.0.0.1:9/v1"]))
+        make_backend("openai", BackendOptions(str(ending_model_dir), base_url=["http://127.0.0.1:9/v1"]))
     with pytest.raises(ConfigError, match=r"--model 'tiny' is not served at .*--tokenizer"):
         served("tiny", servers[0])
     with pytest.raises(ConfigError, match=r"unauthorised.*--api-key-env"):
-        served(model_dir, servers[0], api_key_env=None)
+        served(ending_model_dir, servers[0], api_key_env=None)
     monkeypatch.delenv(API_KEY_ENV)
     with pytest.raises(ConfigError, match=f"{API_KEY_ENV} is not set"):
-        served(model_dir, servers[0])
+        served(ending_model_dir, servers[0])
     with pytest.raises(ConfigError, match="needs a server: pass --base-url"):
         InferConfig(model="m", dataset="d", output_dir=str(tmp_path), backend="openai")
     with pytest.raises(ConfigError, match="--base-url is for --backend openai"):
@@ -358,11 +347,11 @@ def test_a_wrong_url_model_or_key_is_a_config_error_before_any_work(
 
 
 def test_trajectories_built_through_the_server_carry_the_offline_engines_scores(
-    model_dir, dataset_file, servers, offline, tmp_path
+    ending_model_dir, dataset_file, servers, offline, tmp_path
 ):
     loop = {k: v for k, v in LOOP.items() if k not in ("rounds", "final_k")}
     config = TrajectoryConfig(
-        model=str(model_dir), dataset=str(dataset_file), output=str(tmp_path / "traj"), backend="openai",
+        model=str(ending_model_dir), dataset=str(dataset_file), output=str(tmp_path / "traj"), backend="openai",
         base_url=[s.url for s in servers], api_key_env=API_KEY_ENV, rounds=2, group_size=4, **loop,
     )  # fmt: skip
     dataset = load_trajectories(build_trajectories(config))
@@ -375,20 +364,20 @@ def test_trajectories_built_through_the_server_carry_the_offline_engines_scores(
 
 
 def test_eval_checkpoints_loads_each_checkpoint_into_the_running_server(
-    model_dir, dataset_file, servers, offline, tmp_path
+    ending_model_dir, dataset_file, servers, offline, tmp_path
 ):
     run_dir = tmp_path / "run"
     for step in (1, 2):
-        save_checkpoint(model_dir, run_dir, step)
+        save_checkpoint(ending_model_dir, run_dir, step)
     flags = [
-        *("--config", str(TINY_RECIPE), "--method", "random-icpo", "--model", str(model_dir)),
+        *("--config", str(TINY_RECIPE), "--method", "random-icpo", "--model", str(ending_model_dir)),
         *("--dataset", str(dataset_file), "--dtype", "float32"),
         *("--backend", "openai", "--base-url", servers[0].url, "--api-key-env", API_KEY_ENV),
     ]
     assert load_script("eval_checkpoints").main(["--run-dir", str(run_dir), *flags]) == 0
     rows = [json.loads(line) for line in (run_dir / "eval" / RESULTS_FILE).read_text().splitlines()]
     assert [row["name"] for row in rows] == ["base", "checkpoint-1", "checkpoint-2"]
-    assert servers[0].served() == [str(model_dir)]  # each checkpoint was unloaded after its evaluation
+    assert servers[0].served() == [str(ending_model_dir)]  # each checkpoint was unloaded after its evaluation
     config = parse_config(InferConfig, [*flags, "--output-dir", str(tmp_path)])
     for row in rows:  # each checkpoint samples as on the offline engine
         alone = dataclasses.replace(offline_config(config, tmp_path / row["name"]), adapter=row["adapter"])

@@ -363,7 +363,16 @@ def test_tail_bucket_trains_on_the_distinct_responses(tiny_model_dir, trajectori
 
 
 def test_bf16_trains_on_a_machine_without_accelerators(tiny_model_dir, trajectories_dir, tmp_path):
-    overrides = ["--bf16", "true", "--tail_bucket", "true", "--fisher_at", "policy", "--shared_prefix", "true"]
+    overrides = [
+        "--bf16",
+        "true",
+        "--tail_bucket",
+        "true",
+        "--fisher_at",
+        "policy",
+        "--shared_prefix",
+        "true",
+    ]
     config = make_config(tiny_model_dir, trajectories_dir, tmp_path, *overrides, "--max_steps", "2")
     assert config.use_cpu  # transformers takes bf16 without an accelerator only as CPU autocast
     trainer = ICPOTrainer(config)

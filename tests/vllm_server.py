@@ -41,6 +41,10 @@ class VLLMServer:
 
     def start(self) -> VLLMServer:
         """Start the server (on the same port as before, after a stop) and wait until it answers."""
+        return self.launch().wait()
+
+    def launch(self) -> VLLMServer:
+        """Start the server's process without waiting: servers launched together boot side by side."""
         command = [
             *(sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model)),
             *("--host", "127.0.0.1", "--port", str(self.port), "--dtype", "float32", "--enforce-eager"),
@@ -56,6 +60,11 @@ class VLLMServer:
             self.process = subprocess.Popen(
                 command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
             )
+        return self
+
+    def wait(self) -> VLLMServer:
+        """Wait until the launched server answers; stop it and raise if it exits or does not answer."""
+        assert self.process is not None, "launch() the server first"
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
