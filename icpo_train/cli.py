@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from importlib.metadata import version
 
 from icpo_infer.backends.base import ServerError
-from icpo_infer.config import ConfigError, interrupt_status
+from icpo_infer.config import ConfigError, interrupt_status, stop_on_sigterm
 
 SUBCOMMANDS = {
     "lsa": (
@@ -49,7 +49,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     module = importlib.import_module(SUBCOMMANDS[name][0])
     try:
-        return module.main(rest) or 0
+        with stop_on_sigterm():  # unwinds like Ctrl-C: engines close, no worker process is left behind
+            return module.main(rest) or 0
     except ConfigError as err:
         print(f"icpo-train {name}: error: {err}", file=sys.stderr)
         return 2

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
+import signal
+import time
 from pathlib import Path
 
 import pytest
 
 from icpo_infer.config import ConfigError, parse_config
-from icpo_train.e2e import history_probe, trajectory_fit
+from icpo_train import cli as train_cli
+from icpo_train.e2e import history_probe, pipeline, trajectory_fit
 from icpo_train.e2e.pipeline import MODELS, PipelineConfig, format_report, main, run_pipeline
 from icpo_train.trajectory_data import load_trajectories
 
@@ -201,6 +205,36 @@ def test_the_cli_reads_a_recipe_and_rejects_bad_values_before_any_work(tmp_path)
     with pytest.raises(ConfigError, match="output_dir"):
         main(["--config", str(recipe)])
     assert not (tmp_path / "out").exists()
+
+
+def test_sigterm_closes_the_engine_and_stops_like_ctrl_c(tmp_path, monkeypatch, capsys):
+    closed = []
+
+    class Engine:
+        def close(self) -> None:
+            closed.append(True)
+
+    def trajectories(self) -> bool:
+        self._backend = Engine()
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(60)  # the signal interrupts it
+        return True
+
+    def unhandled(signum, frame):
+        raise AssertionError(
+            "SIGTERM reached the default handler, which kills the process and orphans the engine"
+        )
+
+    monkeypatch.setattr(pipeline._SeedRun, "trajectories", trajectories)
+    recipe = tmp_path / "micro.yaml"
+    recipe.write_text("\n".join(f"{key}: {value}" for key, value in MICRO.items()))
+    previous = signal.signal(signal.SIGTERM, unhandled)
+    try:
+        status = train_cli.main(["pipeline", "--config", str(recipe), "--output_dir", str(tmp_path / "out")])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert status == 143 and closed == [True]
+    assert capsys.readouterr().err.startswith("icpo-train pipeline: terminated;")
 
 
 def test_tail_bucket_and_fisher_at_reach_the_adapters_they_apply_to(tmp_path):
