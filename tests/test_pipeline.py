@@ -202,6 +202,8 @@ def test_the_cli_reads_a_recipe_and_rejects_bad_values_before_any_work(tmp_path)
     assert config.hidden_size == 16 and config.stages[0] == "data"
     with pytest.raises(ConfigError, match="stages"):
         micro_config(tmp_path, stages=["pretrain", "deploy"])
+    with pytest.raises(ConfigError, match="eval_dtype 'float8' is unknown; use auto, bfloat16"):
+        micro_config(tmp_path, eval_dtype="float8")  # found before the trajectories, not hours later
     with pytest.raises(ConfigError, match="output_dir"):
         main(["--config", str(recipe)])
     assert not (tmp_path / "out").exists()

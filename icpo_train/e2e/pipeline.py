@@ -45,7 +45,7 @@ from matplotlib.figure import Figure
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from icpo_infer.backends import make_backend
+from icpo_infer.backends import DTYPES, make_backend
 from icpo_infer.backends.base import Backend, BackendOptions
 from icpo_infer.cli import run as run_inference
 from icpo_infer.config import check, option, option_like, parse_config, to_dict
@@ -201,6 +201,10 @@ class PipelineConfig(SyntheticTaskConfig, PretrainConfig):
         check(self.train_steps >= 1, f"train_steps={self.train_steps}: use at least 1 step.")
         check(self.iterations >= 1, f"iterations={self.iterations}: use at least 1 iteration.")
         check(self.backend in ("hf", "vllm"), f"backend '{self.backend}' is unknown; use hf or vllm.")
+        check(
+            self.eval_dtype == "auto" or self.eval_dtype in DTYPES,
+            f"eval_dtype '{self.eval_dtype}' is unknown; use auto, {', '.join(DTYPES)}.",
+        )
         if self.templates is not None:
             PromptTemplates.from_yaml(self.templates)  # a bad templates file fails before any work
         # The other stages' configs validate their own fields: build them once now.
