@@ -248,11 +248,6 @@ class PipelineConfig(SyntheticTaskConfig, PretrainConfig):
             "enforce_eager": self.enforce_eager,
         }
 
-    @property
-    def own_eval_engines(self) -> bool:
-        """Whether evaluated models get engines of their own instead of the trajectories' one."""
-        return self.merge_adapters or self.eval_dtype != "auto"
-
     def base_path(self, run: Path) -> Path:
         """The base model: ``base_model`` when given, else the one the pretrain stage writes."""
         return Path(self.base_model) if self.base_model else run / "base"
@@ -484,7 +479,7 @@ class _SeedRun:
         """The trajectories' engine, which runs adapters as LoRA requests; or, with ``merge_adapters`` or
         an ``eval_dtype``, an engine of the model's own, its adapter merged into the base weights."""
         config = self.config
-        if not config.own_eval_engines or (model == "base" and config.eval_dtype == "auto"):
+        if config.eval_dtype == "auto" and (model == "base" or not config.merge_adapters):
             return self.base_backend()
         if self._backend is not None:  # its memory is the next engine's
             self._backend.close()
