@@ -233,14 +233,13 @@ class ICPOConfig(TrainingArguments):
         )
         if self.bf16 is None:
             self.bf16 = not self.fp16 and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-        if not torch.accelerator.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            # Processes started by torchrun / accelerate on a machine without accelerators: DDP runs as
-            # MULTI_CPU only with use_cpu, DeepSpeed initialises its own process group and needs the backend.
-            self.ddp_backend = self.ddp_backend or "gloo"
-            self.use_cpu = self.use_cpu or not _deepspeed_requested(self)
-        if self.bf16 and not torch.accelerator.is_available():
-            # transformers runs bf16 without an accelerator only with use_cpu (CPU autocast; twice fp32's
-            # speed on CPUs with AVX512-BF16)
+        multi_process = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        if not torch.accelerator.is_available() and (multi_process or self.bf16):
+            # Without accelerators transformers runs DDP (MULTI_CPU) and bf16 (CPU autocast; twice fp32's
+            # speed on CPUs with AVX512-BF16) only with use_cpu; DeepSpeed initialises its own process
+            # group, which needs the backend.
+            if multi_process:
+                self.ddp_backend = self.ddp_backend or "gloo"
             self.use_cpu = self.use_cpu or not _deepspeed_requested(self)
         if self.use_cpu or not torch.accelerator.is_available():
             self.dataloader_pin_memory = False  # nothing to pin memory for; torch warns at every run
