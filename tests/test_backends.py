@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import CPU_ENGINE
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
@@ -43,16 +44,14 @@ BACKENDS = ["hf", pytest.param("vllm", marks=pytest.mark.vllm)]
 def _options(name: str, model: Path, **changes) -> BackendOptions:
     options = {"dtype": "float32"}
     if name == "vllm":
-        options |= {"kv_cache_gb": 1, "max_model_len": 512, "enforce_eager": True, "enable_lora": True}
+        options |= CPU_ENGINE
     return BackendOptions(str(model), **(options | changes))
 
 
-def save_random_lora(
-    ending_model_dir: Path, directory: Path, targets: list[str], rank: int, seed: int
-) -> Path:
-    """A PEFT LoRA adapter of ``ending_model_dir`` whose B weights are random, so it changes the model."""
+def save_random_lora(model_dir: Path, directory: Path, targets: list[str], rank: int, seed: int) -> Path:
+    """A PEFT LoRA adapter of ``model_dir`` whose B weights are random, so it changes the model."""
     model = get_peft_model(
-        AutoModelForCausalLM.from_pretrained(ending_model_dir),
+        AutoModelForCausalLM.from_pretrained(model_dir),
         LoraConfig(r=rank, lora_alpha=8, target_modules=targets),
     )
     generator = torch.Generator().manual_seed(seed)
