@@ -83,6 +83,9 @@ logger = logging.getLogger(__name__)
 LOSS_LEVELS = ("response", "token")
 LOSS_TYPES = ("fw", "kl", "mse", "sft")
 QWEN_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# log(pi(group) / pi_ref(group)) below which a policy-Fisher tail-bucket loss has (almost) no gradient
+# left to bring the policy back: it weighs each response by the policy's own probability.
+COLLAPSED_LOG_GROUP_MASS_RATIO = -10.0
 # Module types LoRA can wrap (PEFT's own list is longer; these are the ones causal LMs use).
 LORA_MODULE_TYPES = (torch.nn.Linear, torch.nn.Embedding, Conv1D)
 
@@ -817,6 +820,11 @@ class ICPOTrainer(Trainer):
         if args.tail_bucket:
             tail = with_tail_bucket(policy_logps.detach(), group_mask)[:, -1]
             self._metrics["tail_mass"].append(tail.exp().mean().float())
+            mass = [
+                logps.detach().masked_fill(~group_mask, -math.inf).logsumexp(-1)
+                for logps in (policy_logps, inputs["ref_logps"])
+            ]
+            self._metrics["log_group_mass_ratio"].append((mass[0] - mass[1]).mean().float())
         for key, value in group_statistics(
             policy_logps, inputs["ref_logps"], rewards, args.eta, group_mask
         ).items():
@@ -992,7 +1000,23 @@ class ICPOTrainer(Trainer):
             means = self.accelerator.reduce(means, reduction="mean")
             logs.update({key: value.item() for key, value in zip(keys, means, strict=True)})
             self._metrics.clear()
+            self._warn_if_collapsed(logs)
         super().log(logs, start_time)
+
+    def _warn_if_collapsed(self, logs: dict[str, float]) -> None:
+        ratio = logs.get("log_group_mass_ratio", 0.0)
+        if self.args.fisher_at == "policy" and ratio < COLLAPSED_LOG_GROUP_MASS_RATIO:
+            logger.warning(
+                "step %d: the policy has moved its probability off the trajectories' responses "
+                "(log_group_mass_ratio %.1f: it keeps e^%.0f of the reference's mass on them). With "
+                "tail_bucket and fisher_at: policy the loss weighs each response by the policy's own "
+                "probability, so it has almost no gradient left and training cannot bring the mass back "
+                "(grad_norm near 0): the adapter is broken. Train with fisher_at: target, or a lower "
+                "learning_rate.",
+                self.state.global_step,
+                ratio,
+                ratio,
+            )
 
 
 @torch.no_grad()

@@ -360,6 +360,22 @@ def test_tail_bucket_trains_on_the_distinct_responses(tiny_model_dir, trajectori
     assert len(entries) == 3
     # The tiny model's long responses are improbable: the tail holds nearly all the mass.
     assert all(math.isfinite(entry["loss"]) and 0.99 < entry["tail_mass"] <= 1 for entry in entries)
+    # The adapter starts at the reference: the group keeps its reference mass.
+    assert all(abs(entry["log_group_mass_ratio"]) < 0.1 for entry in entries)
+
+
+def test_a_policy_that_left_its_groups_is_reported(tiny_model_dir, trajectories, tmp_path, caplog):
+    overrides = ("--tail_bucket", "true", "--fisher_at", "policy", "--max_steps", "1")
+    trainer = ICPOTrainer(
+        make_config(tiny_model_dir, "unused", tmp_path, *overrides), train_dataset=trajectories
+    )
+    with caplog.at_level(logging.WARNING, logger="icpo_train.trainer"):
+        trainer.train()
+        assert "log_group_mass_ratio" in trainer.state.log_history[0] and not caplog.records
+        # What a policy that moved its mass off the groups logs.
+        trainer._metrics["log_group_mass_ratio"].append(torch.tensor(-46.5))
+        trainer.log({"loss": 6e-5})
+    assert "log_group_mass_ratio -46.5" in caplog.text and "fisher_at: target" in caplog.text
 
 
 def test_bf16_trains_on_a_machine_without_accelerators(tiny_model_dir, trajectories_dir, tmp_path):
