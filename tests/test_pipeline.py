@@ -77,6 +77,7 @@ def test_the_pipeline_runs_every_stage_and_reports_every_model(finished):
             assert m["self_improvement"] == pytest.approx(m["mean_per_round"][-1] - m["mean_per_round"][0])
         assert report["seeds"]["std"][model]["single"] >= 0
     assert report["seeds"]["values"] == [0, 1]
+    assert report["num_questions"] == {"0": 3, "1": 3}
     assert set(report["comparisons"]) == {"icpo-base", "icpo-sft", "icpo-mse"}
     table = format_report(report)
     assert all(model in table for model in MODELS) and "self-impr." in table
@@ -97,11 +98,14 @@ def test_a_rerun_skips_finished_stages_and_a_missing_output_is_rebuilt_alone(fin
     ]
     assert base_weights.stat().st_mtime_ns == before
 
+    timings = root / "seed-1" / "timings.json"
+    evaluate_before = json.loads(timings.read_text())["evaluate"]
     (root / "seed-1" / "eval" / "sft" / "me-icpo" / "metrics.json").unlink()
     run_pipeline(config)
     said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[seed")]
     work = [line for line in said if "reusing" not in line]
     assert work == ["[seed 1] evaluate: sft with me-icpo"]  # only that evaluation ran again
+    assert json.loads(timings.read_text())["evaluate"] > evaluate_before  # its time adds to the stage's
     assert base_weights.stat().st_mtime_ns == before
 
 

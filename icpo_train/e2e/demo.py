@@ -16,7 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from icpo_infer.config import parse_config
-from icpo_train.e2e.pipeline import PipelineConfig, format_legend, format_report, run_pipeline
+from icpo_train.e2e.pipeline import (
+    PipelineConfig,
+    format_legend,
+    format_report,
+    questions_label,
+    run_pipeline,
+)
 from icpo_train.lsa.experiment import LSAConfig, format_summary, run_lsa
 
 LSA_READING = (
@@ -29,7 +35,7 @@ def smoke_test_note(report: dict) -> str:
     """Why the demo's table is no measurement, and where the measurement is."""
     seeds = len(report["seeds"]["values"])
     return (
-        f"{seeds} seed{'s' if seeds > 1 else ''} of a tiny model on {report['num_questions']} questions: "
+        f"{seeds} seed{'s' if seeds > 1 else ''} of a tiny model on {questions_label(report)} questions: "
         "a smoke test that every stage runs, not a measurement;\n"
         "differences of a few points are noise. The measurement is "
         "`icpo-train pipeline --config recipes/e2e/full.yaml`\n"

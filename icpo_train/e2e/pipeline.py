@@ -22,7 +22,8 @@ exists (an interrupted run resumes where it stopped):
 - ``report``: over all seeds, ``DIR/report.json``, the table of :func:`format_report` and the plot
   ``DIR/accuracy_vs_round.png``.
 
-``DIR/log.txt`` collects what the runs printed.
+``DIR/log.txt`` collects what the runs printed; ``DIR/seed-N/timings.json`` the wall seconds of each
+stage, summed over the runs that worked on it.
 """
 
 from __future__ import annotations
@@ -373,7 +374,7 @@ class _SeedRun:
     def record_time(self, stage: str, seconds: float) -> None:
         path = self.dir / TIMINGS_FILE
         timings = json.loads(path.read_text()) if path.is_file() else {}
-        write_json_atomic(path, {**timings, stage: round(seconds, 1)})
+        write_json_atomic(path, {**timings, stage: round(timings.get(stage, 0.0) + seconds, 1)})
 
     def require(self, path: Path, stage: str) -> None:
         check(path.exists(), f"{path} is missing: run the '{stage}' stage first (--stages {stage} ...).")
@@ -574,7 +575,10 @@ def build_report(config: PipelineConfig) -> dict[str, Any]:
     for seed in config.seeds:
         path = root / f"seed-{seed}" / TIMINGS_FILE
         timings[str(seed)] = json.loads(path.read_text()) if path.is_file() else {}
-    num_questions = len(load_problems(str(root / f"seed-{config.seeds[0]}" / "data" / "test.jsonl"))[0])
+    num_questions = {
+        str(seed): len(load_problems(str(root / f"seed-{seed}" / "data" / "test.jsonl"))[0])
+        for seed in config.seeds
+    }
     return {
         "models": {
             m: {key: across(m, key, statistics.mean) for key in keys} for m in config.evaluated_models
@@ -585,7 +589,7 @@ def build_report(config: PipelineConfig) -> dict[str, Any]:
             "per_seed": per_seed,
         },
         "comparisons": comparisons,  # paired over seeds: ICPO's self-improvement minus the other's, last iterations
-        "num_questions": num_questions,
+        "num_questions": num_questions,  # per seed: a task's splits may differ in size
         "k": config.final_k,
         "rounds": config.rounds,
         "timings_s": timings,
@@ -593,6 +597,12 @@ def build_report(config: PipelineConfig) -> dict[str, Any]:
         "plot": str(root / PLOT_FILE),
         "config": to_dict(config),
     }
+
+
+def questions_label(report: dict[str, Any]) -> str:
+    """The report's number of test questions: "57", or "51 to 57" when seeds differ."""
+    low, high = min(report["num_questions"].values()), max(report["num_questions"].values())
+    return str(low) if low == high else f"{low} to {high}"
 
 
 def plot_report(report: dict[str, Any], path: str | Path) -> None:
@@ -609,7 +619,7 @@ def plot_report(report: dict[str, Any], path: str | Path) -> None:
     axes[0].set_ylabel("accuracy")
     axes[0].legend()
     seeds = len(report["seeds"]["values"])
-    figure.suptitle(f"{report['num_questions']} test questions, mean ± std over {seeds} seed(s)")
+    figure.suptitle(f"{questions_label(report)} test questions, mean ± std over {seeds} seed(s)")
     figure.savefig(path, dpi=120)
 
 
@@ -644,7 +654,7 @@ def format_report(report: dict[str, Any]) -> str:
     lines.insert(1, "-" * len(lines[0]))
     k = report["k"]
     title = (
-        f"Accuracy (%) on {report['num_questions']} test questions, k={k}: single = mean@{k} without history, "
+        f"Accuracy (%) on {questions_label(report)} test questions, k={k}: single = mean@{k} without history, "
         f"majority = maj@{k}, round r / final = ME-ICPO mean@{k}; seeds {seeds['values']}"
     )
     comparisons = []
