@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 import signal
@@ -335,26 +336,37 @@ def rewarded_copy(seed_dir: Path, copy: Path) -> Path:
         return {"icl_rewards": rewards}
 
     load_trajectories(seed_dir / "trajectories").map(reward_first).save_to_disk(str(copy / "trajectories"))
+    shutil.copy(seed_dir / "trajectories" / "build_config.json", copy / "trajectories")  # names pi_ref
     return copy
 
 
 def test_trajectory_fit_measures_each_model_against_the_target_per_round(finished, capsys, tmp_path):
     config, _ = finished
     seed_dir = rewarded_copy(Path(config.output_dir) / "seed-0", tmp_path / "seed-0")
-    table = trajectory_fit.fit(seed_dir, ["base", "icpo"], "fw", 2.0, rows=8, templates=config.templates)
-    assert list(table) == ["base", "icpo", trajectory_fit.IGNORE]
+    table, ratios = trajectory_fit.fit(
+        seed_dir, ["base", "icpo"], "fw", 2.0, rows=8, templates=config.templates
+    )
+    assert list(table) == ["base", "icpo", trajectory_fit.IGNORE] and ratios == {}
     assert all(set(row) == {1, 2} for row in table.values())
     # The trajectories were scored with the base model: with an empty history it is its own target.
     assert table["base"][1] == pytest.approx(0, abs=1e-4)
     assert table[trajectory_fit.IGNORE][1] == 0
     assert all(loss >= 0 for row in table.values() for loss in row.values())
-    tail = trajectory_fit.fit(
-        seed_dir, ["base"], "fw", 2.0, rows=8, templates=config.templates, tail_bucket=True
+    tail, ratios = trajectory_fit.fit(
+        seed_dir, ["base", "icpo"], "fw", 2.0, rows=8, templates=config.templates, tail_bucket=True
     )
     assert tail["base"][1] == pytest.approx(0, abs=1e-4)
     assert tail["base"][2] != pytest.approx(table["base"][2])  # another loss on the same rows
+    # The group's mass relative to the reference's: the base model is the reference in round 1.
+    assert list(ratios) == ["base", "icpo"] and ratios["base"][1] == pytest.approx(0, abs=1e-4)
+    assert all(math.isfinite(ratio) for row in ratios.values() for ratio in row.values())
     assert trajectory_fit.main(["--seed-dir", str(seed_dir), "--models", "base", "--rows", "2"]) == 0
     assert "ignore" in capsys.readouterr().out
+    assert (
+        trajectory_fit.main(["--seed-dir", str(seed_dir), "--models", "base", "--rows", "2", "--tail-bucket"])
+        == 0
+    )
+    assert "log_group_mass_ratio" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         trajectory_fit.main(["--seed-dir", str(seed_dir), "--models", "base", "nope"])
     assert "no adapter ['nope']" in capsys.readouterr().err

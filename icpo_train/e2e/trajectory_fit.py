@@ -9,11 +9,18 @@ response-level loss (the trainer's own, `fw` by default) of ``z_j = log pi(y_j |
 history) is 0, as the trajectories were scored with it. The row ``ignore`` is the loss of a model
 whose answers do not depend on the history at all (``z_j = ref_logps_j``): a model below it uses
 its history the way the target asks; a model above it reacts to the history in other ways.
+
+With ``--tail-bucket`` it also prints each model's ``log_group_mass_ratio`` per round, the mean of
+log pi(group) / pi_ref(group) over the rows (as the trainer logs it): 0 for a model that keeps the
+reference's mass on the sampled responses, far below 0 for one that has moved its mass off them.
+The models are the trajectories' own (``build_config.json``: the model that scored them) and the seed's
+adapters on it.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 from collections import defaultdict
 from collections.abc import Sequence
@@ -23,11 +30,15 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from icpo_infer.config import ConfigError
+from icpo_infer.config import ConfigError, check
 from icpo_train.trainer import LOSS_TYPES, ICPOConfig, ICPOTrainer, response_losses
+from icpo_train.trajectories import CONFIG_FILE
 from icpo_train.trajectory_data import load_trajectories
 
 IGNORE = "ignore"  # the reference row: z = ref_logps, a model that ignores its history
+GROUP_MASS = "log_group_mass_ratio"
+
+Table = dict[str, dict[int, float]]  # model -> round -> mean over the rows
 
 
 @torch.no_grad()
@@ -39,15 +50,23 @@ def fit(
     rows: int,
     templates: str | None,
     tail_bucket: bool = False,
-) -> dict[str, dict[int, float]]:
-    """model (and ``ignore``) -> round -> mean loss over the first ``rows`` trajectory rows."""
+) -> tuple[Table, Table]:
+    """The mean loss of every model (and ``ignore``) per round over the first ``rows`` trajectory rows,
+    and with ``tail_bucket`` every model's mean ``log_group_mass_ratio`` per round (else empty)."""
     trajectories = load_trajectories(seed_dir / "trajectories")
     trajectories = trajectories.select(range(min(rows, len(trajectories))))
+    build_config = seed_dir / "trajectories" / CONFIG_FILE
+    check(
+        build_config.is_file(),
+        f"--seed-dir: {build_config} is missing; it names the model that scored the trajectories.",
+    )
+    reference = json.loads(build_config.read_text())["model"]
     losses: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    ratios: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
     with tempfile.TemporaryDirectory() as scratch:
         config = ICPOConfig(
             output_dir=scratch,
-            model_name_or_path=str(seed_dir / "base"),
+            model_name_or_path=reference,
             trajectories=str(seed_dir / "trajectories"),
             templates=templates,
             loss_type=loss_type,
@@ -70,18 +89,25 @@ def fit(
             if model_name == "base":
                 model = trainer.model  # the trainer loaded the base model (use_peft=False)
             else:
-                base = AutoModelForCausalLM.from_pretrained(seed_dir / "base")
+                base = AutoModelForCausalLM.from_pretrained(reference)
                 model = PeftModel.from_pretrained(base, seed_dir / "adapters" / model_name)
             model.to(trainer.accelerator.device).eval()
             for inputs in batches:
-                losses[model_name][int(inputs["round"][0])].append(trainer.compute_loss(model, inputs).item())
-    return {name: {r: sum(v) / len(v) for r, v in sorted(losses[name].items())} for name in [*models, IGNORE]}
+                round_ = int(inputs["round"][0])
+                losses[model_name][round_].append(trainer.compute_loss(model, inputs).item())
+                if tail_bucket:  # the trainer records it with the loss
+                    ratios[model_name][round_].append(trainer._metrics[GROUP_MASS][-1].item())
+
+    def means(values: dict[str, dict[int, list[float]]], names: Sequence[str]) -> Table:
+        return {name: {r: sum(v) / len(v) for r, v in sorted(values[name].items())} for name in names}
+
+    return means(losses, [*models, IGNORE]), means(ratios, models if tail_bucket else [])
 
 
-def format_table(table: dict[str, dict[int, float]], loss_type: str) -> str:
+def format_table(table: Table, title: str) -> str:
     rounds = sorted({r for row in table.values() for r in row})
-    width = max(len(loss_type) + 6, *map(len, table)) + 1
-    lines = [f"{loss_type + ' loss':<{width}}" + "".join(f"{'round ' + str(r):>10}" for r in rounds)]
+    width = max(len(title), *map(len, table)) + 1
+    lines = [f"{title:<{width}}" + "".join(f"{'round ' + str(r):>10}" for r in rounds)]
     for name, row in table.items():
         lines.append(f"{name:<{width}}" + "".join(f"{row.get(r, float('nan')):>10.3f}" for r in rounds))
     return "\n".join(lines)
@@ -109,7 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if missing:
         parser.error(f"--models: no adapter {missing} in {args.seed_dir / 'adapters'}; train it first.")
     try:
-        table = fit(
+        losses, ratios = fit(
             args.seed_dir,
             args.models,
             args.loss_type,
@@ -120,7 +146,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     except ConfigError as error:  # no trajectories, a bad templates file: one line, not a traceback
         parser.error(str(error))
-    print(format_table(table, args.loss_type))
+    print(format_table(losses, f"{args.loss_type} loss"))
+    if ratios:
+        print(f"\n{format_table(ratios, GROUP_MASS)}")
     return 0
 
 
