@@ -1008,13 +1008,12 @@ class ICPOTrainer(Trainer):
         if self.args.fisher_at == "policy" and ratio < COLLAPSED_LOG_GROUP_MASS_RATIO:
             logger.warning(
                 "step %d: the policy has moved its probability off the trajectories' responses "
-                "(log_group_mass_ratio %.1f: it keeps e^%.0f of the reference's mass on them). With "
+                "(log_group_mass_ratio %.1f, the mean over rows of log pi(group) / pi_ref(group)). With "
                 "tail_bucket and fisher_at: policy the loss weighs each response by the policy's own "
-                "probability, so it has almost no gradient left and training cannot bring the mass back "
-                "(grad_norm near 0): the adapter is broken. Train with fisher_at: target, or a lower "
+                "probability, so little gradient is left to bring the mass back, and the adapter answers "
+                "with responses its trajectories never held. Train with fisher_at: target, or a lower "
                 "learning_rate.",
                 self.state.global_step,
-                ratio,
                 ratio,
             )
 

@@ -182,6 +182,9 @@ def test_a_given_base_model_skips_pretraining_and_the_vllm_engine_runs_every_mod
     run = tmp_path / "seed-0"
     assert not (run / "base").exists() and "pretrain" not in json.loads((run / "timings.json").read_text())
     assert load_trajectories(run / "trajectories")["ref_logps"]  # scored by the engine
+    # Without seed-N/base, the probes score with the model that scored the trajectories.
+    losses, _ = trajectory_fit.fit(run, ["base"], "fw", 2.0, rows=1, templates=None)
+    assert losses["base"][1] == pytest.approx(0, abs=1e-3)
     adapter_config = json.loads((run / "adapters" / "icpo" / "adapter_config.json").read_text())
     assert adapter_config["base_model_name_or_path"] == str(tiny_model_dir)
     assert list(report["models"]) == ["base", "icpo"]
@@ -336,7 +339,6 @@ def rewarded_copy(seed_dir: Path, copy: Path) -> Path:
         return {"icl_rewards": rewards}
 
     load_trajectories(seed_dir / "trajectories").map(reward_first).save_to_disk(str(copy / "trajectories"))
-    shutil.copy(seed_dir / "trajectories" / "build_config.json", copy / "trajectories")  # names pi_ref
     return copy
 
 
@@ -373,3 +375,7 @@ def test_trajectory_fit_measures_each_model_against_the_target_per_round(finishe
     with pytest.raises(SystemExit):
         trajectory_fit.main(["--seed-dir", str(tmp_path / "missing"), "--models", "base"])
     assert "--trajectories:" in capsys.readouterr().err
+    (seed_dir / "base").unlink()  # and no build_config.json in the copied trajectories
+    with pytest.raises(SystemExit):
+        trajectory_fit.main(["--seed-dir", str(seed_dir), "--models", "base"])
+    assert "neither" in capsys.readouterr().err

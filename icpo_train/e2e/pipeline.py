@@ -23,7 +23,7 @@ exists (an interrupted run resumes where it stopped):
   ``DIR/accuracy_vs_round.png``.
 
 ``DIR/log.txt`` collects what the runs printed; ``DIR/seed-N/timings.json`` the wall seconds of each
-stage, summed over the runs that worked on it.
+stage, added up over the runs that completed it (a run stopped inside a stage records nothing for it).
 """
 
 from __future__ import annotations

@@ -13,8 +13,8 @@ its history the way the target asks; a model above it reacts to the history in o
 With ``--tail-bucket`` it also prints each model's ``log_group_mass_ratio`` per round, the mean of
 log pi(group) / pi_ref(group) over the rows (as the trainer logs it): 0 for a model that keeps the
 reference's mass on the sampled responses, far below 0 for one that has moved its mass off them.
-The models are the trajectories' own (``build_config.json``: the model that scored them) and the seed's
-adapters on it.
+The base model is the seed's ``base`` or, when the pipeline started from a given model, the model that
+scored the trajectories (their ``build_config.json``); the adapters are loaded on it.
 """
 
 from __future__ import annotations
@@ -55,12 +55,7 @@ def fit(
     and with ``tail_bucket`` every model's mean ``log_group_mass_ratio`` per round (else empty)."""
     trajectories = load_trajectories(seed_dir / "trajectories")
     trajectories = trajectories.select(range(min(rows, len(trajectories))))
-    build_config = seed_dir / "trajectories" / CONFIG_FILE
-    check(
-        build_config.is_file(),
-        f"--seed-dir: {build_config} is missing; it names the model that scored the trajectories.",
-    )
-    reference = json.loads(build_config.read_text())["model"]
+    reference = _reference_model(seed_dir)
     losses: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
     ratios: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
     with tempfile.TemporaryDirectory() as scratch:
@@ -102,6 +97,16 @@ def fit(
         return {name: {r: sum(v) / len(v) for r, v in sorted(values[name].items())} for name in names}
 
     return means(losses, [*models, IGNORE]), means(ratios, models if tail_bucket else [])
+
+
+def _reference_model(seed_dir: Path) -> str:
+    """pi_ref: the seed's pretrained base model, else the model its trajectories' build names."""
+    if (seed_dir / "base").is_dir():
+        return str(seed_dir / "base")
+    build_config = seed_dir / "trajectories" / CONFIG_FILE
+    model = json.loads(build_config.read_text()).get("model") if build_config.is_file() else None
+    check(model is not None, f"--seed-dir: neither {seed_dir / 'base'} nor a model in {build_config}.")
+    return model
 
 
 def format_table(table: Table, title: str) -> str:
