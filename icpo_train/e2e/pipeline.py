@@ -451,7 +451,7 @@ class _SeedRun:
         return ran
 
     def evaluate(self) -> bool:
-        num_questions = len(load_problems(str(self.dir / "data" / "test.jsonl"))[0])
+        num_questions = _test_questions(self.dir)
         ran = False
         for model in self.config.evaluated_models:
             todo = [
@@ -500,6 +500,11 @@ def merge_adapter(base: Path, adapter: Path, output: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     PeftModel.from_pretrained(model, adapter).merge_and_unload().save_pretrained(output)
     AutoTokenizer.from_pretrained(base).save_pretrained(output)
+
+
+def _test_questions(seed_dir: Path) -> int:
+    """The number of a seed's test questions, which its evaluations must all finish."""
+    return len(load_problems(str(seed_dir / "data" / "test.jsonl"))[0])
 
 
 def _finished(run_dir: Path) -> int:
@@ -575,10 +580,7 @@ def build_report(config: PipelineConfig) -> dict[str, Any]:
     for seed in config.seeds:
         path = root / f"seed-{seed}" / TIMINGS_FILE
         timings[str(seed)] = json.loads(path.read_text()) if path.is_file() else {}
-    num_questions = {
-        str(seed): len(load_problems(str(root / f"seed-{seed}" / "data" / "test.jsonl"))[0])
-        for seed in config.seeds
-    }
+    num_questions = {str(seed): _test_questions(root / f"seed-{seed}") for seed in config.seeds}
     return {
         "models": {
             m: {key: across(m, key, statistics.mean) for key in keys} for m in config.evaluated_models
