@@ -35,7 +35,7 @@ import contextlib
 import logging
 import math
 import os
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 import torch
@@ -82,6 +82,8 @@ logger = logging.getLogger(__name__)
 
 LOSS_LEVELS = ("response", "token")
 LOSS_TYPES = ("fw", "kl", "mse", "sft")
+REWARD_SCALES = ("counted", "signed")
+TAIL_REWARDS = ("zero", "answers")
 QWEN_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # log(pi(group) / pi_ref(group)) below which a policy-Fisher tail-bucket loss has (almost) no gradient
 # left to bring the policy back: it weighs each response by the policy's own probability.
@@ -114,6 +116,27 @@ class ICPOConfig(TrainingArguments):
     )
     eta: float = option(1.0, "Step size of the in-context policy update: z* = log pi_ref + eta * R.")
     gt_coef: float = option(0.0, "Weight of the gold reward in the target: z* += gt_coef * gold_reward.")
+    reward_scale: str = option(
+        "counted",
+        "In-context reward R of a response: counted (the history's tags on its answer added up, +1 per "
+        "entry tagged 1, -1 per entry tagged 0) or signed (the sign of that sum: +1, 0 or -1).",
+    )
+    no_answer_penalty: float = option(
+        0.0,
+        "Subtracted from R of every response without an answer, so that saying nothing is never a safe "
+        "way to avoid an answer the history tagged 0.",
+    )
+    tail_reward: str = option(
+        "zero",
+        "tail_bucket: the target reward of the tail (every response outside the group): zero, or answers "
+        "(1/eta log of the group's mean exp(eta R), counting repeats: the tail holds the same answers as "
+        "the samples, so the target moves answers, not the sampled strings).",
+    )
+    anchor_coef: float = option(
+        0.0,
+        "Weight of an extra loss on the round-1 rows (no history) against pi_ref itself (R = 0): keeps the "
+        "model's first attempt close to the base model's.",
+    )
     tail_bucket: bool = option(
         False,
         "Response level (fw, kl, mse): match exact distributions over the group's distinct responses plus "
@@ -181,12 +204,20 @@ class ICPOConfig(TrainingArguments):
             ("loss_type", self.loss_type, LOSS_TYPES),
             ("logprob_reduction", self.logprob_reduction, ("sum", "mean")),
             ("fisher_at", self.fisher_at, FISHER_AT),
+            ("reward_scale", self.reward_scale, REWARD_SCALES),
+            ("tail_reward", self.tail_reward, TAIL_REWARDS),
         ]:
             check(value in valid, f"{name}='{value}' is unknown; use one of {', '.join(valid)}.")
         check(self.eta > 0, f"eta={self.eta} is invalid; use eta > 0.")
         check(
             self.gt_coef >= 0,
             f"gt_coef={self.gt_coef} is invalid; use gt_coef >= 0 (0: history rewards only).",
+        )
+        for name in ("no_answer_penalty", "anchor_coef"):
+            check(getattr(self, name) >= 0, f"{name}={getattr(self, name)} is invalid; use {name} >= 0.")
+        check(
+            self.tail_reward == "zero" or self.tail_bucket,
+            f"tail_reward='{self.tail_reward}' applies with tail_bucket: true; set tail_bucket: true or remove it.",
         )
         check(
             self.max_length is None or self.max_length >= 2,
@@ -341,9 +372,10 @@ def _tokenize_row(
             "rebuild the trajectories.",
         )
     prompt_ids = encode_prompt(tokenizer, trajectory_prompt(row, tokenizer, templates))
+    encoded = [encode_completion(tokenizer, response) for response in row["responses"]]
+    repeats = Counter(map(tuple, encoded)) if distinct else None
     members, completions, seen = [], [], set()
-    for j, response in enumerate(row["responses"]):
-        ids = encode_completion(tokenizer, response)
+    for j, ids in enumerate(encoded):
         if distinct:
             if tuple(ids) in seen:
                 continue
@@ -366,6 +398,9 @@ def _tokenize_row(
             c: [row[c][j] for j in members]
             for c in ("ref_logps", "icl_rewards", "gold_rewards", *teacher_columns)
         },
+        "has_answer": [float(bool(row["response_answers"][j])) for j in members],
+        # How many of the group's samples each member stands for (distinct members: its repeats).
+        "member_counts": [float(repeats[tuple(encoded[j])]) if repeats else 1.0 for j in members],
     }
 
 
@@ -453,6 +488,8 @@ class TrajectoryCollator:
             "question_id": [row["question_id"] for row in rows],
             "round": [row["round"] for row in rows],
         }
+        # Written by tokenize_trajectories; the teacher's top-k annotation needs no rewards.
+        batch.update({c: per_member(c) for c in ("has_answer", "member_counts") if c in rows[0]})
         if "teacher_topk_ids" in rows[0]:
             batch.update(self._teacher_topk(rows, completions, span))
         return batch
@@ -622,6 +659,7 @@ def response_losses(
     group_mask: torch.Tensor,
     tail_bucket: bool = False,
     fisher_at: str = "target",
+    tail_rewards: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-group loss ``(B,)`` of the group logits ``z = policy_logps`` against ``z* = ref + eta R``.
 
@@ -633,9 +671,10 @@ def response_losses(
 
     With ``tail_bucket`` (fw, kl, mse; the members must be distinct responses) the actions are the
     members plus one bucket holding every other response, and the distributions are exact rather than
-    group-restricted: the student's ``pi_theta`` and the target ``pi_ref exp(eta R)`` (tail reward 0) over
-    those buckets. The group's total mass is then matched too; fw weighs by the target itself.
-    ``fisher_at="policy"`` (fw): the Fisher at the current policy instead (see group_fisher_weighted_loss).
+    group-restricted: the student's ``pi_theta`` and the target ``pi_ref exp(eta R)`` over those buckets,
+    the tail's reward ``tail_rewards`` ``(B,)`` (default 0). The group's total mass is then matched too;
+    fw weighs by the target itself. ``fisher_at="policy"`` (fw): the Fisher at the current policy instead
+    (see group_fisher_weighted_loss).
     """
     if loss_type == "sft":
         chosen = group_mask & (rewards > 0)
@@ -643,7 +682,10 @@ def response_losses(
     if tail_bucket:
         # The buckets are enumerated, not sampled: the group form with a uniform proposal (ref = 0)
         # and eta R = the exact target log-probabilities.
-        target = with_tail_bucket(ref_logps, group_mask) + eta * F.pad(rewards.double(), (0, 1))
+        if tail_rewards is None:
+            tail_rewards = rewards.new_zeros(rewards.shape[:-1])
+        bucket_rewards = torch.cat([rewards, tail_rewards.unsqueeze(-1)], dim=-1).double()
+        target = with_tail_bucket(ref_logps, group_mask) + eta * bucket_rewards
         policy = with_tail_bucket(policy_logps, group_mask)
         buckets = F.pad(group_mask, (0, 1), value=True)
         proposal = torch.zeros_like(target)
@@ -662,6 +704,24 @@ def response_losses(
         log_q = (policy_logps - ref_logps).masked_fill(~group_mask, float("-inf")).log_softmax(-1)
         return (log_w.exp() * torch.where(group_mask, log_w - log_q, 0.0)).sum(-1)
     raise ValueError(f"unknown loss_type {loss_type!r}")
+
+
+def group_rewards(inputs: dict, config: ICPOConfig) -> torch.Tensor:
+    """R_j of every member of a collated batch ``(B, G)``: the in-context reward (counted or signed), plus
+    the weighted gold reward, minus the penalty of a response without an answer."""
+    icl = inputs["icl_rewards"] if config.reward_scale == "counted" else inputs["icl_rewards"].sign()
+    no_answer = 1.0 - inputs["has_answer"]
+    return icl + config.gt_coef / config.eta * inputs["gold_rewards"] - config.no_answer_penalty * no_answer
+
+
+def tail_rewards(rewards: torch.Tensor, inputs: dict, config: ICPOConfig) -> torch.Tensor | None:
+    """The tail bucket's reward ``(B,)``: None (0), or with ``tail_reward: answers`` the group's sample
+    estimate of ``1/eta log E_{pi_ref}[exp(eta R)]``, each distinct member counted as often as it was
+    sampled: the tail holds the other strings of the same answers, in about the same proportions."""
+    if config.tail_reward == "zero":
+        return None
+    log_counts = inputs["member_counts"].log().masked_fill(~inputs["group_mask"], -math.inf)
+    return ((config.eta * rewards + log_counts).logsumexp(-1) - log_counts.logsumexp(-1)) / config.eta
 
 
 @torch.no_grad()
@@ -795,17 +855,14 @@ class ICPOTrainer(Trainer):
             ]
         )
 
-    def group_rewards(self, inputs: dict) -> torch.Tensor:
-        """R_j of every member of a collated batch ``(B, G)``: in-context plus weighted gold reward."""
-        return inputs["icl_rewards"] + self.args.gt_coef / self.args.eta * inputs["gold_rewards"]
-
     def _group_loss(self, flat_logps: torch.Tensor, inputs: dict) -> torch.Tensor:
         """The batch's response-level loss from its members' z values (flat, in collator order)."""
         group_mask = inputs["group_mask"]
         policy_logps = torch.zeros(group_mask.shape, dtype=flat_logps.dtype, device=flat_logps.device)
         policy_logps = policy_logps.masked_scatter(group_mask, flat_logps)
         args = self.args
-        rewards = self.group_rewards(inputs)
+        rewards = group_rewards(inputs, args)
+        options = {"tail_bucket": args.tail_bucket, "fisher_at": args.fisher_at}
         losses = response_losses(
             args.loss_type,
             policy_logps,
@@ -813,9 +870,19 @@ class ICPOTrainer(Trainer):
             rewards,
             args.eta,
             group_mask,
-            args.tail_bucket,
-            args.fisher_at,
+            tail_rewards=tail_rewards(rewards, inputs, args),
+            **options,
         )
+        if args.anchor_coef > 0:
+            # The first attempt, with no history, against pi_ref itself: R = 0 for every response.
+            first = torch.tensor(inputs["round"], device=losses.device) == 1
+            zero = torch.zeros_like(rewards)
+            anchor = response_losses(
+                args.loss_type, policy_logps, inputs["ref_logps"], zero, args.eta, group_mask, **options
+            )
+            losses = losses + args.anchor_coef * anchor * first
+            if first.any():
+                self._metrics["anchor_loss"].append(anchor[first].detach().mean().float())
         self._raise_if_not_finite(losses, inputs)
         if args.tail_bucket:
             tail = with_tail_bucket(policy_logps.detach(), group_mask)[:, -1]

@@ -248,8 +248,23 @@ def test_sigterm_closes_the_engine_and_stops_like_ctrl_c(tmp_path, monkeypatch, 
     assert last_line.startswith("icpo-train pipeline: terminated;"), last_line
 
 
-def test_tail_bucket_and_fisher_at_reach_the_adapters_they_apply_to(tmp_path):
-    config = micro_config(tmp_path, tail_bucket=True, fisher_at="policy")
+def test_the_target_options_reach_the_adapters_they_apply_to(tmp_path):
+    target = {
+        "gt_coef": 0.5,
+        "reward_scale": "signed",
+        "no_answer_penalty": 1.0,
+        "logprob_reduction": "sum",
+    }
+    schedule = {"lr_scheduler_type": "cosine", "lora_target_modules": ["q_proj", "v_proj"]}
+    config = micro_config(
+        tmp_path,
+        tail_bucket=True,
+        fisher_at="policy",
+        tail_reward="answers",
+        anchor_coef=2.0,
+        **target,
+        **schedule,
+    )
     trained = {model: config.train_config(tmp_path, model) for model in ("icpo", "sft", "mse")}
     assert {model: c.tail_bucket for model, c in trained.items()} == {"icpo": True, "sft": False, "mse": True}
     assert {model: c.fisher_at for model, c in trained.items()} == {
@@ -257,8 +272,51 @@ def test_tail_bucket_and_fisher_at_reach_the_adapters_they_apply_to(tmp_path):
         "sft": "target",
         "mse": "target",
     }
+    # sft has neither a tail nor a target to anchor; every adapter gets the same rewards and schedule.
+    assert {model: c.tail_reward for model, c in trained.items()} == {
+        "icpo": "answers",
+        "sft": "zero",
+        "mse": "answers",
+    }
+    assert {model: c.anchor_coef for model, c in trained.items()} == {"icpo": 2.0, "sft": 0.0, "mse": 2.0}
+    for c in trained.values():
+        assert {key: getattr(c, key) for key in target} == target
+        assert (c.lr_scheduler_type, c.lora_target_modules) == ("cosine", ["q_proj", "v_proj"])
     with pytest.raises(ConfigError, match="fisher_at='nowhere' is unknown"):
         micro_config(tmp_path, fisher_at="nowhere")
+    with pytest.raises(ConfigError, match="tail_reward='answers' applies with tail_bucket: true"):
+        micro_config(tmp_path, tail_reward="answers")
+    with pytest.raises(ConfigError, match="reward 'oracle' is unknown"):
+        micro_config(tmp_path, eval_reward="oracle")
+
+
+def test_the_gold_setting_builds_trains_and_evaluates_with_gold_rewards(tmp_path):
+    config = micro_config(
+        tmp_path,
+        models=["base", "icpo"],
+        eval_methods=["me-icpo"],
+        history_reward="gt",
+        eval_reward="gt",
+        tail_bucket=True,
+        tail_reward="answers",
+        no_answer_penalty=1.0,
+        anchor_coef=1.0,
+    )
+    report = run_pipeline(config)
+    run = tmp_path / "seed-0"
+    gold = {
+        json.loads(line)["id"]: json.loads(line)["answer"] for line in (run / "data" / "test.jsonl").open()
+    }
+    for model in ("base", "icpo"):
+        rows = [json.loads(line) for line in (run / "eval" / model / "me-icpo" / "results.jsonl").open()]
+        # Every round's rewards compare to the gold answer, not to the majority of the samples.
+        assert {r["rounds"][0]["pseudo_label"] == gold[r["id"]] for r in rows} == {True}
+        assert all(record["pseudo_label"] == gold[r["id"]] for r in rows for record in r["rounds"])
+    card = (run / "trajectories" / "README.md").read_text()
+    assert "with gt rewards" in card
+    assert report["eval_reward"] == "gt" and report["config"]["eval_reward"] == "gt"
+    assert "by the gold answer (external rewards)" in format_report(report)
+    assert "by the gold answer" in pipeline.format_legend(report)
 
 
 @pytest.mark.parametrize(

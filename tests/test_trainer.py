@@ -25,7 +25,9 @@ from icpo_train.trainer import (
     ICPOTrainer,
     NonFiniteLossError,
     add_teacher_topk,
+    group_rewards,
     response_losses,
+    tail_rewards,
 )
 from icpo_train.trajectory_data import (
     GROUP_COLUMNS,
@@ -124,6 +126,129 @@ def test_tail_bucket_losses_match_exact_distributions():
     group_fw = response_losses("fw", half.log(), ref, rewards, eta, mask)
     torch.testing.assert_close(group_fw, torch.zeros(3, dtype=torch.float64))
     assert (bucket_losses("fw", half) > 1e-2).all()
+
+
+def target_batch() -> dict:
+    """Two groups of distinct responses: history rewards, gold rewards, answers and sample counts."""
+    return {
+        "icl_rewards": torch.tensor([[2.0, -1.0, 0.0, 0.0], [1.0, 0.0, -3.0, 0.0]], dtype=torch.float64),
+        "gold_rewards": torch.tensor([[1.0, 0.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]], dtype=torch.float64),
+        "has_answer": torch.tensor([[1.0, 1.0, 0.0, 1.0], [1.0, 1.0, 1.0, 0.0]], dtype=torch.float64),
+        "member_counts": torch.tensor([[3.0, 1.0, 2.0, 2.0], [1.0, 1.0, 1.0, 1.0]], dtype=torch.float64),
+        "group_mask": torch.tensor([[True, True, True, True], [True, True, True, False]]),
+        "ref_logps": torch.tensor([[0.2, 0.1, 0.1, 0.05], [0.3, 0.1, 0.05, 1.0]], dtype=torch.float64).log(),
+    }
+
+
+def test_the_target_options_set_the_rewards_and_the_tail(tiny_model_dir, trajectories_dir, tmp_path):
+    batch, eta = target_batch(), 2.0
+
+    def config(*overrides):
+        return make_config(tiny_model_dir, trajectories_dir, tmp_path, "--eta", str(eta), *overrides)
+
+    torch.testing.assert_close(group_rewards(batch, config()), batch["icl_rewards"])
+    signed = group_rewards(batch, config("--reward_scale", "signed"))
+    torch.testing.assert_close(signed, batch["icl_rewards"].sign())
+    # gt_coef / eta per gold reward, so that z* gains gt_coef; the penalty where there is no answer.
+    full = group_rewards(batch, config("--gt_coef", "1.0", "--no_answer_penalty", "0.5"))
+    expected = batch["icl_rewards"] + 0.5 * batch["gold_rewards"] - 0.5 * (1 - batch["has_answer"])
+    torch.testing.assert_close(full, expected)
+    assert full[0, 2] == -0.5  # no answer: worse than an answer nobody tagged
+    tail_config = config("--tail_bucket", "true", "--tail_reward", "answers")
+    assert tail_rewards(full, batch, config("--tail_bucket", "true")) is None  # zero: the tail's R is 0
+    tail = tail_rewards(full, batch, tail_config)
+    # Row 0: 8 samples, 3 with R=2.5, 1 with R=-1, 2 without an answer, 2 with R=0: log E[exp(eta R)] / eta.
+    mean_exp = (3 * math.exp(2.5 * eta) + math.exp(-eta) + 2 * math.exp(-0.5 * eta) + 2) / 8
+    assert tail[0].item() == pytest.approx(math.log(mean_exp) / eta)
+    row1 = full[1, :3]  # the masked member does not count
+    assert tail[1].item() == pytest.approx(math.log(torch.exp(eta * row1).mean().item()) / eta)
+    # The tail's reward moves the target's mass between the group and the tail, not inside the group.
+    buckets = response_losses(
+        "fw", batch["ref_logps"], batch["ref_logps"], full, eta, batch["group_mask"], True
+    )
+    with_tail = response_losses(
+        "fw", batch["ref_logps"], batch["ref_logps"], full, eta, batch["group_mask"], True, tail_rewards=tail
+    )
+    assert (with_tail != buckets).all()
+    with pytest.raises(ConfigError, match="tail_reward='answers' applies with tail_bucket: true"):
+        config("--tail_reward", "answers")
+    with pytest.raises(ConfigError, match=r"no_answer_penalty=-1\.0 is invalid"):
+        config("--no_answer_penalty", "-1")
+    with pytest.raises(ConfigError, match="reward_scale='binary' is unknown"):
+        config("--reward_scale", "binary")
+
+
+@pytest.mark.parametrize("fisher_at", ["target", "policy"])
+@pytest.mark.parametrize("tail_reward", ["zero", "answers"])
+@pytest.mark.parametrize("reward_scale", ["counted", "signed"])
+def test_every_target_variant_keeps_the_fw_invariants(
+    fisher_at, tail_reward, reward_scale, tiny_model_dir, trajectories_dir, tmp_path
+):
+    batch, eta = target_batch(), 2.0
+    overrides = ("--tail_bucket", "true", "--tail_reward", tail_reward, "--reward_scale", reward_scale)
+    config = make_config(
+        tiny_model_dir, trajectories_dir, tmp_path, "--eta", str(eta), "--fisher_at", fisher_at,
+        "--gt_coef", "0.5", "--no_answer_penalty", "1.0", *overrides,
+    )  # fmt: skip
+    rewards, mask = group_rewards(batch, config), batch["group_mask"]
+    tail = tail_rewards(rewards, batch, config)
+    tail = torch.zeros(2, dtype=torch.float64) if tail is None else tail
+    # The exact target over the members and the tail bucket, in float64.
+    member_probs = batch["ref_logps"].exp() * mask
+    exact = torch.cat([member_probs, 1 - member_probs.sum(-1, keepdim=True)], -1)
+    exact = exact * torch.exp(eta * torch.cat([rewards, tail.unsqueeze(-1)], -1))
+    target = exact / exact.sum(-1, keepdim=True)
+
+    def loss(policy_logps):
+        return response_losses(
+            "fw", policy_logps, batch["ref_logps"], rewards, eta, mask, True, fisher_at, tail_rewards=tail
+        )
+
+    at_target = target[:, :-1].log().masked_fill(~mask, 0.0).requires_grad_()
+    value = loss(at_target)
+    value.sum().backward()
+    torch.testing.assert_close(value, torch.zeros(2, dtype=torch.float64))
+    torch.testing.assert_close(at_target.grad, torch.zeros_like(at_target))
+    # Elsewhere: 1/2 the variance of d = log q - log p* over the buckets, under p* (or q, held fixed).
+    student = torch.tensor([[0.3, 0.2, 0.2, 0.1], [0.1, 0.4, 0.1, 0.7]], dtype=torch.float64) * mask
+    q = torch.cat([student, 1 - student.sum(-1, keepdim=True)], -1)
+    d = torch.where(q > 0, q.log() - target.log(), 0.0)
+    weights = target if fisher_at == "target" else q
+    leaf = student.log().masked_fill(~mask, 0.0).requires_grad_()
+    value = loss(leaf)
+    torch.testing.assert_close(value, 0.5 * ((weights * d**2).sum(-1) - (weights * d).sum(-1) ** 2))
+    assert (value > 0).all() and torch.isfinite(value).all()
+    # A policy far from its groups (every member at -1e4 nats) still has a finite loss and gradient.
+    far = torch.full_like(leaf, -1e4).requires_grad_()
+    loss(far).sum().backward()
+    assert torch.isfinite(far.grad).all()
+
+
+def test_the_anchor_adds_a_round_1_loss_against_pi_ref(tiny_model_dir, trajectories, tmp_path):
+    overrides = ("--tail_bucket", "true", "--max_steps", "1", "--per_device_train_batch_size", "9")
+    plain = ICPOTrainer(
+        make_config(tiny_model_dir, "unused", tmp_path, *overrides), train_dataset=trajectories
+    )
+    anchored = ICPOTrainer(
+        make_config(tiny_model_dir, "unused", tmp_path, *overrides, "--anchor_coef", "3.0"),
+        train_dataset=trajectories,
+    )
+    inputs = plain._prepare_inputs(next(iter(plain.get_train_dataloader())))
+    rounds = torch.tensor(inputs["round"])
+    assert set(rounds.tolist()) > {1}  # round-1 rows and rows with a history
+    shift = torch.linspace(-1.0, 1.0, int(inputs["group_mask"].sum()), dtype=torch.float64)
+    flat = torch.cat([row[mask] for row, mask in zip(inputs["ref_logps"], inputs["group_mask"], strict=True)])
+    flat = flat.double() + shift  # a policy that moved off pi_ref
+    zero = torch.zeros_like(inputs["icl_rewards"])
+    policy = torch.zeros_like(inputs["ref_logps"], dtype=torch.float64).masked_scatter(
+        inputs["group_mask"], flat
+    )
+    per_row = response_losses("fw", policy, inputs["ref_logps"], zero, 1.0, inputs["group_mask"], True)
+    extra = anchored._group_loss(flat, inputs) - plain._group_loss(flat, inputs)
+    # The mean over the batch's rows of 3 x the round-1 rows' distance to pi_ref (eta does not enter).
+    expected = 3.0 * (per_row * (rounds == 1)).sum() / len(rounds)
+    assert extra.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert extra.item() > 0 and "anchor_loss" in anchored._metrics
 
 
 def test_fingerprint_is_stable_and_tells_tokenizers_apart(tiny_model_dir, tiny_chat_model_dir):

@@ -142,9 +142,20 @@ class PipelineConfig(SyntheticTaskConfig, PretrainConfig):
         "target",
         "icpo: where the FW loss evaluates its Fisher weights, target or policy (the trainer's fisher_at).",
     )
+    # The target of every adapter (icpo, mse; sft trains on the responses it rewards).
+    gt_coef: float = option_like(ICPOConfig, "gt_coef")
+    reward_scale: str = option_like(ICPOConfig, "reward_scale")
+    no_answer_penalty: float = option_like(ICPOConfig, "no_answer_penalty")
+    tail_reward: str = option_like(ICPOConfig, "tail_reward")
+    anchor_coef: float = option_like(ICPOConfig, "anchor_coef")
+    logprob_reduction: str = option_like(ICPOConfig, "logprob_reduction")
     shared_prefix: bool = option_like(ICPOConfig, "shared_prefix")
+    lr_scheduler_type: str = option(
+        "constant", "Learning-rate schedule of every adapter (transformers' names)."
+    )
     lora_r: int = option(16, "LoRA rank.")
     lora_alpha: int = option(32, "LoRA alpha.")
+    lora_target_modules: list[str] = option_like(ICPOConfig, "lora_target_modules")  # noqa: RUF009
     bf16: bool | None = option_like(ICPOConfig, "bf16")
     iterations: int = option(
         1,
@@ -168,6 +179,11 @@ class PipelineConfig(SyntheticTaskConfig, PretrainConfig):
         False,
         "Evaluate each adapter merged into the base weights, in an engine of its own, instead of as LoRA "
         "requests on the trajectories' engine (vLLM's CPU engine serves LoRA requests 4-10x slower).",
+    )
+    eval_reward: str = option(
+        "self",
+        "Rewards of the evaluation's ME-ICPO histories: self (majority vote, no gold needed: the deployed "
+        "setting) or gt (tagged by the gold answer: externally observed rewards).",
     )
     eval_dtype: str = option(
         "auto",
@@ -287,22 +303,30 @@ class PipelineConfig(SyntheticTaskConfig, PretrainConfig):
         )
 
     def train_config(self, run: Path, model: str, iteration: int = 1) -> ICPOConfig:
+        loss = LOSS_OF_MODEL[model]
         return ICPOConfig(
             output_dir=str(_partial(run / "adapters" / self.adapter_name(model, iteration))),
             model_name_or_path=str(self.base_path(run)),
             trajectories=self.trajectory_config(run, model, iteration).output,
             templates=self.templates,
-            loss_type=LOSS_OF_MODEL[model],
+            loss_type=loss,
             eta=self.eta,
-            tail_bucket=self.tail_bucket and LOSS_OF_MODEL[model] != "sft",
-            fisher_at=self.fisher_at if LOSS_OF_MODEL[model] == "fw" else "target",
+            gt_coef=self.gt_coef,
+            reward_scale=self.reward_scale,
+            no_answer_penalty=self.no_answer_penalty,
+            tail_bucket=self.tail_bucket and loss != "sft",
+            tail_reward=self.tail_reward if loss != "sft" else "zero",
+            anchor_coef=self.anchor_coef if loss != "sft" else 0.0,  # sft has no target to anchor
+            fisher_at=self.fisher_at if loss == "fw" else "target",
+            logprob_reduction=self.logprob_reduction,
             shared_prefix=self.shared_prefix,
             lora_r=self.lora_r,
             lora_alpha=self.lora_alpha,
             lora_dropout=0.0,
+            lora_target_modules=list(self.lora_target_modules),
             bf16=self.bf16,
             learning_rate=self.learning_rate,
-            lr_scheduler_type="constant",
+            lr_scheduler_type=self.lr_scheduler_type,
             per_device_train_batch_size=self.train_batch_size,
             max_steps=self.train_steps,
             logging_steps=max(1, self.train_steps // 5),
@@ -323,6 +347,7 @@ class PipelineConfig(SyntheticTaskConfig, PretrainConfig):
             dataset=str(run / "data" / "test.jsonl"),
             output_dir=str(run / "eval" / model / method),
             method=method,
+            reward=self.eval_reward,
             rounds=self.rounds,
             final_k=self.final_k,
             dtype=self.eval_dtype,
@@ -594,6 +619,7 @@ def build_report(config: PipelineConfig) -> dict[str, Any]:
         "num_questions": num_questions,  # per seed: a task's splits may differ in size
         "k": config.final_k,
         "rounds": config.rounds,
+        "eval_reward": config.eval_reward,
         "timings_s": timings,
         "report": str(root / REPORT_FILE),
         "plot": str(root / PLOT_FILE),
@@ -621,7 +647,10 @@ def plot_report(report: dict[str, Any], path: str | Path) -> None:
     axes[0].set_ylabel("accuracy")
     axes[0].legend()
     seeds = len(report["seeds"]["values"])
-    figure.suptitle(f"{questions_label(report)} test questions, mean ± std over {seeds} seed(s)")
+    figure.suptitle(
+        f"{questions_label(report)} test questions, history rewards {REWARD_SETTINGS[report['eval_reward']]}, "
+        f"mean ± std over {seeds} seed(s)"
+    )
     figure.savefig(path, dpi=120)
 
 
@@ -657,7 +686,8 @@ def format_report(report: dict[str, Any]) -> str:
     k = report["k"]
     title = (
         f"Accuracy (%) on {questions_label(report)} test questions, k={k}: single = mean@{k} without history, "
-        f"majority = maj@{k}, round r / final = ME-ICPO mean@{k}; seeds {seeds['values']}"
+        f"majority = maj@{k}, round r / final = ME-ICPO mean@{k} with history rewards "
+        f"{REWARD_SETTINGS[report['eval_reward']]}; seeds {seeds['values']}"
     )
     comparisons = []
     for c in report["comparisons"].values():
@@ -671,6 +701,10 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n".join([title, *lines, *comparisons])
 
 
+REWARD_SETTINGS = {
+    "self": "by majority vote (self-rewards, no gold)",
+    "gt": "by the gold answer (external rewards)",
+}
 MODEL_LEGEND = {
     "base": "the pretrained model, no adapter",
     "icpo": "LoRA adapter trained with the Fisher-weighted ICPO loss to act on its history's rewards",
@@ -697,7 +731,7 @@ def format_legend(report: dict[str, Any]) -> str:
     }
     if rounds > 1:
         rows[f"round 2..{rounds}"] = (
-            "the prompt shows earlier answers tagged reward 1/0 by majority vote (no gold)"
+            "the prompt shows earlier answers tagged reward 1/0 " + REWARD_SETTINGS[report["eval_reward"]]
         )
     rows |= {
         "final": f"{k} answers sampled after the last round; final maj: is their most frequent right?",

@@ -31,7 +31,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from icpo_infer.config import ConfigError, check
-from icpo_train.trainer import LOSS_TYPES, ICPOConfig, ICPOTrainer, response_losses
+from icpo_train.trainer import LOSS_TYPES, ICPOConfig, ICPOTrainer, group_rewards, response_losses
 from icpo_train.trajectories import CONFIG_FILE
 from icpo_train.trajectory_data import load_trajectories
 
@@ -77,7 +77,7 @@ def fit(
         for inputs in batches:
             ref = inputs["ref_logps"]
             ignoring = response_losses(
-                loss_type, ref, ref, trainer.group_rewards(inputs), eta, inputs["group_mask"], tail_bucket
+                loss_type, ref, ref, group_rewards(inputs, config), eta, inputs["group_mask"], tail_bucket
             )
             losses[IGNORE][int(inputs["round"][0])].append(ignoring.item())
         for model_name in models:
