@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from collections.abc import Sequence
@@ -28,16 +29,19 @@ from icpo_infer.report import (
 )
 from icpo_infer.results import PLOT_FILE, STATE_FILE, ChunkState, RunDirectory
 from icpo_infer.run_log import run_log
+from icpo_infer.stats import paired_comparison, paired_table
 
 USAGE = """usage: icpo-infer run [--config recipes/infer/NAME.yaml] --model M --dataset D --output-dir DIR [--field value ...]
-       icpo-infer compare DIR_A DIR_B ... [--output compare.png] [--cost-output cost_accuracy.png]
+       icpo-infer compare DIR_A DIR_B ... [--output compare.png] [--cost-output cost_accuracy.png] [--json]
+       icpo-infer compare A_SEED1 A_SEED2 ... --vs B_SEED1 B_SEED2 ... [--json]
        icpo-infer show DIR
        icpo-infer --version
 
   run      ME-ICPO or another method (single, majority, best-of-n, self-refine, random-icpo) on a
            dataset; `run --help` lists the options
   compare  accuracy, self-improvement and cost of finished runs, with differences against the first
-           (refused for runs of other datasets, questions, k or rounds unless --allow-mismatch)
+           and their paired-bootstrap intervals (refused for runs of other datasets, questions, k or
+           rounds unless --allow-mismatch)
   show     one finished run's summary"""
 
 
@@ -115,6 +119,20 @@ def compare(argv: Sequence[str]) -> None:
         "dirs", nargs="+", help="Output directories of `icpo-infer run`; the first is the baseline."
     )
     parser.add_argument(
+        "--vs",
+        nargs="+",
+        default=None,
+        metavar="DIR",
+        help="Side B, one directory per seed: the positional directories are side A, one per seed, "
+        "paired with these in order.",
+    )
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="Print only the paired comparison of B (the second directory, or --vs) against A as one "
+        "JSON object; no table, no plots.",
+    )
+    parser.add_argument(
         "--output", default=None, help="Accuracy against round (default: compare.png in the first run)."
     )
     parser.add_argument(
@@ -128,9 +146,34 @@ def compare(argv: Sequence[str]) -> None:
         help="Compare runs of other datasets, questions, k or rounds (refused without it).",
     )
     args = parser.parse_args(argv)
-    runs = load_metrics(args.dirs)
-    labels = run_labels(args.dirs)
-    problems = comparability_problems(labels, runs, args.dirs)
+    dirs = [*args.dirs, *(args.vs or [])]
+    if args.vs is None:
+        check(
+            not args.json or len(dirs) == 2,
+            f"--json compares two sides: pass two directories (got {len(dirs)}), or "
+            "A_SEED1 A_SEED2 ... --vs B_SEED1 B_SEED2 ....",
+        )
+        sides = [([0], [i]) for i in range(1, len(dirs))]  # (A, B) run indices: every run against the first
+    else:
+        n = len(args.dirs)
+        check(
+            len(args.vs) == n,
+            f"{n} directories before --vs and {len(args.vs)} after; pass one run directory per seed on "
+            "each side, in the same seed order.",
+        )
+        sides = [(list(range(n)), list(range(n, 2 * n)))]
+    runs = load_metrics(dirs)
+    labels = run_labels(dirs)
+    if args.vs is None:
+        problems = comparability_problems(labels, runs, dirs)
+    else:  # seeds may hold other test questions, so only the two runs of each seed must match
+        problems = [
+            problem
+            for i, j in zip(*sides[0], strict=True)
+            for problem in comparability_problems(
+                [labels[i], labels[j]], [runs[i], runs[j]], [dirs[i], dirs[j]]
+            )
+        ]
     check(
         not problems or args.allow_mismatch,
         f"the runs measure different things: {'; '.join(problems)}. Compare runs of the same dataset, "
@@ -138,11 +181,25 @@ def compare(argv: Sequence[str]) -> None:
     )
     for problem in problems:
         print(f"warning: {problem}", file=sys.stderr)
+    if args.json:
+        a, b = sides[0]
+        print(json.dumps(paired_comparison([dirs[i] for i in a], [dirs[i] for i in b]), indent=2))
+        return
     print(compare_table(labels, runs))
     diagnostics = self_reward_table(labels, runs)
     if diagnostics:
         print(f"\n{diagnostics}")
-    first = Path(args.dirs[0])
+    comparisons = []
+    for a, b in sides:
+        try:
+            comparison = paired_comparison([dirs[i] for i in a], [dirs[i] for i in b])
+        except ConfigError as err:  # e.g. other questions under --allow-mismatch: the table still stands
+            print(f"warning: no paired differences: {err}", file=sys.stderr)
+            continue
+        comparisons.append((",".join(labels[i] for i in a), ",".join(labels[i] for i in b), comparison))
+    if comparisons:
+        print(f"\n{paired_table(comparisons)}")
+    first = Path(dirs[0])
     output = args.output or first / "compare.png"
     cost_output = args.cost_output or first / "cost_accuracy.png"
     plot_comparison(labels, runs, output)

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file, save_file
 
 from icpo_infer.config import ConfigError, parse_config
 from icpo_train import cli as train_cli
@@ -135,7 +136,14 @@ def test_a_second_iteration_trains_on_the_histories_of_the_first_and_is_reported
     gap = per_seed["icpo2"]["self_improvement"] - per_seed["sft2"]["self_improvement"]
     assert report["comparisons"]["icpo-sft"]["models"] == ["icpo2", "sft2"]
     assert report["comparisons"]["icpo-sft"]["self_improvement_gap"] == pytest.approx(gap)
-    assert "ICPO (icpo2) self-improvement minus sft2's" in format_report(report)
+    assert "ICPO (icpo2) minus sft2, points [paired bootstrap 95% interval]" in format_report(report)
+    # The report's paired numbers are `icpo-infer compare`'s on the same run directories.
+    paired = report["comparisons"]["icpo-sft"]["paired"]
+    assert paired["self_improvement_diff"] == pytest.approx(100 * gap, abs=1e-4)
+    assert paired["b"] == [str(run / "eval" / "icpo2" / "me-icpo")]
+    low, high = paired["final_accuracy_diff_ci95"]
+    assert low <= paired["final_accuracy_diff"] <= high
+    assert len(paired["transitions"]) == config.rounds  # rounds 2..R and the final samples
     with pytest.raises(ConfigError, match="iterations"):
         micro_config(tmp_path, iterations=0)
 
@@ -350,7 +358,7 @@ def test_the_demo_runs_the_toy_theory_then_the_pipeline_and_ends_with_the_table(
     results = out[out.index("== Results ==") :]
     assert "LSA imitating" in results and "self-impr." in results
     # Under the table: what each row and column means, and that one seed is no measurement.
-    legend = results[results.index("self-improvement minus") :]
+    legend = results[results.index("ICPO minus base") :]
     assert all(f"  {name} " in legend for name in ("base", "icpo", "sft", "mse", "round 1", "self-impr."))
     assert "1 seed of a tiny model on 3 questions: a smoke test" in legend
     assert "recipes/e2e/full.yaml" in legend
@@ -369,19 +377,43 @@ def test_the_demo_runs_the_toy_theory_then_the_pipeline_and_ends_with_the_table(
     assert again[again.index("== Results ==") :] == results
 
 
-def test_the_history_probe_counts_answers_after_each_kind_of_history(finished, capsys):
+def test_the_history_probe_screens_a_seed_dirs_base_and_adapters(finished, tmp_path, capsys):
     config, _ = finished
     seed_dir = Path(config.output_dir) / "seed-0"
-    table = history_probe.probe(seed_dir, ["base", "icpo"], questions=2, k=2, templates=None, seed=0)
-    assert set(table) == {"base", "icpo"}
-    for row in table.values():
-        assert set(row) == set(history_probe.HISTORIES)
-        assert all(0 <= gold <= 1 and 0 <= wrong <= 1 and gold + wrong <= 1 for gold, wrong in row.values())
-    assert (
-        history_probe.main(["--seed-dir", str(seed_dir), "--models", "base", "--questions", "1", "--k", "1"])
-        == 0
+    # The icpo adapter with its B weights zeroed: the base model itself, so its figures are the base's.
+    zero = tmp_path / "zero"
+    shutil.copytree(seed_dir / "adapters" / "icpo", zero)
+    weights = load_file(zero / "adapter_model.safetensors")
+    save_file(
+        {name: w * 0 if "lora_B" in name else w for name, w in weights.items()},
+        zero / "adapter_model.safetensors",
     )
-    assert "wrong, reward 1" in capsys.readouterr().out
+    out = tmp_path / "probe.json"
+    argv = ["--model", str(seed_dir / "base"), "--questions", str(seed_dir / "data" / "test.jsonl")]
+    argv += ["--templates", config.templates, "--limit", "2", "--k", "2", "--max-new-tokens", "8"]
+    argv += ["--gold-completion", "\\boxed{{gold}}", "--json", str(out)]
+    assert history_probe.main([*argv, "--adapter", str(seed_dir / "adapters" / "icpo"), str(zero)]) == 0
+    assert "tag disc." in capsys.readouterr().out
+    table = json.loads(out.read_text())
+    assert list(table) == ["base", "icpo", "zero"]
+    for row in table.values():
+        assert set(row) >= {
+            "tag_discrimination",
+            "tag_discrimination_right",
+            "tag_discrimination_wrong",
+            "logp_gold_no_history",
+            "answer_rate",
+            "accuracy",
+            "mean_tokens",
+            "questions",
+            "seconds",
+        }
+        assert row["questions"] == 2
+        # The micro base model may give no answer at all: then there is no discrimination to average.
+        assert all(value is None or math.isfinite(value) for value in row.values())
+        assert 0 <= row["accuracy"] <= row["answer_rate"] <= 1
+    del table["base"]["seconds"], table["zero"]["seconds"]
+    assert table["zero"] == table["base"]
 
 
 def rewarded_copy(seed_dir: Path, copy: Path) -> Path:

@@ -56,6 +56,7 @@ from icpo_infer.prompts import PromptTemplates
 from icpo_infer.report import ACCURACY_RANGE
 from icpo_infer.results import METRICS_FILE, write_json_atomic
 from icpo_infer.run_log import run_log
+from icpo_infer.stats import paired_comparison
 from icpo_train.e2e import arithmetic, synthetic
 from icpo_train.e2e.arithmetic import ArithmeticTaskConfig
 from icpo_train.e2e.pretrain import PretrainConfig, pretrain
@@ -596,10 +597,16 @@ def build_report(config: PipelineConfig) -> dict[str, Any]:
                 per_seed[str(s)][icpo]["self_improvement"] - per_seed[str(s)][other_last]["self_improvement"]
                 for s in config.seeds
             ]
+            me_icpo = [
+                [root / f"seed-{s}" / "eval" / m / "me-icpo" for s in config.seeds]
+                for m in (other_last, icpo)
+            ]
             comparisons[f"icpo-{other}"] = {
                 "models": [icpo, other_last],
                 "self_improvement_gap": statistics.mean(gaps),
                 "std": _std(gaps),
+                # ICPO minus the other in points, paired by seed and question, as `icpo-infer compare` gives it
+                "paired": paired_comparison(*me_icpo),
             }
     timings = {}
     for seed in config.seeds:
@@ -689,14 +696,19 @@ def format_report(report: dict[str, Any]) -> str:
         f"majority = maj@{k}, round r / final = ME-ICPO mean@{k} with history rewards "
         f"{REWARD_SETTINGS[report['eval_reward']]}; seeds {seeds['values']}"
     )
+
+    def interval(paired: dict[str, Any], key: str) -> str:
+        low, high = paired[f"{key}_ci95"]
+        return f"{paired[key]:+.1f} [{low:+.1f}, {high:+.1f}]"
+
     comparisons = []
     for c in report["comparisons"].values():
         icpo, other = c["models"]
         comparisons.append(
-            f"ICPO{'' if icpo == 'icpo' else f' ({icpo})'} self-improvement minus {other}'s: "
-            f"{100 * c['self_improvement_gap']:+.1f}"
-            + (f" ± {100 * c['std']:.1f}" if len(seeds["values"]) > 1 else "")
-            + " points"
+            f"ICPO{'' if icpo == 'icpo' else f' ({icpo})'} minus {other}, points [paired bootstrap 95% "
+            f"interval]: final {interval(c['paired'], 'final_accuracy_diff')}, self-improvement "
+            f"{interval(c['paired'], 'self_improvement_diff')}"
+            + (f" (± {100 * c['std']:.1f} over seeds)" if len(seeds["values"]) > 1 else "")
         )
     return "\n".join([title, *lines, *comparisons])
 
