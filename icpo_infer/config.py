@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import difflib
 import signal
+import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -83,14 +84,15 @@ def parse_config(
     main_fields: Sequence[str] | None = None,
     others: str = "",
 ) -> T:
-    """Build ``config_cls`` from ``--config recipe.yaml`` (optional) and command-line overrides.
+    """Build ``config_cls`` from ``--config recipe.yaml`` (optional) and command-line overrides
+    (``argv``; the process's own arguments when None).
 
     With ``main_fields``, ``--help`` lists only those fields (in that order) and ``--help-all`` every
     field; ``others`` says what the fields left out are (e.g. "transformers' TrainingArguments").
     """
     recipe_parser = argparse.ArgumentParser(add_help=False)
     recipe_parser.add_argument("--config", default=None)
-    known, argv = recipe_parser.parse_known_args(list(argv or []))
+    known, argv = recipe_parser.parse_known_args(list(sys.argv[1:] if argv is None else argv))
     parser = HfArgumentParser(config_cls, prog=prog)
     parser.add_argument("--config", default=None, help="YAML recipe; command-line flags override its values.")
     _arrange_help(parser, main_fields, others, brief="--help-all" not in argv)

@@ -55,6 +55,13 @@ def test_the_command_writes_splits_that_load_like_a_benchmark(tmp_path, capsys):
     assert skipped == 0 and loaded == generate_splits(ArithmeticTaskConfig(seed=1))["test"]
 
 
+def test_the_module_reads_its_own_command_line(tmp_path, monkeypatch, capsys):
+    # `python -m icpo_train.e2e.arithmetic --output_dir DIR` calls main() with no arguments.
+    monkeypatch.setattr("sys.argv", ["arithmetic", "--output_dir", str(tmp_path), "--test_facts", "3"])
+    assert main() == 0
+    assert "test: 3 facts" in capsys.readouterr().out and (tmp_path / "test.jsonl").is_file()
+
+
 def test_asking_for_more_facts_than_the_family_holds_is_a_clear_error():
     with pytest.raises(ConfigError, match="holds 110"):
         ArithmeticTaskConfig(train_facts=100)
