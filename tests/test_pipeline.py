@@ -334,6 +334,7 @@ def test_the_gold_setting_builds_trains_and_evaluates_with_gold_rewards(tmp_path
         ("tiny.yaml", set(MODELS), 1),
         ("full.yaml", {"base", "icpo", "sft"}, 2),
         ("smollm2.yaml", set(MODELS), 1),
+        ("smollm2_gold.yaml", {"base", "icpo", "sft"}, 1),
     ],
 )
 def test_the_shipped_recipes_are_valid(recipe, models, iterations, tmp_path):
