@@ -717,7 +717,8 @@ def group_rewards(inputs: dict, config: ICPOConfig) -> torch.Tensor:
 def tail_rewards(rewards: torch.Tensor, inputs: dict, config: ICPOConfig) -> torch.Tensor | None:
     """The tail bucket's reward ``(B,)``: None (0), or with ``tail_reward: answers`` the group's sample
     estimate of ``1/eta log E_{pi_ref}[exp(eta R)]``, each distinct member counted as often as it was
-    sampled: the tail holds the other strings of the same answers, in about the same proportions."""
+    sampled: the tail holds the other strings of the same answers, in about the same proportions. Members
+    left out (non-finite, or past max_length) are in the tail but not in the estimate."""
     if config.tail_reward == "zero":
         return None
     log_counts = inputs["member_counts"].log().masked_fill(~inputs["group_mask"], -math.inf)
@@ -881,8 +882,8 @@ class ICPOTrainer(Trainer):
                 args.loss_type, policy_logps, inputs["ref_logps"], zero, args.eta, group_mask, **options
             )
             losses = losses + args.anchor_coef * anchor * first
-            if first.any():
-                self._metrics["anchor_loss"].append(anchor[first].detach().mean().float())
+            # Every step records it (0 without round-1 rows), so that processes reduce the same metrics.
+            self._metrics["anchor_loss"].append((anchor * first).detach().mean().float())
         self._raise_if_not_finite(losses, inputs)
         if args.tail_bucket:
             tail = with_tail_bucket(policy_logps.detach(), group_mask)[:, -1]

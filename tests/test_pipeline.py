@@ -398,17 +398,7 @@ def test_the_history_probe_screens_a_seed_dirs_base_and_adapters(finished, tmp_p
     table = json.loads(out.read_text())
     assert list(table) == ["base", "icpo", "zero"]
     for row in table.values():
-        assert set(row) >= {
-            "tag_discrimination",
-            "tag_discrimination_right",
-            "tag_discrimination_wrong",
-            "logp_gold_no_history",
-            "answer_rate",
-            "accuracy",
-            "mean_tokens",
-            "questions",
-            "seconds",
-        }
+        assert set(row) >= {key for key, _, _ in history_probe.METRICS}
         assert row["questions"] == 2
         # The micro base model may give no answer at all: then there is no discrimination to average.
         assert all(value is None or math.isfinite(value) for value in row.values())
@@ -463,6 +453,17 @@ def test_trajectory_fit_measures_each_model_against_the_target_per_round(finishe
         == 0
     )
     assert "log_group_mass_ratio" in capsys.readouterr().out
+    # The recipe's target options give another target: the history-ignoring row moves with it.
+    target = {"reward_scale": "signed", "no_answer_penalty": 1.0, "tail_reward": "answers", "gt_coef": 0.5}
+    other, _ = trajectory_fit.fit(
+        seed_dir, ["base"], "fw", 2.0, rows=8, templates=config.templates, tail_bucket=True, target=target
+    )
+    assert other[trajectory_fit.IGNORE] != tail[trajectory_fit.IGNORE]
+    options = ["--tail-bucket", "--tail-reward", "answers", "--no-answer-penalty", "1"]
+    assert (
+        trajectory_fit.main(["--seed-dir", str(seed_dir), "--models", "base", "--rows", "2", *options]) == 0
+    )
+    capsys.readouterr()
     with pytest.raises(SystemExit):
         trajectory_fit.main(["--seed-dir", str(seed_dir), "--models", "base", "nope"])
     assert "no adapter ['nope']" in capsys.readouterr().err

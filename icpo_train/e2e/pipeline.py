@@ -708,7 +708,11 @@ def format_report(report: dict[str, Any]) -> str:
             f"ICPO{'' if icpo == 'icpo' else f' ({icpo})'} minus {other}, points [paired bootstrap 95% "
             f"interval]: final {interval(c['paired'], 'final_accuracy_diff')}, self-improvement "
             f"{interval(c['paired'], 'self_improvement_diff')}"
-            + (f" (± {100 * c['std']:.1f} over seeds)" if len(seeds["values"]) > 1 else "")
+            + (
+                f"; self-improvement gap ± {100 * c['std']:.1f} over seeds"
+                if len(seeds["values"]) > 1
+                else ""
+            )
         )
     return "\n".join([title, *lines, *comparisons])
 

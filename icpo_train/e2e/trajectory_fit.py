@@ -1,14 +1,16 @@
 """How close does a model come to the ICPO target on its trajectories? The training loss per round.
 
     python -m icpo_train.e2e.trajectory_fit --seed-dir runs/e2e-full/seed-0 [--models base icpo sft mse] \\
-        [--loss-type fw] [--tail-bucket] [--eta 2] [--rows 480] [--templates recipes/e2e/templates.yaml]
+        [--loss-type fw] [--tail-bucket] [--eta 2] [--rows 480] [--templates recipes/e2e/templates.yaml] \\
+        [--reward-scale counted] [--no-answer-penalty 0] [--tail-reward zero] [--gt-coef 0]
 
 For the first rows of an `icpo-train pipeline` seed directory's trajectories, computes each model's
 response-level loss (the trainer's own, `fw` by default) of ``z_j = log pi(y_j | prompt_t)`` against
 ``z*_j = ref_logps_j + eta R_j`` and prints its mean per round. The base model's round 1 (empty
 history) is 0, as the trajectories were scored with it. The row ``ignore`` is the loss of a model
 whose answers do not depend on the history at all (``z_j = ref_logps_j``): a model below it uses
-its history the way the target asks; a model above it reacts to the history in other ways.
+its history the way the target asks; a model above it reacts to the history in other ways. The target
+options mean what the trainer's do: pass the recipe's to measure the target an adapter was trained on.
 
 With ``--tail-bucket`` it also prints each model's ``log_group_mass_ratio`` per round, the mean of
 log pi(group) / pi_ref(group) over the rows (as the trainer logs it): 0 for a model that keeps the
@@ -25,13 +27,23 @@ import tempfile
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from icpo_infer.config import ConfigError, check
-from icpo_train.trainer import LOSS_TYPES, ICPOConfig, ICPOTrainer, group_rewards, response_losses
+from icpo_train.trainer import (
+    LOSS_TYPES,
+    REWARD_SCALES,
+    TAIL_REWARDS,
+    ICPOConfig,
+    ICPOTrainer,
+    group_rewards,
+    response_losses,
+    tail_rewards,
+)
 from icpo_train.trajectories import CONFIG_FILE
 from icpo_train.trajectory_data import load_trajectories
 
@@ -50,9 +62,11 @@ def fit(
     rows: int,
     templates: str | None,
     tail_bucket: bool = False,
+    target: dict[str, Any] | None = None,
 ) -> tuple[Table, Table]:
     """The mean loss of every model (and ``ignore``) per round over the first ``rows`` trajectory rows,
-    and with ``tail_bucket`` every model's mean ``log_group_mass_ratio`` per round (else empty)."""
+    and with ``tail_bucket`` every model's mean ``log_group_mass_ratio`` per round (else empty).
+    ``target``: the trainer's target options (reward_scale, no_answer_penalty, tail_reward, gt_coef)."""
     trajectories = load_trajectories(seed_dir / "trajectories")
     trajectories = trajectories.select(range(min(rows, len(trajectories))))
     reference = _reference_model(seed_dir)
@@ -67,6 +81,7 @@ def fit(
             loss_type=loss_type,
             eta=eta,
             tail_bucket=tail_bucket,
+            **(target or {}),
             use_peft=False,
             per_device_eval_batch_size=1,  # compute_loss of one row is that row's loss
             report_to="none",
@@ -75,9 +90,16 @@ def fit(
         trainer = ICPOTrainer(config, train_dataset=trajectories)
         batches = [trainer._prepare_inputs(b) for b in trainer.get_eval_dataloader(trainer.train_dataset)]
         for inputs in batches:
-            ref = inputs["ref_logps"]
+            ref, rewards = inputs["ref_logps"], group_rewards(inputs, config)
             ignoring = response_losses(
-                loss_type, ref, ref, group_rewards(inputs, config), eta, inputs["group_mask"], tail_bucket
+                loss_type,
+                ref,
+                ref,
+                rewards,
+                eta,
+                inputs["group_mask"],
+                tail_bucket,
+                tail_rewards=tail_rewards(rewards, inputs, config),
             )
             losses[IGNORE][int(inputs["round"][0])].append(ignoring.item())
         for model_name in models:
@@ -131,6 +153,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="The tail-bucket form of the loss (the trainer's tail_bucket).",
     )
+    parser.add_argument("--reward-scale", choices=REWARD_SCALES, default="counted")
+    parser.add_argument("--no-answer-penalty", type=float, default=0.0)
+    parser.add_argument("--tail-reward", choices=TAIL_REWARDS, default="zero")
+    parser.add_argument("--gt-coef", type=float, default=0.0)
     parser.add_argument("--rows", type=int, default=480, help="First N trajectory rows.")
     parser.add_argument(
         "--templates", default="recipes/e2e/templates.yaml", help="The pipeline's prompt wording."
@@ -148,6 +174,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.rows,
             args.templates or None,
             args.tail_bucket,
+            {
+                "reward_scale": args.reward_scale,
+                "no_answer_penalty": args.no_answer_penalty,
+                "tail_reward": args.tail_reward,
+                "gt_coef": args.gt_coef,
+            },
         )
     except ConfigError as error:  # no trajectories, a bad templates file: one line, not a traceback
         parser.error(str(error))
