@@ -40,6 +40,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from icpo_infer.backends import make_backend
 from icpo_infer.backends.base import Backend, BackendOptions, SamplingParams, adapter_problem
@@ -92,25 +93,17 @@ def probe(
     questions: str | Path | Sequence[Problem],
     adapters: Sequence[str] = (),
     *,
-    templates: PromptTemplates | None = None,
     limit: int | None = None,
-    k: int = 4,
-    max_new_tokens: int = 64,
-    seed: int = 0,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    gold_completion: str = GOLD_COMPLETION,
     device: str = "cpu",
     dtype: str = "auto",
-    log=None,
+    **settings: Any,
 ) -> dict[str, dict[str, float | int | None]]:
     """model name ("base", then each adapter) -> its figures (see the module docstring).
 
     ``questions``: a JSONL file (or any ``load_problems`` source) or the problems themselves; the first
-    ``limit`` are probed. ``gold_completion``: the text scored for log p(gold), ``{gold}`` replaced by the
-    gold answer. ``log``: a function given a progress line per model (e.g. ``print``), or None.
+    ``limit`` are probed. ``settings``: :func:`probe_backend`'s options (templates, k, sampling, the gold
+    completion, a progress ``log``).
     """
-    check(k >= 1, f"--k: {k} is invalid; use k >= 1.")
     for adapter in adapters:
         problem = adapter_problem(adapter)
         check(problem is None, f"--adapter: '{adapter}' {problem}.")
@@ -122,19 +115,7 @@ def probe(
     check(bool(problems), "--questions: no questions to probe.")
     backend = make_backend("hf", BackendOptions(model=model, device=device, dtype=dtype))
     try:
-        return probe_backend(
-            backend,
-            problems,
-            names,
-            templates=templates,
-            k=k,
-            max_new_tokens=max_new_tokens,
-            seed=seed,
-            temperature=temperature,
-            top_p=top_p,
-            gold_completion=gold_completion,
-            log=log,
-        )
+        return probe_backend(backend, problems, names, **settings)
     finally:
         backend.close()
 
@@ -154,6 +135,7 @@ def probe_backend(
     log=None,
 ) -> dict[str, dict[str, float | int | None]]:
     """:func:`probe` on a loaded backend; ``names``: model name -> adapter (None: base, probed first)."""
+    check(k >= 1, f"--k: {k} is invalid; use k >= 1.")
     check(names.get("base", 0) is None, "the probe needs the base model, named 'base', among its models.")
     tokenizer = backend.tokenizer
     types = [answer_type_of(p.answer) for p in problems]
