@@ -34,7 +34,6 @@ is each model's own sampling and scoring, the model load aside. Each phase is on
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections.abc import Sequence
@@ -48,6 +47,8 @@ from icpo_infer.config import ConfigError, check
 from icpo_infer.data import Problem, load_problems
 from icpo_infer.grading import extract_answer, is_equivalent
 from icpo_infer.prompts import Attempt, PromptTemplates, answer_type_of, render_prompt
+from icpo_infer.report import run_labels
+from icpo_infer.results import write_json_atomic
 
 GOLD_COMPLETION = "The final answer is {gold}."
 METRICS = (  # JSON key, table heading, format
@@ -73,13 +74,14 @@ class _Entry:
 
 
 def model_names(adapters: Sequence[str]) -> dict[str, str | None]:
-    """Model name -> adapter path (None: the base model). An adapter is named by its directory's name,
-    or by the path as given when that name is taken."""
-    names: dict[str, str | None] = {"base": None}
-    short = [Path(adapter).name or adapter for adapter in adapters]
-    for adapter, name in zip(adapters, short, strict=True):
-        unique = short.count(name) == 1 and name not in names
-        names[name if unique else adapter] = adapter
+    """Model name -> adapter path (None: the base model). An adapter is named as `icpo-infer compare`
+    labels runs (its directory's name, or the path where names repeat), and by its path when that is
+    "base"."""
+    labels = [
+        str(adapter) if label == "base" else label
+        for label, adapter in zip(run_labels(adapters), adapters, strict=True)
+    ]
+    names: dict[str, str | None] = {"base": None, **dict(zip(labels, adapters, strict=True))}
     check(len(names) == len(adapters) + 1, f"--adapter: an adapter is given twice in {list(adapters)}.")
     return names
 
@@ -274,7 +276,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"wall time {time.perf_counter() - start:.1f} s (model load included)")
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(table, indent=2) + "\n")
+        write_json_atomic(args.json, table)
     return 0
 
 
