@@ -180,13 +180,15 @@ def paired_comparison(
     }
 
 
+def difference_with_interval(comparison: dict[str, Any], key: str) -> str:
+    """One difference of :func:`paired_comparison` with its interval: "+1.2 [-3.4, +5.6]" (points)."""
+    low, high = comparison[f"{key}_ci95"]
+    return f"{comparison[key]:+.1f} [{low:+.1f}, {high:+.1f}]"
+
+
 def paired_table(comparisons: Sequence[tuple[str, str, dict[str, Any]]]) -> str:
     """The paired differences (B minus A, with their intervals) of (label A, label B, comparison) and
     each side's transitions, in percentage points / percent of questions."""
-
-    def cell(comparison: dict[str, Any], key: str) -> str:
-        low, high = comparison[f"{key}_ci95"]
-        return f"{comparison[key]:+.1f} [{low:+.1f}, {high:+.1f}]"
 
     pairs = [f"{a} -> {b}" for a, b, _ in comparisons]
     width = max(len(p) for p in [*pairs, "A -> B"])
@@ -203,8 +205,8 @@ def paired_table(comparisons: Sequence[tuple[str, str, dict[str, Any]]]) -> str:
     ]
     for pair, (_, _, comparison) in zip(pairs, comparisons, strict=True):
         lines.append(
-            f"{pair:<{width}}  {cell(comparison, 'final_accuracy_diff'):>22}  "
-            f"{cell(comparison, 'self_improvement_diff'):>22}"
+            f"{pair:<{width}}  {difference_with_interval(comparison, 'final_accuracy_diff'):>22}  "
+            f"{difference_with_interval(comparison, 'self_improvement_diff'):>22}"
         )
     lines.append(
         "majority-answer transitions, % of questions going wrong -> right / right -> wrong against the "

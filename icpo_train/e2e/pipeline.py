@@ -56,7 +56,7 @@ from icpo_infer.prompts import PromptTemplates
 from icpo_infer.report import ACCURACY_RANGE
 from icpo_infer.results import METRICS_FILE, write_json_atomic
 from icpo_infer.run_log import run_log
-from icpo_infer.stats import paired_comparison
+from icpo_infer.stats import difference_with_interval, paired_comparison
 from icpo_train.e2e import arithmetic, synthetic
 from icpo_train.e2e.arithmetic import ArithmeticTaskConfig
 from icpo_train.e2e.pretrain import PretrainConfig, pretrain
@@ -697,17 +697,13 @@ def format_report(report: dict[str, Any]) -> str:
         f"{REWARD_SETTINGS[report['eval_reward']]}; seeds {seeds['values']}"
     )
 
-    def interval(paired: dict[str, Any], key: str) -> str:
-        low, high = paired[f"{key}_ci95"]
-        return f"{paired[key]:+.1f} [{low:+.1f}, {high:+.1f}]"
-
     comparisons = []
     for c in report["comparisons"].values():
         icpo, other = c["models"]
         comparisons.append(
             f"ICPO{'' if icpo == 'icpo' else f' ({icpo})'} minus {other}, points [paired bootstrap 95% "
-            f"interval]: final {interval(c['paired'], 'final_accuracy_diff')}, self-improvement "
-            f"{interval(c['paired'], 'self_improvement_diff')}"
+            f"interval]: final {difference_with_interval(c['paired'], 'final_accuracy_diff')}, self-improvement "
+            f"{difference_with_interval(c['paired'], 'self_improvement_diff')}"
             + (
                 f"; self-improvement gap ± {100 * c['std']:.1f} over seeds"
                 if len(seeds["values"]) > 1
