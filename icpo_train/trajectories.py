@@ -9,7 +9,9 @@ For every training question:
    that policy builds for itself.
 2. ONE group of G responses is sampled from pi_ref(. | question) with an EMPTY history, and each
    response is scored under pi_ref (sum of token log-probs, EOS included, as ``Backend.score``
-   returns it), its answer extracted and graded against the gold answer.
+   returns it), its answer extracted and graded against the gold answer. With ``history_members``
+   the attempts of H_R that the sample missed join the group, scored alike: every round's group then
+   holds the very responses its history tags, so the loss sees what the history makes likely.
 3. Each round t gives one row (schema: :mod:`icpo_train.trajectory_data`), with the in-context reward
    of every group member R_t(y_j) = sum over s in H_t of (2 r_s - 1) [answer(y_j) equivalent to answer(s)].
 
@@ -102,6 +104,11 @@ class TrajectoryConfig:
     selection: str = option("me-icpo", "Which candidate enters the history: random or me-icpo.")
     group_temperature: float = option(
         1.0, "Sampling temperature of the group; 1 samples pi_ref itself, as the FW weights assume."
+    )
+    history_members: bool = option(
+        False,
+        "Add the history's attempts that the group's sample missed to the group (scored under pi_ref "
+        "with an empty history), so that every round's group holds the responses its history tags.",
     )
     backend: str = option_like(InferConfig, "backend")
     split: str | None = option_like(InferConfig, "split")
@@ -201,9 +208,14 @@ def icl_rewards(answers: Sequence[str | None], history: Sequence[Attempt]) -> li
 
 
 def sample_groups(
-    backend: Backend, problems: Sequence[Problem], config: TrajectoryConfig, templates: PromptTemplates | None
+    backend: Backend,
+    problems: Sequence[Problem],
+    config: TrajectoryConfig,
+    templates: PromptTemplates | None,
+    extra_members: Sequence[Sequence[str]] | None = None,
 ) -> list[dict[str, list]]:
-    """Per problem, the group columns: G responses to the empty-history prompt, scored under pi_ref.
+    """Per problem, the group columns: G responses to the empty-history prompt, then those of
+    ``extra_members`` the sample does not hold, all scored under pi_ref.
 
     One generate call and one score call for all ``problems``.
     """
@@ -217,6 +229,8 @@ def sample_groups(
         for q in prompts
     ]
     responses = [[c.text for c in g.completions] for g in backend.generate(prompts, params)]
+    for group, extra in zip(responses, extra_members or [[] for _ in problems], strict=True):
+        group.extend(dict.fromkeys(text for text in extra if text not in group))
     flat_prompts = [prompt for prompt, group in zip(prompts, responses, strict=True) for _ in group]
     scores = iter(backend.score(flat_prompts, [text for group in responses for text in group]))
     groups = []
@@ -233,6 +247,11 @@ def sample_groups(
             }
         )
     return groups
+
+
+def history_texts(histories: Sequence[Sequence[Attempt]]) -> list[str]:
+    """The attempts' texts of a question's last history (which holds every earlier one's)."""
+    return [attempt.text for attempt in histories[-1]]
 
 
 def icpo_histories(result: QuestionResult) -> list[list[Attempt]]:
@@ -341,7 +360,8 @@ def build_trajectories(config: TrajectoryConfig, backend: Backend | None = None)
     with run_log(config.output):
 
         def finish(chunk: Sequence[Problem], histories: Sequence[list[list[Attempt]]]) -> None:
-            groups = sample_groups(backend, chunk, config, templates)
+            extra = [history_texts(h) for h in histories] if config.history_members else None
+            groups = sample_groups(backend, chunk, config, templates, extra)
             fingerprint = tokenizer_fingerprint(backend.tokenizer)
             for problem, group, question_histories in zip(chunk, groups, histories, strict=True):
                 rows = question_rows(problem, question_histories, group, fingerprint)

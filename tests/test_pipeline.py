@@ -290,6 +290,8 @@ def test_the_target_options_reach_the_adapters_they_apply_to(tmp_path):
     for c in trained.values():
         assert {key: getattr(c, key) for key in target} == target
         assert (c.lr_scheduler_type, c.lora_target_modules) == ("cosine", ["q_proj", "v_proj"])
+    assert micro_config(tmp_path, history_members=True).trajectory_config(tmp_path).history_members
+    assert not config.trajectory_config(tmp_path).history_members
     with pytest.raises(ConfigError, match="fisher_at='nowhere' is unknown"):
         micro_config(tmp_path, fisher_at="nowhere")
     with pytest.raises(ConfigError, match="tail_reward='answers' applies with tail_bucket: true"):

@@ -26,6 +26,7 @@ from icpo_infer.config import ConfigError, parse_config
 from icpo_infer.data import load_problems
 from icpo_infer.grading import extract_answer, is_equivalent
 from icpo_infer.icpo import run_method
+from icpo_infer.prompts import Attempt, render_prompt
 from icpo_infer.results import STATE_FILE
 from icpo_train.cli import main as icpo_train_main
 from icpo_train.trajectories import (
@@ -34,6 +35,7 @@ from icpo_train.trajectories import (
     PROGRESS_FILE,
     TrajectoryConfig,
     build_trajectories,
+    icl_rewards,
 )
 from icpo_train.trajectory_data import (
     GROUP_COLUMNS,
@@ -210,6 +212,47 @@ def test_a_history_adapter_builds_the_histories_and_pi_ref_the_groups(
     assert history_answers(adapted).count("7") > len(history_answers(adapted)) / 2
     assert history_answers(bare).count("7") < len(history_answers(bare)) / 2
     assert f"run by the adapter `{sevens_adapter}`" in DatasetCard.load(tmp_path / "README.md").text
+
+
+def test_history_members_add_the_attempts_the_sample_missed_scored_under_pi_ref(
+    boxed_model_dir, dataset_file, tmp_path
+):
+    def build(output: Path, **options) -> Dataset:
+        # History texts truncated to 3 tokens, which no sampled response is: the checks are not vacuous.
+        config = make_config(
+            boxed_model_dir,
+            dataset_file,
+            output,
+            summary=False,
+            summary_max_tokens=3,
+            group_size=2,
+            **options,
+        )
+        return load_trajectories(build_trajectories(config))
+
+    bare, dataset = build(tmp_path / "bare"), build(tmp_path / "members", history_members=True)
+    tokenizer = AutoTokenizer.from_pretrained(boxed_model_dir)
+    validate_trajectories(dataset, tokenizer)
+    backend = make_backend("hf", BackendOptions(model=str(boxed_model_dir), device="cpu"))
+    added = 0
+    for q in range(QUESTIONS):
+        rows = dataset.select(range(q * ROUNDS, (q + 1) * ROUNDS)).to_list()
+        sampled = bare[q * ROUNDS]["responses"]
+        texts = [entry["text"] for entry in rows[-1]["history"]]
+        extra = list(dict.fromkeys(text for text in texts if text not in sampled))
+        for row, bare_row in zip(rows, bare.select(range(q * ROUNDS, (q + 1) * ROUNDS)), strict=True):
+            assert row["history"] == bare_row["history"]  # the same seeded loop
+            assert row["responses"] == sampled + extra  # the sample first, each attempt once
+            assert row["ref_logps"][:2] == bare_row["ref_logps"]
+        prompt = render_prompt(tokenizer, rows[0]["question"], [], rows[0]["answer_type"])
+        scores = backend.score([prompt] * len(extra), extra)
+        assert rows[0]["ref_logps"][2:] == pytest.approx([s.logprob for s in scores])
+        for row in rows:
+            history = [Attempt(**entry) for entry in row["history"]]
+            assert row["response_answers"] == [extract_answer(text) for text in row["responses"]]
+            assert row["icl_rewards"] == icl_rewards(row["response_answers"], history)
+        added += len(extra)
+    assert added > 0  # the sample missed some attempts: the check is not vacuous
 
 
 @pytest.mark.parametrize(

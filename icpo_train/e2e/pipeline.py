@@ -111,6 +111,7 @@ class PipelineConfig(SyntheticTaskConfig, PretrainConfig):
     trajectory_rounds: int = option(4, "Rounds R of the trajectories: histories H_1 (empty) .. H_R.")
     group_size: int = option(8, "G: responses sampled from pi_ref per trajectory question.")
     group_temperature: float = option_like(TrajectoryConfig, "group_temperature")
+    history_members: bool = option_like(TrajectoryConfig, "history_members")
     # The defaults build histories as the evaluation does; see docs/e2e-findings.md.
     history_reward: str = option("self", "History rewards of the trajectories: self (majority) or gt.")
     selection: str = option("me-icpo", "Which candidate enters a trajectory history: random or me-icpo.")
@@ -298,6 +299,7 @@ class PipelineConfig(SyntheticTaskConfig, PretrainConfig):
             rounds=self.trajectory_rounds,
             group_size=self.group_size,
             group_temperature=self.group_temperature,
+            history_members=self.history_members,
             history_reward=self.history_reward,
             selection=self.selection,
             **self.icpo_loop(),
