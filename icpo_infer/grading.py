@@ -11,7 +11,8 @@ What counts as a final answer (docs/inference.md, "Grading", lists the same): th
   backslash, ``\\boxed 5`` (one token, as LaTeX allows);
 - an ``<answer>...</answer>`` tag;
 - a declaration: "final answer is / final answer: / the answer is / Answer:" followed directly by a
-  math span (``$...$``, ``\\(...\\)``, ``\\[...\\]``), a number or fraction, or an option letter.
+  math span (``$...$``, ``\\(...\\)``, ``\\[...\\]``), a number or fraction (not one that opens a
+  formula, in symbols or words: "3 times 9"), or an option letter.
 
 A number elsewhere in free text is not an answer: unanchored extraction (the last number anywhere)
 turns a truncated or rambling response into a confident-looking answer, which would poison
@@ -58,7 +59,8 @@ _DECLARATION = re.compile(
 _DECLARED_VALUE = re.compile(
     r"\$\$(?P<display>.+?)\$\$|\$(?P<inline>(?:\\\$|[^$\n])+?)\$|\\\((?P<paren>.+?)\\\)|\\\[(?P<bracket>.+?)\\\]"
     r"|(?P<number>[-+−]?(?:\d{1,3}(?:,\d{3})+|\d+|(?=\.\d))(?:\.\d+)?(?:\s*/\s*\d+)?(?:\s*\\?%)?)"
-    r"(?=[.,;:!?)*]*(?:\s|$))(?![ \t]*[-+−*/=^×÷<>])"  # not the start of a formula
+    r"(?=[.,;:!?)*]*(?:\s|$))"
+    r"(?![ \t]*(?:[-+−*/=^×÷<>]|(?i:times|plus|minus|(?:divided|multiplied)\s+by)\b))"  # not a formula's start
     r"|(?P<choice>\(?[A-E]\)|[A-E](?=[.*]*\s*$|[.*]+\s))",
     re.DOTALL | re.MULTILINE,
 )

@@ -62,6 +62,8 @@ def test_reference_formats_of_the_benchmarks():
         ("Final Answer: 42", "42"),
         ("Final Answer: The final answer is $5$. I hope it is correct.", "5"),
         ("The final answer is 3/4.", "3/4"),
+        ("The final answer is 5 minutes.", "5"),  # a unit that starts like an operator word
+        ("The answer is 27 times as large, so the final answer is 27.", "27"),
     ],
 )
 def test_extract_answer_from_messy_outputs(text, answer):
@@ -80,6 +82,11 @@ def test_extract_answer_from_messy_outputs(text, answer):
         "\\boxed{}",
         "\\boxed{\\frac{1}{2}",  # cut inside the box
         "<think>I am still thinking, \\boxed{5} maybe",  # unfinished reasoning
+        "The final answer is 3 times 9, which equals 27.",  # a formula in words, not the number 3
+        "The answer is 12 divided by 4, so",
+        "Final answer: 2 Plus 2",
+        "The final answer is 6 multiplied by 7.",
+        "the answer is 8 minus 3",
     ],
 )
 def test_responses_without_an_answer_are_invalid(text):
