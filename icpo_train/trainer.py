@@ -74,6 +74,7 @@ from icpo_train.trajectory_data import (
     GROUP_COLUMNS,
     TEACHER_COLUMNS,
     load_trajectories,
+    training_templates,
     trajectory_prompt,
     validate_trajectories,
 )
@@ -106,7 +107,9 @@ class ICPOConfig(TrainingArguments):
         None, "Trajectory dataset from `icpo-train build-trajectories`: a save_to_disk directory or Parquet."
     )
     templates: str | None = option(
-        None, "YAML file overriding the prompt wording: the one the trajectories were built with."
+        None,
+        "YAML file overriding the prompt wording. Default: the one the trajectories' directory records "
+        "they were built with; a different one is refused.",
     )
     loss_level: str = option("response", f"One of {', '.join(LOSS_LEVELS)}.")
     loss_type: str = option(
@@ -776,7 +779,10 @@ class ICPOTrainer(Trainer):
             "loss_level: token needs a teacher: set teacher_model, or add top-k teacher columns to the "
             "trajectories with icpo_train.trainer.add_teacher_topk.",
         )
-        templates = PromptTemplates.from_yaml(args.templates) if args.templates else None
+        if train_dataset is None:
+            templates = training_templates(args.trajectories, args.templates)
+        else:
+            templates = PromptTemplates.from_yaml(args.templates) if args.templates else None
         set_seed(args.seed)  # the LoRA initialisation is part of the run
         model = model if model is not None else load_policy(args)
         if args.shared_prefix:

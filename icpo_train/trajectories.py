@@ -58,7 +58,7 @@ from icpo_train import trajectory_data
 from icpo_train.trajectory_data import tokenizer_fingerprint
 
 PROGRESS_FILE = "progress.jsonl"
-CONFIG_FILE = "build_config.json"
+CONFIG_FILE = trajectory_data.BUILD_CONFIG_FILE
 PARQUET_FILE = "trajectories.parquet"
 CARD_FILE = "README.md"
 HISTORY_REWARDS = ("gt", "self")

@@ -48,6 +48,7 @@ REQUIRED_COLUMNS = (
     "tokenizer_fingerprint",
 )
 TEACHER_COLUMNS = ("teacher_topk_ids", "teacher_topk_logits", "teacher_logsumexp")
+BUILD_CONFIG_FILE = "build_config.json"  # the config that built a trajectories directory
 
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
@@ -81,6 +82,34 @@ def load_trajectories(path: str | Path) -> Dataset:
         "build one with `icpo-train build-trajectories --output DIR` and pass DIR.",
     )
     return Dataset.from_parquet([str(p) for p in parquet])
+
+
+def training_templates(trajectories: str | Path, templates: str | None) -> PromptTemplates | None:
+    """The prompt templates to train with: ``templates``, which must be the ones the trajectories were
+    built with when their directory records them; without ``templates``, the recorded ones."""
+    config_file = Path(trajectories) / BUILD_CONFIG_FILE
+    if not config_file.is_file():  # Parquet from elsewhere: the caller's word
+        return PromptTemplates.from_yaml(templates) if templates else None
+    recorded = json.loads(config_file.read_text()).get("templates")
+    if recorded is not None and not Path(recorded).is_file():  # moved: the caller's word
+        check(
+            templates is not None,
+            f"templates: the trajectories were built with the templates '{recorded}', which is not there "
+            "from here; pass that file with --templates.",
+        )
+        return PromptTemplates.from_yaml(templates)
+    if templates is None and recorded is not None:
+        print(f"icpo-train: prompts from the templates the trajectories were built with, '{recorded}'")
+        return PromptTemplates.from_yaml(recorded)
+    loaded = PromptTemplates.from_yaml(templates) if templates else None
+    check(
+        (loaded or PromptTemplates())
+        == (PromptTemplates.from_yaml(recorded) if recorded else PromptTemplates()),
+        f"templates '{templates}' differ from those the trajectories were built with "
+        f"({f'{recorded!r}' if recorded else 'the default prompts'}): the model would train on other prompts "
+        "than the groups were scored under. Pass the trajectories' templates, or rebuild the trajectories.",
+    )
+    return loaded
 
 
 def validate_trajectories(dataset: Dataset, tokenizer: PreTrainedTokenizerBase) -> None:

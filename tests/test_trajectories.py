@@ -26,7 +26,7 @@ from icpo_infer.config import ConfigError, parse_config
 from icpo_infer.data import load_problems
 from icpo_infer.grading import extract_answer, is_equivalent
 from icpo_infer.icpo import run_method
-from icpo_infer.prompts import Attempt, render_prompt
+from icpo_infer.prompts import Attempt, PromptTemplates, render_prompt
 from icpo_infer.results import STATE_FILE
 from icpo_train.cli import main as icpo_train_main
 from icpo_train.trajectories import (
@@ -38,10 +38,12 @@ from icpo_train.trajectories import (
     icl_rewards,
 )
 from icpo_train.trajectory_data import (
+    BUILD_CONFIG_FILE,
     GROUP_COLUMNS,
     REQUIRED_COLUMNS,
     load_trajectories,
     tokenizer_fingerprint,
+    training_templates,
     validate_trajectories,
 )
 
@@ -418,3 +420,32 @@ def test_a_build_killed_inside_a_round_loses_only_that_round(built, boxed_model_
     assert not (tmp_path / PROGRESS_FILE).exists()
     assert icpo_train_main(argv) == 0
     assert load_trajectories(tmp_path).to_list() == built[1].to_list()
+
+
+def test_training_takes_the_templates_the_trajectories_were_built_with(tmp_path, capsys):
+    terse, other = tmp_path / "terse.yaml", tmp_path / "other.yaml"
+    terse.write_text("problem: 'Q: {question}'\n")
+    other.write_text("problem: 'Question: {question}'\n")
+    built_with = {}
+    for name, templates in (("terse", str(terse)), ("default", None)):
+        built_with[name] = tmp_path / name
+        built_with[name].mkdir()
+        (built_with[name] / BUILD_CONFIG_FILE).write_text(json.dumps({"templates": templates}))
+
+    assert training_templates(built_with["terse"], None) == PromptTemplates.from_yaml(terse)
+    assert str(terse) in capsys.readouterr().out  # said, not silent
+    assert training_templates(built_with["terse"], str(terse)) == PromptTemplates.from_yaml(terse)
+    assert training_templates(built_with["default"], None) is None
+    with pytest.raises(
+        ConfigError, match=rf"templates '{re.escape(str(other))}' differ .*'{re.escape(str(terse))}'"
+    ):
+        training_templates(built_with["terse"], str(other))
+    with pytest.raises(
+        ConfigError, match="differ from those the trajectories were built with \\(the default"
+    ):
+        training_templates(built_with["default"], str(other))
+    terse.unlink()
+    with pytest.raises(ConfigError, match="which is not there from here; pass that file with --templates"):
+        training_templates(built_with["terse"], None)
+    # Parquet from elsewhere records nothing: the caller's templates.
+    assert training_templates(tmp_path, str(other)) == PromptTemplates.from_yaml(other)
