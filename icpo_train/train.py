@@ -8,16 +8,18 @@ Several processes (DDP on GPUs or CPUs, DeepSpeed ZeRO)::
 
     accelerate launch --config_file recipes/accelerate/NAME.yaml -m icpo_train train --config ...
 
-The output directory receives ``checkpoint-N`` folders (safetensors LoRA adapters that icpo-infer
+Rerunning the same command resumes from the newest checkpoint in the output directory (other
+result-changing settings are refused, naming them). The output directory receives ``checkpoint-N`` folders (safetensors LoRA adapters that icpo-infer
 loads with ``--adapter``), the final adapter, ``icpo_config.json`` (the resolved config), the
 Trainer's ``trainer_state.json`` / ``train_results.json`` and ``log.txt`` (what the run printed).
-``--resume_from_checkpoint last`` (or a checkpoint path) continues an interrupted run.
+``--resume_from_checkpoint last`` (or a checkpoint path) continues a run whatever its settings.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -48,21 +50,72 @@ TRAINING_FIELDS = (
 )
 
 
+# Training settings that change what a run computes, besides the ICPO fields: a rerun that resumes must
+# keep them.
+RESULT_FIELDS = (
+    "num_train_epochs",
+    "max_steps",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "learning_rate",
+    "lr_scheduler_type",
+    "warmup_steps",
+    "weight_decay",
+    "max_grad_norm",
+    "optim",
+    "bf16",
+    "seed",
+)
+
+
 def main_fields() -> list[str]:
     """What `--help` lists: the fields ICPOConfig adds to TrainingArguments, then :data:`TRAINING_FIELDS`."""
     inherited = {f.name for f in dataclasses.fields(TrainingArguments)}
     return [f.name for f in dataclasses.fields(ICPOConfig) if f.name not in inherited] + list(TRAINING_FIELDS)
 
 
+# ICPO fields that change how a step is computed but not what it computes.
+SAME_RESULT_FIELDS = ("memory_lean", "shared_prefix", "fused_token_loss")
+
+
+def result_settings(config: ICPOConfig) -> dict:
+    """What a resumed run must share with the run it continues, as JSON data."""
+    inherited = {f.name for f in dataclasses.fields(TrainingArguments)} | set(SAME_RESULT_FIELDS)
+    names = [f.name for f in dataclasses.fields(ICPOConfig) if f.name not in inherited] + list(RESULT_FIELDS)
+    settings = json.loads(json.dumps(to_dict(config)))
+    return {name: settings.get(name) for name in names}
+
+
 def resolve_checkpoint(config: ICPOConfig) -> str | None:
-    """``resume_from_checkpoint``: a checkpoint path, ``last`` (the newest in output_dir) or None."""
-    if config.resume_from_checkpoint != "last":
+    """The checkpoint to resume from: ``resume_from_checkpoint`` (a path, or ``last``: the newest in
+    output_dir), or when unset the newest in output_dir of a run with the same settings."""
+    if config.resume_from_checkpoint not in (None, "last"):
         return config.resume_from_checkpoint
-    last = get_last_checkpoint(config.output_dir) if Path(config.output_dir).is_dir() else None
+    output = Path(config.output_dir)
+    last = get_last_checkpoint(output) if output.is_dir() else None
+    if config.resume_from_checkpoint == "last":
+        check(last is not None, f"resume_from_checkpoint: no checkpoint-N folder in output_dir '{output}'.")
+        return last
+    if last is None:
+        return None
+    stored = output / CONFIG_FILE
     check(
-        last is not None,
-        f"resume_from_checkpoint: no checkpoint-N folder in output_dir '{config.output_dir}' to resume from.",
+        stored.is_file(),
+        f"output_dir '{output}' holds checkpoints without {CONFIG_FILE}, so nothing says how they were made: "
+        "pass --resume_from_checkpoint last to continue them anyway, or another --output_dir.",
     )
+    previous = json.loads(stored.read_text())
+    changed = [
+        f"{key} ({previous.get(key)!r} there, {value!r} now)"
+        for key, value in result_settings(config).items()
+        if previous.get(key) != value
+    ]
+    check(
+        not changed,
+        f"output_dir '{output}' holds a training run with other settings: {'; '.join(changed)}. Use the same "
+        "values to resume it, or another --output_dir.",
+    )
+    print(f"icpo-train train: resuming from {last}", flush=True)
     return last
 
 

@@ -186,6 +186,7 @@ class ICPOConfig(TrainingArguments):
     )
     trust_remote_code: bool = option(False, "Run the model repository's own code (only for repos you trust).")
     # TrainingArguments defaults that do not suit this trainer.
+    output_dir: str | None = option(None, "Where the checkpoints and the final adapter go (required).")
     bf16: bool | None = option(None, "bf16 mixed precision; default: where the device supports it.")
     remove_unused_columns: bool = option(
         False, "Keep the tokenised trajectory columns (the collator needs them)."
@@ -194,6 +195,10 @@ class ICPOConfig(TrainingArguments):
     logging_steps: float = option(10, "Log every this many optimizer steps.")
 
     def __post_init__(self) -> None:
+        check(
+            self.output_dir is not None,
+            "output_dir is required: name the folder for the checkpoints and the final adapter.",
+        )
         check(
             self.model_name_or_path is not None,
             "model_name_or_path is required: name the base model (a local directory or a Hub id).",
@@ -437,6 +442,7 @@ def tokenize_trajectories(
             "distinct": tail_bucket,
         },
         remove_columns=[c for c in dataset.column_names if c not in ("question_id", "round")],
+        keep_in_memory=True,  # no cache files in the trajectories' folder, which is an input
         desc="tokenising trajectories",
     )
     sizes = tokenized["num_members"]

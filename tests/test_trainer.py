@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -364,6 +365,34 @@ def test_resume_reproduces_the_uninterrupted_run(resumed_run):
     assert losses(resumed) == pytest.approx(losses(reference), rel=1e-5)
     log = (interrupted / "log.txt").read_text()  # what the CLI printed: the losses of steps 4 to 6
     assert log.count("INFO stdout: {'loss'") == 3 and "finished at step 6" in log
+
+
+def test_a_rerun_resumes_from_the_newest_checkpoint_and_refuses_other_settings(
+    tiny_model_dir, trajectories_dir, tmp_path, capsys
+):
+    overrides = ("--max_steps", "4", "--save_steps", "2", "--per_device_train_batch_size", "2")
+    args = recipe_args(tiny_model_dir, trajectories_dir, tmp_path, *overrides)
+    assert train.main(args) == 0
+    shutil.rmtree(tmp_path / "checkpoint-4")  # as if killed after the checkpoint of step 2
+    capsys.readouterr()
+    assert train.main([*args, "--memory_lean", "true"]) == 0  # the same loss, computed otherwise
+    out = capsys.readouterr().out
+    assert f"resuming from {tmp_path / 'checkpoint-2'}" in out and "finished at step 4" in out
+    assert (tmp_path / "checkpoint-4").is_dir()
+    with pytest.raises(ConfigError, match=r"other settings: learning_rate \(0\.01 there, 0\.02 now\)"):
+        train.main([*args, "--learning_rate", "0.02"])
+    (tmp_path / train.CONFIG_FILE).unlink()
+    with pytest.raises(ConfigError, match=r"without icpo_config\.json.*--resume_from_checkpoint last"):
+        train.main(args)
+    without_output = [a for a in args if a != str(tmp_path)]
+    without_output.remove("--output_dir")
+    with pytest.raises(ConfigError, match="output_dir is required"):
+        parse_config(ICPOConfig, without_output)
+
+
+def test_tokenising_writes_no_cache_files_into_the_trajectories(tiny_model_dir, trajectories_dir, tmp_path):
+    ICPOTrainer(make_config(tiny_model_dir, trajectories_dir, tmp_path))
+    assert not list(trajectories_dir.glob("cache-*"))
 
 
 def test_saved_adapter_loads_in_the_hf_backend_and_changes_outputs(tiny_model_dir, trajectories, resumed_run):
