@@ -30,6 +30,14 @@ METRICS_FILE = "metrics.json"
 CONFIG_FILE = "config.json"
 PLOT_FILE = "accuracy_vs_round.png"
 STATE_FILE = "chunk_state.json"
+TRAJECTORIES_CONFIG_FILE = "build_config.json"
+TRAINING_CONFIG_FILE = "icpo_config.json"
+# The file that marks each command's output folder (its config), so that no command writes into another's.
+COMMAND_MARKERS = {
+    CONFIG_FILE: "icpo-infer run",
+    TRAJECTORIES_CONFIG_FILE: "icpo-train build-trajectories",
+    TRAINING_CONFIG_FILE: "icpo-train train",
+}
 SPEND_KEYS = ("prompt_tokens", "generated_tokens", "engine_calls", "wall_time_s")
 
 
@@ -166,6 +174,15 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return summary
 
 
+def refuse_foreign_output(directory: Path, own_marker: str, flag: str) -> None:
+    """Refuse ``directory`` when another command's output is there (its :data:`COMMAND_MARKERS` file)."""
+    for marker, command in COMMAND_MARKERS.items():
+        check(
+            marker == own_marker or not (Path(directory) / marker).is_file(),
+            f"{directory} holds the output of `{command}` ({marker}); choose another {flag}.",
+        )
+
+
 def prepare_resumable(
     directory: Path,
     settings: dict[str, Any],
@@ -188,6 +205,7 @@ def prepare_resumable(
     ``defaults`` that the stored config lacks is a setting added since it was written: the stored run
     had its default.
     """
+    refuse_foreign_output(directory, config_file, flag)
     stored = directory / config_file
     resumed = False
     if overwrite:

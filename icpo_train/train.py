@@ -28,11 +28,11 @@ from transformers import TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from icpo_infer.config import check, parse_config, to_dict
-from icpo_infer.results import write_json_atomic
+from icpo_infer.results import TRAINING_CONFIG_FILE, refuse_foreign_output, write_json_atomic
 from icpo_infer.run_log import run_log
 from icpo_train.trainer import ICPOConfig, ICPOTrainer
 
-CONFIG_FILE = "icpo_config.json"
+CONFIG_FILE = TRAINING_CONFIG_FILE
 # The TrainingArguments most runs set, listed by `--help` after the ICPO fields.
 TRAINING_FIELDS = (
     "output_dir",
@@ -132,6 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         main_fields=main_fields(),
         others="transformers' TrainingArguments",
     )
+    refuse_foreign_output(Path(config.output_dir), CONFIG_FILE, "--output_dir")
     checkpoint = resolve_checkpoint(config)
     trainer = ICPOTrainer(config)
     with contextlib.ExitStack() as log:

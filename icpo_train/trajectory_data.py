@@ -28,6 +28,7 @@ from transformers import PreTrainedTokenizerBase
 
 from icpo_infer.config import ConfigError, check
 from icpo_infer.prompts import Attempt, PromptTemplates, render_prompt
+from icpo_infer.results import TRAJECTORIES_CONFIG_FILE
 
 GROUP_COLUMNS = (
     "responses",
@@ -48,7 +49,7 @@ REQUIRED_COLUMNS = (
     "tokenizer_fingerprint",
 )
 TEACHER_COLUMNS = ("teacher_topk_ids", "teacher_topk_logits", "teacher_logsumexp")
-BUILD_CONFIG_FILE = "build_config.json"  # the config that built a trajectories directory
+BUILD_CONFIG_FILE = TRAJECTORIES_CONFIG_FILE  # the config that built a trajectories directory
 
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:

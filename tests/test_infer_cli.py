@@ -286,6 +286,39 @@ def test_common_mistakes_are_one_line_errors_that_write_nothing(
     assert not (tmp_path / "run").exists()  # a failed start leaves no directory to refuse the next one
 
 
+def test_no_command_writes_into_another_commands_output(
+    infer, whole, boxed_model_dir, problems_file, tmp_path, capsys
+):
+    trajectories = tmp_path / "trajectories"
+    trajectories.mkdir()
+    (trajectories / "build_config.json").write_text("{}")
+    assert infer(trajectories) == 2
+    assert (
+        "holds the output of `icpo-train build-trajectories` (build_config.json); choose another "
+        "--output-dir" in capsys.readouterr().err
+    )
+    assert sorted(p.name for p in trajectories.iterdir()) == ["build_config.json"]
+    model = ["--model", str(boxed_model_dir)]
+    for argv, flag in [
+        (["build-trajectories", *model, "--dataset", str(problems_file), "--output", str(whole)], "--output"),
+        (
+            [
+                "train",
+                "--model_name_or_path",
+                str(boxed_model_dir),
+                "--trajectories",
+                "t",
+                "--output_dir",
+                str(whole),
+            ],
+            "--output_dir",
+        ),
+    ]:
+        assert icpo_train_main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert f"holds the output of `icpo-infer run` (config.json); choose another {flag}" in err
+
+
 def test_ctrl_c_stops_with_one_line_and_the_same_command_resumes(infer, tmp_path, capsys, monkeypatch):
     finished = []
 
