@@ -55,14 +55,20 @@ def check(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def load_recipe(path: str | Path) -> dict[str, Any]:
-    """Read a YAML recipe into a flat mapping of field names to values."""
+def load_recipe(path: str | Path, flag: str = "--config") -> dict[str, Any]:
+    """Read a YAML recipe (or the YAML file of ``flag``) into a flat mapping of field names to values."""
     path = Path(path)
-    check(path.is_file(), f"--config: recipe file '{path}' does not exist; pass the path of a YAML recipe.")
-    data = yaml.safe_load(path.read_text()) or {}
+    check(path.is_file(), f"{flag}: file '{path}' does not exist; pass the path of a YAML file.")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or "unreadable"
+        raise ConfigError(f"{flag}: '{path}' is not valid YAML ({problem}{where}); fix that line.") from err
     check(
         isinstance(data, dict),
-        f"--config: '{path}' must hold a mapping of field: value, got {type(data).__name__}.",
+        f"{flag}: '{path}' must hold a mapping of field: value, got {type(data).__name__}.",
     )
     return data
 

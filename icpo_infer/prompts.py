@@ -133,7 +133,7 @@ class PromptTemplates:
     @classmethod
     def from_yaml(cls, path: str | Path) -> PromptTemplates:
         """Defaults overridden by the keys of a YAML file (unknown keys are a ConfigError)."""
-        overrides = load_recipe(path)
+        overrides = load_recipe(path, flag="--templates")
         check_keys(cls, list(overrides), f"prompt templates '{path}'")
         return cls(**overrides)
 

@@ -53,10 +53,13 @@ from transformers import (
     set_seed,
 )
 from transformers.cache_utils import Cache, DynamicLayer, get_layer_types_and_kwargs
+from transformers.integrations import get_available_reporting_integrations
+from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.pytorch_utils import Conv1D
 from trl.trainer.utils import selective_log_softmax
 
+from icpo_infer.backends import model_loading
 from icpo_infer.backends.base import encode_completion, encode_prompt
 from icpo_infer.config import ConfigError, check, option
 from icpo_infer.prompts import PromptTemplates
@@ -286,6 +289,16 @@ class ICPOConfig(TrainingArguments):
         if self.use_cpu or not torch.accelerator.is_available():
             self.dataloader_pin_memory = False  # nothing to pin memory for; torch warns at every run
         super().__post_init__()
+        available = get_available_reporting_integrations()
+        for tracker in self.report_to:  # a list once the parent parsed it
+            check(
+                tracker == "none" or tracker in INTEGRATION_TO_CALLBACK,
+                f"report_to: '{tracker}' is unknown; use none or one of {', '.join(INTEGRATION_TO_CALLBACK)}.",
+            )
+            check(
+                tracker == "none" or tracker in available,
+                f"report_to: {tracker} is not installed; pip install {tracker}, or drop it from --report_to.",
+            )
         checkpoint_kwargs = self.gradient_checkpointing_kwargs  # a dict once the parent parsed it
         check(
             not (
@@ -347,9 +360,10 @@ def load_policy(config: ICPOConfig) -> PreTrainedModel:
     keeps fp32 master weights and runs in bf16 through autocast.
     """
     dtype = torch.bfloat16 if config.bf16 and config.use_peft else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(
-        config.model_name_or_path, dtype=dtype, trust_remote_code=config.trust_remote_code
-    )
+    with model_loading(config.model_name_or_path, "--model_name_or_path"):
+        model = AutoModelForCausalLM.from_pretrained(
+            config.model_name_or_path, dtype=dtype, trust_remote_code=config.trust_remote_code
+        )
     if not config.use_peft:
         return model
     check_lora_targets(model, list(config.lora_target_modules))
@@ -773,9 +787,10 @@ class ICPOTrainer(Trainer):
         train_dataset: Dataset | None = None,
         callbacks: list[TrainerCallback] | None = None,
     ) -> None:
-        tokenizer = processing_class or AutoTokenizer.from_pretrained(
-            args.model_name_or_path, trust_remote_code=args.trust_remote_code
-        )
+        with model_loading(args.model_name_or_path, "--model_name_or_path"):
+            tokenizer = processing_class or AutoTokenizer.from_pretrained(
+                args.model_name_or_path, trust_remote_code=args.trust_remote_code
+            )
         trajectories = train_dataset if train_dataset is not None else load_trajectories(args.trajectories)
         validate_trajectories(trajectories, tokenizer)
         check(

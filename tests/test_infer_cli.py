@@ -263,6 +263,11 @@ def dataset_lines(path: Path, *lines: str) -> str:
         ("model", "--model: '/no/such/model' is no local directory, nor a Hub repo id"),
         ("line", "could not read '{dataset}' (line 2 is not valid JSON"),
         ("empty", "--dataset: '{dataset}' is empty"),
+        (
+            "recipe",
+            "--config: '{recipe}' is not valid YAML (expected ',' or ']', but got ':' at line 2, column 7)",
+        ),
+        ("templates", "--templates: '{templates}' is not valid YAML"),
     ],
 )
 def test_common_mistakes_are_one_line_errors_that_write_nothing(
@@ -278,11 +283,15 @@ def test_common_mistakes_are_one_line_errors_that_write_nothing(
         dataset = dataset_lines(
             tmp_path / "bad.jsonl", '{"id": 1, "problem": "x", "answer": "1"}', '{"id": 2,'
         )
-    else:
+    elif mistake == "empty":
         dataset = dataset_lines(tmp_path / "empty.jsonl")
+    else:  # a YAML file cut short
+        (tmp_path / f"{mistake}.yaml").write_text("k: [1, 2\nrounds: 3\n")
+        argv += ["--templates" if mistake == "templates" else "--config", str(tmp_path / f"{mistake}.yaml")]
     assert main([*argv, "--dataset", dataset]) == 2
     err = capsys.readouterr().err  # datasets' progress lines may come first
-    assert message.format(dataset=dataset) in err.strip().splitlines()[-1] and "Traceback" not in err
+    files = {name: tmp_path / f"{name}.yaml" for name in ("recipe", "templates")}
+    assert message.format(dataset=dataset, **files) in err.strip().splitlines()[-1] and "Traceback" not in err
     assert not (tmp_path / "run").exists()  # a failed start leaves no directory to refuse the next one
 
 

@@ -20,6 +20,7 @@ from icpo_infer.backends.hf import HFBackend
 from icpo_infer.config import ConfigError, parse_config
 from icpo_infer.prompts import Attempt, render_prompt
 from icpo_train import cli, train
+from icpo_train import trainer as trainer_module
 from icpo_train.e2e.tiny_lm import init_tiny_llama
 from icpo_train.trainer import (
     ICPOConfig,
@@ -587,11 +588,31 @@ def test_non_finite_loss_stops_training_naming_the_example(tiny_model_dir, traje
             "fisher_at='policy' applies to loss_level: response",
         ),
         (("--fisher_at", "student"), "fisher_at='student' is unknown"),
+        (("--report_to", "tensorbored"), "report_to: 'tensorbored' is unknown; use none or one of"),
+        (("--report_to", "wandb"), "report_to: wandb is not installed; pip install wandb"),
     ],
 )
-def test_bad_config_values(tiny_model_dir, trajectories_dir, tmp_path, overrides, message):
+def test_bad_config_values(tiny_model_dir, trajectories_dir, tmp_path, overrides, message, monkeypatch):
+    monkeypatch.setattr(trainer_module, "get_available_reporting_integrations", list)  # none installed
     with pytest.raises(ConfigError, match=message):
         make_config(tiny_model_dir, trajectories_dir, tmp_path, *overrides)
+
+
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [
+        ("/no/such/model", "'/no/such/model' is no local directory, nor a Hub repo id"),
+        ("{empty}", "'{empty}' holds no config.json, so it is no model directory"),
+    ],
+)
+def test_a_model_that_cannot_load_is_a_one_line_error(trajectories_dir, tmp_path, capsys, model, message):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    model = model.format(empty=empty)
+    args = recipe_args(model, trajectories_dir, tmp_path / "out")
+    assert cli.main(["train", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("icpo-train train: error: --model_name_or_path: " + message.format(empty=empty))
 
 
 def test_memory_lean_under_deepspeed_is_refused(tiny_model_dir, trajectories_dir, tmp_path, monkeypatch):

@@ -7,6 +7,8 @@ handling the engines share.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -30,28 +32,36 @@ def make_backend(name: str, options: BackendOptions) -> Backend:
             check(err.name != "httpx", "--backend openai needs httpx: pip install 'icpo[openai]'.")
             raise
         return OpenAIBackend(options)
-    check_model(options.model)
     if name == "vllm":
         from icpo_infer.backends.vllm import VLLMBackend as backend_class
     else:
         from icpo_infer.backends.hf import HFBackend as backend_class
-    try:
+    with model_loading(options.model):
         return backend_class(options)
-    except OSError as err:  # transformers' word for a model it cannot find or read
-        first_line = str(err).strip().splitlines()[0]
-        raise ConfigError(f"--model: cannot load '{options.model}': {first_line}") from err
 
 
-def check_model(model: str) -> None:
-    """A model is a local directory or a Hub repo id; anything else fails now, before any work."""
+@contextmanager
+def model_loading(model: str, flag: str = "--model") -> Iterator[None]:
+    """Refuse a ``model`` that is neither a model directory nor a Hub repo id, before any work; then
+    turn transformers' OSError while loading it (its word for a model it cannot find or read) into a
+    one-line error."""
     if Path(model).is_dir():
-        return
+        check(
+            (Path(model) / "config.json").is_file(),
+            f"{flag}: '{model}' holds no config.json, so it is no model directory; check the path.",
+        )
+    else:
+        try:
+            validate_repo_id(model)
+        except HFValidationError as err:
+            raise ConfigError(
+                f"{flag}: '{model}' is no local directory, nor a Hub repo id (ORG/NAME); check the path."
+            ) from err
     try:
-        validate_repo_id(model)
-    except HFValidationError as err:
-        raise ConfigError(
-            f"--model: '{model}' is no local directory, nor a Hub repo id (ORG/NAME); check the path."
-        ) from err
+        yield
+    except OSError as err:
+        first_line = str(err).strip().splitlines()[0]
+        raise ConfigError(f"{flag}: cannot load '{model}': {first_line}") from err
 
 
 def resolve_device(name: str) -> torch.device:
