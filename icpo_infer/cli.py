@@ -14,7 +14,7 @@ from typing import Any
 from icpo_infer.backends import make_backend
 from icpo_infer.backends.base import Backend, BackendOptions, ServerError, Usage
 from icpo_infer.config import ConfigError, check, interrupt_status, parse_config, stop_on_sigterm
-from icpo_infer.data import load_run_problems
+from icpo_infer.data import Problem, load_run_problems
 from icpo_infer.icpo import InferConfig, QuestionResult, run_method
 from icpo_infer.report import (
     accuracy_curve,
@@ -48,15 +48,26 @@ USAGE = """usage: icpo-infer run [--config recipes/infer/NAME.yaml] --model M --
 def run(config: InferConfig, backend: Backend | None = None) -> dict[str, Any]:
     """The whole `icpo-infer run`: load the questions, resume the output dir, run, write metrics and plot.
 
-    Pass ``backend`` to reuse a loaded model (its usage is counted from this call on); every engine
-    call runs ``config.adapter`` on it (None: the backend's own default adapter, if any). The cost
-    counts the reward model's calls and tokens too (best-of-n with ``config.reward_model``).
+    Pass ``backend`` to reuse a loaded model (its usage is counted from this call on; it stays open);
+    without one, the run loads its own and closes it. Every engine call runs ``config.adapter`` on it
+    (None: the backend's own default adapter, if any). The cost counts the reward model's calls and
+    tokens too (best-of-n with ``config.reward_model``).
     """
     problems, skipped = load_run_problems(config)
     directory = RunDirectory(config)
     directory.check()  # nothing is written until the inputs are valid and the model has loaded
-    if backend is None:
-        backend = make_backend(config.backend, BackendOptions.from_config(config))
+    if backend is not None:
+        return _run_on(backend, config, problems, skipped, directory)
+    backend = make_backend(config.backend, BackendOptions.from_config(config))
+    try:
+        return _run_on(backend, config, problems, skipped, directory)
+    finally:
+        backend.close()  # a merged adapter's weights go with it
+
+
+def _run_on(
+    backend: Backend, config: InferConfig, problems: list[Problem], skipped: int, directory: RunDirectory
+) -> dict[str, Any]:
     done = directory.open()
     with run_log(directory.path):
         reward_model = None

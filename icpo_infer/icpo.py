@@ -92,6 +92,11 @@ class InferConfig:
     )
     output_dir: str = field(metadata={"help": "Where results.jsonl, metrics.json and the plot go."})
     adapter: str | None = option(None, "LoRA adapter path to apply to the model.")
+    merge_adapter: bool = option(
+        False,
+        "hf, vllm: run --adapter merged into the model's weights (written to a temporary directory) instead "
+        "of as LoRA: on the CPU vLLM engine a LoRA request costs several times the base model's time.",
+    )
     split: str | None = option(None, "Dataset split (Hub datasets).")
     limit: int | None = option(None, "Only the first N questions.")
     problem_field: str = option("problem", "Dataset field holding the question.")
@@ -215,6 +220,11 @@ class InferConfig:
             self.sampling(n=1, max_new_tokens=1, seed=0, summary=summary)
         if self.templates is not None:  # a bad templates file fails now, not after the model loads
             PromptTemplates.from_yaml(self.templates)
+        check(
+            not self.merge_adapter or self.backend in ("hf", "vllm"),
+            f"merge_adapter applies to the hf and vllm backends, not '{self.backend}'; a server serves its "
+            "adapters as it was started.",
+        )
         problem = adapter_problem(self.adapter)
         check(
             problem is None,
@@ -252,6 +262,7 @@ RUN_ONLY_FIELDS = frozenset(
         "limit",
         "skip_invalid",
         "output_dir",
+        "merge_adapter",
         "overwrite",
         "batch_questions",
         "device",

@@ -132,13 +132,13 @@ class CheckpointEvaluator:
         else:  # full fine-tuning saves whole models
             model, adapter = str(saved.path), None
         output_dir = self.eval_dir / saved.name
-        backend = self._backend_of(model)
+        backend = self._backend_of(model, adapter)
         metrics = icpo_infer_run(
             dataclasses.replace(self.config, model=model, adapter=adapter, output_dir=str(output_dir)),
             backend,
         )
-        if adapter is not None:  # each checkpoint is evaluated once: a long --watch must not pile them up
-            backend.release(adapter)
+        if backend is not None and adapter is not None:  # each checkpoint is evaluated once: a long --watch
+            backend.release(adapter)  # must not pile them up
         row = {
             "step": saved.step,
             "name": saved.name,
@@ -152,14 +152,14 @@ class CheckpointEvaluator:
         self.plot()
         return row
 
-    def _backend_of(self, model: str) -> Backend | None:
+    def _backend_of(self, model: str, adapter: str | None) -> Backend | None:
         """The base model's backend, shared by its evaluations; None (icpo-infer loads its own) for a
-        fully fine-tuned checkpoint, which is evaluated once."""
-        if model != self.config.model:
+        fully fine-tuned checkpoint, or an adapter to merge, which is evaluated once."""
+        if model != self.config.model or (adapter is not None and self.config.merge_adapter):
             return None
         if self._base_backend is None:
             options = BackendOptions.from_config(self.config)
-            options = dataclasses.replace(options, adapter=None, enable_lora=True)
+            options = dataclasses.replace(options, adapter=None, enable_lora=not self.config.merge_adapter)
             self._base_backend = make_backend(self.config.backend, options)
         return self._base_backend
 

@@ -367,6 +367,35 @@ def test_release_drops_an_adapter_and_a_later_call_loads_it_again(backend, promp
 
 
 @pytest.mark.parametrize("name", BACKENDS)
+def test_a_merged_adapter_runs_as_the_lora_model_and_its_weights_go_on_close(
+    name, ending_model_dir, reference_lora, lora_dir, mlp_lora_dir
+):
+    backend = make_backend(name, _options(name, ending_model_dir, adapter=str(lora_dir), merge_adapter=True))
+    merged_dir = backend.merged_dir
+    assert (merged_dir / "config.json").is_file() and not (merged_dir / "adapter_config.json").exists()
+    tokenizer, eos = backend.tokenizer, backend.tokenizer.eos_token_id
+    prompts = conformance_prompts(tokenizer)
+    completions = [" The answer is \\boxed{5}."] * len(prompts)
+    for adapter in (str(lora_dir), None):  # the run names its adapter on every call
+        scores = backend.score(prompts, completions, adapter=adapter)
+        for prompt, completion, score in zip(prompts, completions, scores, strict=True):
+            expected = logprob_reference(
+                reference_lora, encode_prompt(tokenizer, prompt), encode_completion(tokenizer, completion)
+            )
+            assert score.logprob == pytest.approx(expected, rel=1e-4, abs=1e-4)
+    greedy = backend.generate(prompts, SamplingParams(temperature=0, max_new_tokens=8), adapter=str(lora_dir))
+    for prompt, generation in zip(prompts, greedy, strict=True):
+        expected = greedy_reference(reference_lora, encode_prompt(tokenizer, prompt), 8, eos)
+        assert generation.completions[0].num_tokens == len(expected)
+    assert backend.usage.engine_calls == 3
+    with pytest.raises(ValueError, match=r"serves .* merged, and no other"):
+        backend.score(prompts, completions, adapter=str(mlp_lora_dir))
+    backend.release(str(lora_dir))  # its weights are the engine's: nothing to release
+    backend.close()
+    assert not merged_dir.exists()
+
+
+@pytest.mark.parametrize("name", BACKENDS)
 def test_bf16_on_the_cpu_scores_and_decodes_close_to_fp32(name, ending_model_dir, reference):
     backend = make_backend(name, _options(name, ending_model_dir, dtype="bfloat16"))
     tokenizer = backend.tokenizer

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from trajectory_fixtures import build_trajectories, integer_problems
 from transformers import AutoModelForCausalLM
 
 from icpo_infer.backends import make_backend
+from icpo_infer.backends import merged as merged_backend
 from icpo_infer.cli import run as icpo_infer_run
 from icpo_infer.config import parse_config
 from icpo_infer.icpo import InferConfig
@@ -149,6 +151,31 @@ def test_the_base_model_is_loaded_once_and_adapters_sample_as_on_a_fresh_load(
         fresh = tmp_path / f"fresh-{row['name']}"
         icpo_infer_run(dataclasses.replace(config, adapter=row["adapter"], output_dir=str(fresh)))
         assert sample_texts(str(fresh)) == sample_texts(row["output_dir"])
+
+
+def test_merged_checkpoints_sample_as_their_lora_evaluation_and_leave_no_weights(
+    evaluated_run, tiny_model_dir, dataset_file, tmp_path, monkeypatch
+):
+    run_dir = tmp_path / "run"
+    for step in (1, 2):
+        save_checkpoint(tiny_model_dir, run_dir, step)  # the evaluated run's adapters
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    tempfile.tempdir = None  # read TMPDIR again
+    merges = []
+    merge = merged_backend.merge_adapter
+    monkeypatch.setattr(merged_backend, "merge_adapter", lambda *args: merges.append(args[1]) or merge(*args))
+    argv = ["--run-dir", str(run_dir), "--config", str(INFER_RECIPE), "--dataset", str(dataset_file)]
+    try:
+        assert eval_checkpoints.main([*argv, *EVAL_ARGS, "--no-base", "--merge-adapter"]) == 0
+    finally:
+        tempfile.tempdir = None
+    merged, lora = results(run_dir / "eval"), results(evaluated_run / "eval")[1:]
+    assert [row["name"] for row in merged] == ["checkpoint-1", "checkpoint-2"]
+    assert merges == [str(run_dir / "checkpoint-1"), str(run_dir / "checkpoint-2")]
+    for merged_row, lora_row in zip(merged, lora, strict=True):
+        assert sample_texts(merged_row["output_dir"]) == sample_texts(lora_row["output_dir"])
+    assert list((tmp_path / "tmp").iterdir()) == []  # each merged model was deleted after its evaluation
 
 
 def test_rerun_evaluates_only_new_complete_saves(evaluated_run, tiny_model_dir, dataset_file, monkeypatch):

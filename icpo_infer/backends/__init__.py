@@ -7,6 +7,9 @@ handling the engines share.
 
 from __future__ import annotations
 
+import dataclasses
+import shutil
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -37,7 +40,23 @@ def make_backend(name: str, options: BackendOptions) -> Backend:
     else:
         from icpo_infer.backends.hf import HFBackend as backend_class
     with model_loading(options.model):
+        if options.merge_adapter and options.adapter is not None:
+            return _merged_backend(backend_class, options)
         return backend_class(options)
+
+
+def _merged_backend(backend_class: type, options: BackendOptions) -> Backend:
+    """The model with ``options.adapter`` merged into its weights (in a temporary directory)."""
+    from icpo_infer.backends.merged import MergedAdapter, merge_adapter
+
+    merged_dir = Path(tempfile.mkdtemp(prefix="icpo-merged-"))
+    try:
+        merge_adapter(options.model, options.adapter, merged_dir, options.trust_remote_code)
+        merged = dataclasses.replace(options, model=str(merged_dir), adapter=None, merge_adapter=False)
+        return MergedAdapter(backend_class(merged), options.adapter, merged_dir)
+    except BaseException:
+        shutil.rmtree(merged_dir, ignore_errors=True)
+        raise
 
 
 @contextmanager

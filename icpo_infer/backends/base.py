@@ -178,6 +178,7 @@ class BackendOptions:
     enforce_eager: bool = False  # vllm: no torch.compile or CUDA graphs
     max_lora_rank: int = 64
     enable_lora: bool = False  # serve adapters passed per call although no default adapter is set
+    merge_adapter: bool = False  # hf, vllm: run ``adapter`` merged into the weights, not as LoRA
     base_url: list[str] = field(default_factory=list)  # openai: the servers
     api_key_env: str | None = None  # openai: the environment variable holding the API key
     tokenizer: str | None = None  # openai: the served model's tokenizer, loaded here (default: model)

@@ -41,13 +41,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from matplotlib.figure import Figure
-from peft import PeftModel
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from icpo_infer.backends import DTYPES, make_backend
 from icpo_infer.backends.base import Backend, BackendOptions
+from icpo_infer.backends.merged import merge_adapter
 from icpo_infer.cli import run as run_inference
 from icpo_infer.config import check, option, option_like, parse_config, to_dict
 from icpo_infer.data import load_problems
@@ -521,13 +519,6 @@ class _SeedRun:
                     merge_adapter(self.base_dir, self.dir / "adapters" / model, partial)
         options = BackendOptions.from_config(config.infer_config(self.dir, "single", model))
         return make_backend(config.backend, options)
-
-
-def merge_adapter(base: Path, adapter: Path, output: Path) -> None:
-    """Save ``base`` with the LoRA ``adapter`` merged into its weights (fp32) as a model directory."""
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    PeftModel.from_pretrained(model, adapter).merge_and_unload().save_pretrained(output)
-    AutoTokenizer.from_pretrained(base).save_pretrained(output)
 
 
 def _test_questions(seed_dir: Path) -> int:
