@@ -11,7 +11,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from icpo_infer.backends import make_backend
+from icpo_infer.backends import make_backend, resolve_context_length
 from icpo_infer.backends.base import Backend, BackendOptions, ServerError, Usage
 from icpo_infer.config import ConfigError, check, interrupt_status, parse_config, stop_on_sigterm
 from icpo_infer.data import Problem, load_run_problems
@@ -54,6 +54,7 @@ def run(config: InferConfig, backend: Backend | None = None) -> dict[str, Any]:
     tokens too (best-of-n with ``config.reward_model``).
     """
     problems, skipped = load_run_problems(config)
+    config = resolve_context_length(config)
     directory = RunDirectory(config)
     directory.check()  # nothing is written until the inputs are valid and the model has loaded
     if backend is not None:

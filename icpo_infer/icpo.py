@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
-from icpo_infer.backends import BACKENDS
+from icpo_infer.backends import BACKENDS, resolve_context_length
 from icpo_infer.backends.base import (
     Backend,
     Generation,
@@ -122,7 +122,11 @@ class InferConfig:
     top_k: int = option(0, "Top-k filter (0: off).")
     repetition_penalty: float = option(1.1, "Repetition penalty (1: off).")
     max_new_tokens: int = option(5000, "Answer length: at most this many new tokens per response.")
-    context_length: int = option(8192, "Prompt + response budget; history is trimmed to fit.")
+    context_length: int | None = option(
+        None,
+        "Prompt + response budget in tokens; history is trimmed to fit. Default: the model's limit (its "
+        "max_position_embeddings, or the servers' max_model_len); a larger value is an error.",
+    )
     summary: bool = option(True, "Summarise candidates (--no-summary: use the truncated response).")
     summary_max_tokens: int = option(500, "Summary length in tokens (also the truncation without summaries).")
     summary_temperature: float = option(0.05, "Sampling temperature of the summaries.")
@@ -191,13 +195,16 @@ class InferConfig:
             "entropy_k",
             "final_k",
             "max_new_tokens",
-            "context_length",
             "summary_max_tokens",
             "feedback_max_tokens",
             "max_keep",
             "batch_questions",
         ):
             check(getattr(self, name) >= 1, f"{name}={getattr(self, name)} is invalid; use {name} >= 1.")
+        check(
+            self.context_length is None or self.context_length >= 1,
+            f"context_length={self.context_length} is invalid; use context_length >= 1 or leave it out.",
+        )
         check(
             self.limit is None or self.limit >= 1,
             f"limit={self.limit} is invalid; use limit >= 1 or leave it out.",
@@ -842,6 +849,8 @@ def run_method(
     the chunk in progress after every round and clear it once ``on_chunk`` returns; a run that finds
     a saved chunk goes on from its next round, so an interrupted run loses at most the round in progress.
     """
+    if config.context_length is None:
+        config = resolve_context_length(config)
     done = set(done_ids)
     todo = [p for p in problems if p.id not in done]
     saved = state.load() if state is not None else None

@@ -39,7 +39,7 @@ import yaml
 from datasets import Dataset, Features, List, Value
 from huggingface_hub import DatasetCard, DatasetCardData
 
-from icpo_infer.backends import make_backend
+from icpo_infer.backends import make_backend, resolve_context_length
 from icpo_infer.backends.base import (
     Backend,
     BackendOptions,
@@ -343,6 +343,7 @@ def build_trajectories(config: TrajectoryConfig, backend: Backend | None = None)
     Pass ``backend`` to reuse a loaded reference model.
     """
     problems, skipped = load_run_problems(config)
+    config = resolve_context_length(config)
     # Nothing is written until the inputs are checked and the model has loaded.
     todo = [p for p in problems if p.id not in open_output(config, write=False)]
     templates = PromptTemplates.from_yaml(config.templates) if config.templates else None

@@ -14,6 +14,7 @@ import pytest
 from boxed_model import teach_boxed_answers
 from conftest import fixture_problems
 from interruptions import interrupt_at_save, signalled_run
+from transformers import AutoConfig
 
 from icpo_infer import cli
 from icpo_infer.backends.hf import HFBackend
@@ -326,6 +327,28 @@ def test_no_command_writes_into_another_commands_output(
         assert icpo_train_main(argv) == 2
         err = capsys.readouterr().err.strip().splitlines()[-1]
         assert f"holds the output of `icpo-infer run` (config.json); choose another {flag}" in err
+
+
+def test_the_context_length_defaults_to_the_models_limit_and_may_not_pass_it(
+    boxed_model_dir, problems_file, tmp_path, capsys
+):
+    limit = AutoConfig.from_pretrained(boxed_model_dir).max_position_embeddings
+    recipe = tmp_path / "recipe.yaml"  # the tiny recipe without its context_length
+    lines = Path(RECIPE).read_text().splitlines(keepends=True)
+    recipe.write_text("".join(line for line in lines if not line.startswith("context_length")))
+    argv = ["run", "--config", str(recipe), "--model", str(boxed_model_dir), "--dataset", str(problems_file)]
+    assert main([*argv, "--limit", "1", "--output-dir", str(tmp_path / "run")]) == 0
+    assert f"context length: {limit} tokens, the model's limit" in capsys.readouterr().out
+    assert metrics(tmp_path / "run")["config"]["context_length"] == limit
+    assert main([*argv, "--limit", "1", "--output-dir", str(tmp_path / "run")]) == 0  # resumes: the same
+    assert main([*argv, "--context-length", str(limit + 1), "--output-dir", str(tmp_path / "long")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"context_length={limit + 1} is more than the {limit} tokens '{boxed_model_dir}' takes" in err
+    assert not (tmp_path / "long").exists()
+    trajectories = ["build-trajectories", "--model", str(boxed_model_dir), "--dataset", str(problems_file)]
+    assert icpo_train_main([*trajectories, "--output", str(tmp_path / "t"), "--context-length", "99999"]) == 2
+    assert "context_length=99999 is more than" in capsys.readouterr().err
+    assert not (tmp_path / "t").exists()
 
 
 def test_ctrl_c_stops_with_one_line_and_the_same_command_resumes(infer, tmp_path, capsys, monkeypatch):

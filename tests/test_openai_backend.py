@@ -22,10 +22,11 @@ from test_backends import conformance_prompts
 from test_scripts import save_adapter, save_checkpoint
 from test_vllm_workflows import LOOP, all_texts, final_texts
 from trajectory_fixtures import integer_problems
+from transformers import AutoConfig
 from vllm_server import VLLMServer
 
 from icpo_infer import cli
-from icpo_infer.backends import make_backend
+from icpo_infer.backends import context_limit, make_backend
 from icpo_infer.backends.base import Backend, BackendOptions, SamplingParams, ServerError
 from icpo_infer.cli import run
 from icpo_infer.config import ConfigError, parse_config
@@ -384,3 +385,13 @@ def test_eval_checkpoints_loads_each_checkpoint_into_the_running_server(
         run(alone, offline)
         assert final_texts(alone.output_dir) == final_texts(row["output_dir"])
     assert len({json.dumps(final_texts(row["output_dir"])) for row in rows}) == 3
+
+
+def test_the_context_limit_is_the_servers_max_model_len(ending_model_dir, servers):
+    options = BackendOptions(
+        str(ending_model_dir), base_url=[s.url for s in servers], api_key_env=API_KEY_ENV
+    )
+    assert context_limit("openai", options) == 2048  # their --max-model-len, below the model's positions
+    assert (
+        context_limit("vllm", options) == AutoConfig.from_pretrained(ending_model_dir).max_position_embeddings
+    )

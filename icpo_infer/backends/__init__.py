@@ -13,15 +13,17 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from huggingface_hub.utils import HFValidationError, validate_repo_id
-from transformers import PreTrainedTokenizerBase
+from transformers import AutoConfig, PreTrainedTokenizerBase
 
 from icpo_infer.backends.base import Backend, BackendOptions, SamplingParams, encode_prompt
 from icpo_infer.config import ConfigError, check
 
 BACKENDS = ("hf", "vllm", "openai")
+T = TypeVar("T")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -129,3 +131,36 @@ def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[str]) -> li
     if empty:
         raise ValueError(f"prompts {empty} are empty: a prompt needs at least one token")
     return prompt_ids
+
+
+def context_limit(name: str, options: BackendOptions) -> int | None:
+    """The longest prompt + completion ``options.model`` takes on the backend ``name``: its config's
+    ``max_position_embeddings``, or on ``openai`` the servers' ``max_model_len``; None where neither says."""
+    if name == "openai":
+        from icpo_infer.backends.openai import served_context_limit
+
+        return served_context_limit(options)
+    with model_loading(options.model):
+        config = AutoConfig.from_pretrained(options.model, trust_remote_code=options.trust_remote_code)
+    config = getattr(config, "text_config", None) or config  # multimodal models nest the language model's
+    return getattr(config, "max_position_embeddings", None)
+
+
+def resolve_context_length(config: T) -> T:
+    """``config`` (any run config with ``context_length`` and the backend fields) with its context length
+    set against the model's limit: the limit when it is unset (said in one line); a value above the limit
+    is an error naming both."""
+    limit = context_limit(config.backend, BackendOptions.from_config(config))
+    if config.context_length is None:
+        check(
+            limit is not None,
+            f"context_length: '{config.model}' states no limit (max_position_embeddings); set --context-length.",
+        )
+        print(f"context length: {limit} tokens, the model's limit (--context-length sets a smaller one)")
+        return dataclasses.replace(config, context_length=limit)
+    check(
+        limit is None or config.context_length <= limit,
+        f"context_length={config.context_length} is more than the {limit} tokens '{config.model}' takes; "
+        "lower --context-length, or leave it out to use the model's limit.",
+    )
+    return config

@@ -54,7 +54,8 @@ class _Server:
     def __init__(self, url: str, headers: dict[str, str]) -> None:
         self.url = url.rstrip("/")
         self.client = httpx.Client(base_url=self.url, headers=headers, timeout=TIMEOUT)
-        self.served: set[str] = set()  # model and adapter names, read when the backend starts
+        # Model and adapter names, each with its max_model_len (None where the server does not say).
+        self.served: dict[str, int | None] = {}
         self.scoring = threading.Lock()  # see OpenAIBackend.score
         self.outstanding = 0
         self.requests = 0
@@ -73,30 +74,9 @@ class OpenAIBackend:
     """
 
     def __init__(self, options: BackendOptions) -> None:
-        check(
-            bool(options.base_url),
-            "--backend openai needs a server: pass --base-url http://HOST:PORT/v1 (repeat it for several).",
-        )
         check(options.max_concurrency >= 1, f"--max-concurrency={options.max_concurrency}: use 1 or more.")
-        headers = {}
-        if options.api_key_env is not None:
-            key = os.environ.get(options.api_key_env)
-            check(
-                bool(key),
-                f"--api-key-env: the environment variable {options.api_key_env} is not set; export the "
-                "servers' API key in it.",
-            )
-            headers["Authorization"] = f"Bearer {key}"
         self.options = options
-        self.servers = [_Server(url, headers) for url in dict.fromkeys(options.base_url)]
-        for server in self.servers:
-            server.served = served_models(server)
-            check(
-                options.model in server.served,
-                f"--model '{options.model}' is not served at {server.url}, which serves "
-                f"{', '.join(sorted(server.served))}; pass the served name as --model (and the model's "
-                "local tokenizer as --tokenizer).",
-            )
+        self.servers = connect(options)
         self.tokenizer = AutoTokenizer.from_pretrained(
             options.tokenizer or options.model, trust_remote_code=options.trust_remote_code
         )
@@ -274,8 +254,45 @@ class OpenAIBackend:
         return len(ids) if choice["finish_reason"] == "stop" else len(ids) - 1
 
 
-def served_models(server: _Server) -> set[str]:
-    """The model (and adapter) names ``server`` serves; a clear error if it is no OpenAI-compatible API."""
+def connect(options: BackendOptions) -> list[_Server]:
+    """The servers of ``options.base_url``, each checked to serve ``options.model``."""
+    check(
+        bool(options.base_url),
+        "--backend openai needs a server: pass --base-url http://HOST:PORT/v1 (repeat it for several).",
+    )
+    headers = {}
+    if options.api_key_env is not None:
+        key = os.environ.get(options.api_key_env)
+        check(
+            bool(key),
+            f"--api-key-env: the environment variable {options.api_key_env} is not set; export the "
+            "servers' API key in it.",
+        )
+        headers["Authorization"] = f"Bearer {key}"
+    servers = [_Server(url, headers) for url in dict.fromkeys(options.base_url)]
+    for server in servers:
+        server.served = served_models(server)
+        check(
+            options.model in server.served,
+            f"--model '{options.model}' is not served at {server.url}, which serves "
+            f"{', '.join(sorted(server.served))}; pass the served name as --model (and the model's "
+            "local tokenizer as --tokenizer).",
+        )
+    return servers
+
+
+def served_context_limit(options: BackendOptions) -> int | None:
+    """The longest prompt + completion every server takes for ``options.model`` (vLLM's max_model_len)."""
+    servers = connect(options)
+    limits = [server.served[options.model] for server in servers]
+    for server in servers:
+        server.client.close()
+    return None if None in limits else min(limits)
+
+
+def served_models(server: _Server) -> dict[str, int | None]:
+    """The model (and adapter) names ``server`` serves, with their max_model_len where it says; a clear
+    error if it is no OpenAI-compatible API."""
     try:
         response = server.client.get("/models", timeout=httpx.Timeout(60.0, connect=10.0))
     except httpx.TransportError as err:
@@ -290,7 +307,7 @@ def served_models(server: _Server) -> set[str]:
     )
     try:
         response.raise_for_status()
-        return {model["id"] for model in response.json()["data"]}
+        return {model["id"]: model.get("max_model_len") for model in response.json()["data"]}
     except (httpx.HTTPStatusError, ValueError, KeyError, TypeError) as err:
         raise ConfigError(
             f"--base-url {server.url}: GET /models gave no model list ({response.status_code}); pass the "
