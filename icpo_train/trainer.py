@@ -297,7 +297,8 @@ class ICPOConfig(TrainingArguments):
             )
             check(
                 tracker == "none" or tracker in available,
-                f"report_to: {tracker} is not installed; pip install {tracker}, or drop it from --report_to.",
+                f"report_to: {tracker} is not installed; pip install {tracker} (or the trackers extra: pip install "
+                "-e '.[trackers]'), or drop it from --report_to.",
             )
         checkpoint_kwargs = self.gradient_checkpointing_kwargs  # a dict once the parent parsed it
         check(

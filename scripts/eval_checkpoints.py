@@ -11,6 +11,9 @@ EVAL_DIR/checkpoint-N, ...), so an interrupted one resumes; EVAL_DIR/results.jso
 evaluated model, and EVAL_DIR/accuracy_vs_round.png and EVAL_DIR/accuracy_vs_step.png are redrawn
 after each.
 
+``--report-to tensorboard`` (or wandb, trackio, ...) files each evaluation's figures in those trackers
+at the checkpoint's global step, beside what training logged.
+
 ``--watch`` polls the run directory until the run is finished: `icpo-train train` writes
 RUN_DIR/trainer_state.json last, after the final adapter (see icpo_train/callbacks.py).
 
@@ -30,7 +33,7 @@ from pathlib import Path
 
 from icpo_infer.config import ConfigError, check, parse_config
 from icpo_infer.icpo import InferConfig
-from icpo_train.callbacks import CheckpointEvaluator, base_model_of, final_step
+from icpo_train.callbacks import CheckpointEvaluator, Trackers, base_model_of, final_step
 
 PROG = "eval_checkpoints.py"
 
@@ -43,6 +46,14 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, InferCon
     parser.add_argument("--watch", action="store_true", help="Keep polling until the run is finished.")
     parser.add_argument("--poll-seconds", type=float, default=60.0, help="Wait between polls with --watch.")
     parser.add_argument("--no-base", action="store_true", help="Do not evaluate the base model (step 0).")
+    parser.add_argument(
+        "--report-to",
+        nargs="+",
+        default=[],
+        metavar="TRACKER",
+        help="Also file each evaluation in these trackers (tensorboard, wandb, trackio, ...) at its "
+        "checkpoint's step, as the Trainer files its loss (TensorBoard: RUN_DIR/runs/).",
+    )
     args, infer_argv = parser.parse_known_args(argv)
     check(
         args.run_dir.is_dir(),
@@ -66,9 +77,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args, config = parse_args(argv)
         evaluator = CheckpointEvaluator(args.run_dir, config)
+        trackers = Trackers(args.run_dir, args.report_to) if args.report_to else None
         while True:
             finished = final_step(args.run_dir) is not None  # read before the scan, so no save is missed
             for row in evaluator.evaluate_pending(include_base=not args.no_base):
+                if trackers is not None:
+                    trackers.log(row)
                 print(
                     f"step {row['step']} ({row['name']}): mean@{row['k']} {row['mean@k']:.3f}, "
                     f"maj@{row['k']} {row['maj@k']:.3f}, self-improvement {row['self_improvement']:+.3f}",
@@ -78,6 +92,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 break
             time.sleep(args.poll_seconds)
         evaluator.close()
+        if trackers is not None:
+            trackers.close()
     except ConfigError as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2

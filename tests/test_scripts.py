@@ -235,16 +235,19 @@ def test_callback_evaluates_each_save_without_changing_training(tiny_model_dir, 
     argv += ["--output-dir", str(tmp_path / "eval"), "--method", "single"]
     evaluation = parse_config(InferConfig, argv)
 
-    def train(output_dir: Path, callbacks: list) -> list[float]:
+    def train(output_dir: Path, evaluate: bool) -> list[float]:
         args = ["--config", str(TRAIN_RECIPE), "--model_name_or_path", str(tiny_model_dir)]
         args += ["--trajectories", str(trajectories), "--output_dir", str(output_dir)]
         args += ["--max_steps", "2", "--save_steps", "1", "--per_device_train_batch_size", "1"]
-        trainer = ICPOTrainer(parse_config(ICPOConfig, args), callbacks=callbacks)
+        args += ["--logging_steps", "1", "--report_to", "tensorboard"]
+        trainer = ICPOTrainer(parse_config(ICPOConfig, args))
+        if evaluate:
+            trainer.add_callback(CheckpointEvalCallback(evaluation, trainer=trainer))
         trainer.train()
         return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
 
-    plain = train(tmp_path / "plain", [])
-    evaluated = train(tmp_path / "evaluated", [CheckpointEvalCallback(evaluation)])
+    plain = train(tmp_path / "plain", evaluate=False)
+    evaluated = train(tmp_path / "evaluated", evaluate=True)
     assert evaluated == plain  # the evaluations left the training RNG alone
     rows = results(tmp_path / "eval")
     assert [(row["step"], row["name"]) for row in rows] == [
@@ -253,6 +256,89 @@ def test_callback_evaluates_each_save_without_changing_training(tiny_model_dir, 
         (2, "checkpoint-2"),
     ]
     assert rows[1]["adapter"] == str(tmp_path / "evaluated" / "checkpoint-1")
+    # Each evaluation is in TensorBoard beside the loss, at its checkpoint's step.
+    scalars = tensorboard_scalars(tmp_path / "evaluated" / "runs")
+    k = rows[0]["k"]
+    assert scalars[f"eval/mean@{k}"] == [(row["step"], pytest.approx(row["mean@k"])) for row in rows]
+    assert scalars["eval/generated_tokens"] == [(row["step"], row["generated_tokens"]) for row in rows]
+    assert [step for step, _ in scalars["train/loss"]] == [1, 2]
+
+
+def tensorboard_scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar of the event files under ``log_dir``, read back with TensorBoard's own reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars: dict[str, list[tuple[int, float]]] = {}
+    for run in sorted({path.parent for path in log_dir.rglob("events.out.tfevents.*")}):
+        events = EventAccumulator(str(run))
+        events.Reload()
+        for tag in events.Tags()["scalars"]:
+            scalars.setdefault(tag, []).extend((e.step, e.value) for e in events.Scalars(tag))
+    return scalars
+
+
+def test_eval_checkpoints_files_each_evaluation_in_tensorboard_and_wandb(
+    evaluated_run, tiny_model_dir, dataset_file, tmp_path, monkeypatch
+):
+    run_dir = tmp_path / "run"
+    for step in (1, 2):
+        save_checkpoint(tiny_model_dir, run_dir, step)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    argv = ["--run-dir", str(run_dir), "--config", str(INFER_RECIPE), "--dataset", str(dataset_file)]
+    assert eval_checkpoints.main([*argv, *EVAL_ARGS, "--report-to", "tensorboard", "wandb"]) == 0
+    rows = results(run_dir / "eval")
+    k = rows[0]["k"]
+    scalars = tensorboard_scalars(run_dir / "runs")
+    assert scalars[f"eval/mean@{k}"] == [(row["step"], pytest.approx(row["mean@k"])) for row in rows]
+    for r in (1, 2):
+        assert scalars[f"eval/mean@{k}_round{r}"] == [
+            (row["step"], pytest.approx(row["mean_per_round"][r - 1])) for row in rows
+        ]
+    assert scalars["eval/self_improvement"] == [
+        (row["step"], pytest.approx(row["self_improvement"])) for row in rows
+    ]
+    # W&B, offline: one history row per evaluation, at its step.
+    (run_file,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
+    history = [row for row in wandb_history(run_file) if f"eval/mean@{k}" in row]
+    assert [row["train/global_step"] for row in history] == [row["step"] for row in rows]
+    assert [row[f"eval/mean@{k}"] for row in history] == pytest.approx([row["mean@k"] for row in rows])
+    assert [row["eval/generated_tokens"] for row in history] == [row["generated_tokens"] for row in rows]
+
+
+def wandb_history(run_file: Path) -> list[dict]:
+    """The history rows of an offline W&B run file: wandb's record protobufs in its LevelDB-style log
+    (a 7-byte header, then 32 KiB blocks of chunks: checksum, length, kind 1 full / 2 first / 3 middle / 4 last)."""
+    from wandb.proto.wandb_internal_pb2 import Record
+
+    data, block, position, pending, rows = run_file.read_bytes(), 32768, 7, b"", []
+    assert data.startswith(b":W&B")
+    while position + 7 <= len(data):
+        if block - position % block < 7:  # the block's tail is padding
+            position += block - position % block
+            continue
+        length, kind = int.from_bytes(data[position + 4 : position + 6], "little"), data[position + 6]
+        pending += data[position + 7 : position + 7 + length]
+        position += 7 + length
+        if kind in (1, 4):
+            record = Record.FromString(pending)
+            pending = b""
+            if record.WhichOneof("record_type") == "history":
+                items = record.history.item
+                rows.append(
+                    {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in items}
+                )
+    return rows
+
+
+def test_a_tracker_that_is_not_installed_is_a_one_line_error(
+    evaluated_run, dataset_file, capsys, monkeypatch
+):
+    monkeypatch.setattr(callbacks, "get_available_reporting_integrations", list)
+    argv = ["--run-dir", str(evaluated_run), "--config", str(INFER_RECIPE), "--dataset", str(dataset_file)]
+    assert eval_checkpoints.main([*argv, *EVAL_ARGS, "--report-to", "wandb"]) == 2
+    assert "--report-to: wandb is not installed" in capsys.readouterr().err
 
 
 # -- publish_adapter.py ------------------------------------------------------------------------------
