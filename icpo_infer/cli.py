@@ -20,12 +20,14 @@ from icpo_infer.report import (
     accuracy_curve,
     comparability_problems,
     compare_table,
+    incomplete,
     load_metrics,
     plot_accuracy,
     plot_comparison,
     plot_cost,
     run_labels,
     self_reward_table,
+    setting_differences,
 )
 from icpo_infer.results import PLOT_FILE, STATE_FILE, ChunkState, RunDirectory
 from icpo_infer.run_log import run_log
@@ -96,7 +98,7 @@ def _run_on(
                     for name in vars(Usage())
                 }
             )
-            return directory.write_metrics(spent, time.perf_counter() - start, skipped)
+            return directory.write_metrics(spent, time.perf_counter() - start, skipped, len(problems))
 
         def on_chunk(results: list[QuestionResult]) -> None:
             for result in results:
@@ -111,13 +113,13 @@ def _run_on(
 
 
 def print_summary(metrics: dict[str, Any]) -> None:
-    """A finished run's accuracy and cost in one line, and its self-reward diagnostics."""
+    """A finished run's accuracy (in percent) and cost in one line, and its self-reward diagnostics."""
     k = metrics["k"]
-    best = f"best@{k} {metrics['best@k']:.3f}, " if "best@k" in metrics else ""
+    best = f"best@{k} {100 * metrics['best@k']:.1f}%, " if "best@k" in metrics else ""
     print(
-        f"{metrics['num_questions']} questions: mean@{k} {metrics['mean@k']:.3f}, "
-        f"maj@{k} {metrics['maj@k']:.3f}, pass@{k} {metrics['pass@k']:.3f}, {best}"
-        f"self-improvement {metrics['self_improvement']:+.3f}; {metrics['engine_calls']} engine "
+        f"{metrics['num_questions']} questions: mean@{k} {100 * metrics['mean@k']:.1f}%, "
+        f"maj@{k} {100 * metrics['maj@k']:.1f}%, pass@{k} {100 * metrics['pass@k']:.1f}%, {best}"
+        f"self-improvement {100 * metrics['self_improvement']:+.1f} points; {metrics['engine_calls']} engine "
         f"calls, {metrics['generated_tokens']} generated tokens -> {metrics['config']['output_dir']}"
     )
     diagnostics = self_reward_table([metrics["config"]["method"]], [metrics])
@@ -193,6 +195,8 @@ def compare(argv: Sequence[str]) -> None:
     )
     for problem in problems:
         print(f"warning: {problem}", file=sys.stderr)
+    for note in setting_differences(labels, runs):
+        print(f"note: {note}", file=sys.stderr)
     if args.json:
         a, b = sides[0]
         print(json.dumps(paired_comparison([dirs[i] for i in a], [dirs[i] for i in b]), indent=2))
@@ -230,6 +234,9 @@ def show(argv: Sequence[str]) -> None:
         f"{config['method']} of {config['model']}{' + ' + config['adapter'] if config.get('adapter') else ''} "
         f"on {config['dataset']}: {run['num_questions']} questions, k = {run['k']}"
     )
+    missing = incomplete(run)
+    if missing:
+        print(f"INCOMPLETE: {missing}; rerun its `icpo-infer run` command to finish it")
     rounds, mean, _ = accuracy_curve(run)
     if len(rounds) > 1:
         print(

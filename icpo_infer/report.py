@@ -67,6 +67,27 @@ def run_labels(directories: Sequence[str | Path]) -> list[str]:
     return [name if names.count(name) == 1 else str(d) for name, d in zip(names, directories, strict=True)]
 
 
+def incomplete(run: dict[str, Any]) -> str | None:
+    """How much of an unfinished run is done ("3 of 12 questions done"); None for a finished run (or one
+    written before runs recorded how many questions they ask)."""
+    total = run.get("total_questions")
+    if total is None or run["num_questions"] >= total:
+        return None
+    return f"{run['num_questions']} of {total} questions done"
+
+
+def setting_differences(labels: Sequence[str], runs: Sequence[dict[str, Any]]) -> list[str]:
+    """Settings in which a run differs from the first and which move its figures without changing what
+    they measure: the backend, the dtype and the history reward."""
+    notes = []
+    for label, run in zip(labels[1:], runs[1:], strict=True):
+        for key in ("backend", "dtype", "reward"):
+            first, other = runs[0]["config"].get(key), run["config"].get(key)
+            if first != other:
+                notes.append(f"{label} ran with {key} {other!r}, the first run with {first!r}")
+    return notes
+
+
 def accuracy(run: dict[str, Any]) -> float:
     """A run's accuracy as its method answers: maj@k for majority, best@k for best-of-n, else mean@k."""
     return run[accuracy_key(run["config"]["method"])]
@@ -86,14 +107,18 @@ def compare_table(labels: Sequence[str], runs: Sequence[dict[str, Any]]) -> str:
         ("self-impr.", lambda run: run["self_improvement"]),
         ("accuracy", accuracy),
     ]
-    width = max(len(label) for label in [*labels, "run"])
+    width = max(len(label) + 1 for label in [*labels, "run"])
     header = (
         f"{'run':<{width}}  {'method':<11}"
         + "".join(f"  {title:>10}  {'diff':>7}" for title, _ in columns)
         + f"  {'gen tok/q':>10}  {'calls':>6}"
     )
     lines = [header, "-" * len(header)]
+    unfinished = []
     for label, run in zip(labels, runs, strict=True):
+        if incomplete(run):
+            unfinished.append(f"{label}: {incomplete(run)}")
+            label = f"{label}*"
         line = f"{label:<{width}}  {run['config']['method']:<11}"
         for _, value in columns:
             line += f"  {100 * value(run):>10.1f}  {100 * (value(run) - value(runs[0])):>+7.1f}"
@@ -103,6 +128,8 @@ def compare_table(labels: Sequence[str], runs: Sequence[dict[str, Any]]) -> str:
         "accuracies and self-improvement in % of questions (diff: against the first run); accuracy: as "
         "the method answers (maj@k, best@k or mean@k); gen tok/q: generated tokens per question"
     )
+    if unfinished:
+        lines.append(f"* INCOMPLETE, figures over the finished questions only: {'; '.join(unfinished)}")
     return "\n".join(lines)
 
 

@@ -282,14 +282,16 @@ class RunDirectory:
         append_line(self.path / RESULTS_FILE, row)
         self.rows.append(row)
 
-    def write_metrics(self, usage: Usage, wall_time_s: float, skipped: int) -> dict[str, Any]:
-        """metrics.json over every finished question, with the spend of this and earlier runs."""
+    def write_metrics(self, usage: Usage, wall_time_s: float, skipped: int, total: int) -> dict[str, Any]:
+        """metrics.json over every finished question of the ``total`` the run asks, with the spend of this
+        and earlier runs."""
         spent_now = {**dataclasses.asdict(usage), "wall_time_s": wall_time_s}
         metrics = {
             "k": self.config.eval_k,
             **summarize(self.rows),
             **{key: self.spent_before[key] + spent_now[key] for key in SPEND_KEYS},
             "num_questions": len(self.rows),
+            "total_questions": total,
             "skipped": skipped,
             "config": to_dict(self.config),
         }

@@ -228,6 +228,15 @@ def test_compare_prints_differences_and_saves_a_plot(infer, tmp_path, capsys):
     ]
     assert plot.read_bytes().startswith(PNG_MAGIC)
     assert cost_plot.read_bytes().startswith(PNG_MAGIC)
+    # Settings that move the figures without changing what they measure are named.
+    assert infer(tmp_path / "gold", "--limit", "3", "--reward", "gt", "--dtype", "bfloat16") == 0
+    capsys.readouterr()
+    assert main(["compare", str(tmp_path / "me-icpo"), str(tmp_path / "gold"), "--output", str(plot)]) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note: ")]
+    assert notes == [
+        "note: gold ran with dtype 'bfloat16', the first run with 'auto'",
+        "note: gold ran with reward 'gt', the first run with 'self'",
+    ]
 
 
 @pytest.mark.parametrize(
@@ -368,8 +377,15 @@ def test_ctrl_c_stops_with_one_line_and_the_same_command_resumes(infer, tmp_path
     assert "interrupted; finished questions and finished rounds are kept" in err
     assert "Traceback" not in err
     assert len(rows(tmp_path / "run")) == 1
+    # show and compare say the run is unfinished, and how far it got.
+    assert main(["show", str(tmp_path / "run")]) == 0
+    assert "INCOMPLETE: 1 of 2 questions done; rerun" in capsys.readouterr().out
+    assert main(["compare", str(tmp_path / "run"), str(tmp_path / "run"), "--allow-mismatch"]) == 0
+    assert "* INCOMPLETE, figures over the finished questions only: " in capsys.readouterr().out
     monkeypatch.undo()
     assert infer(tmp_path / "run", "--limit", "2", "--batch-questions", "1") == 0
+    assert main(["show", str(tmp_path / "run")]) == 0
+    assert "INCOMPLETE" not in capsys.readouterr().out
     assert infer(tmp_path / "whole", "--limit", "2") == 0
     assert rows(tmp_path / "run") == rows(tmp_path / "whole")
 
