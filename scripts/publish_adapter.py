@@ -5,8 +5,10 @@
         [--base-eval runs/eval/base --adapter-eval runs/eval/checkpoint-500] [--dry-run]
 
 The card (README.md, written into the checkpoint directory) names the base model (from
-adapter_config.json), the recipe and the training data, and, given two `icpo-infer run` output
-directories of the same evaluation, tabulates accuracy (mean@k, maj@k, pass@k) and self-improvement
+adapter_config.json), the training settings as the run saved them (icpo_config.json in the run
+directory: the recipe with its command-line overrides; else the --recipe file), the training data
+(the run's trajectories and how they were built, unless --training-data names them), and, given two
+`icpo-infer run` output directories of the same evaluation, tabulates accuracy (mean@k, maj@k, pass@k) and self-improvement
 of the base model against the adapter; the adapter's figures also go into the Hub's model-index
 metadata. Only the adapter, its tokenizer files and the card are uploaded: never optimizer states,
 RNG states or pickled training arguments.
@@ -33,6 +35,7 @@ from icpo_infer.backends.base import ADAPTER_CONFIG
 from icpo_infer.config import ConfigError, check
 from icpo_infer.icpo import RUN_ONLY_FIELDS
 from icpo_infer.report import load_metrics
+from icpo_infer.results import TRAINING_CONFIG_FILE, TRAJECTORIES_CONFIG_FILE
 
 CARD_FILE = "README.md"
 ADAPTER_FILES = (ADAPTER_CONFIG, "adapter_model.safetensors")
@@ -46,6 +49,29 @@ ALLOW_PATTERNS = [
 ]
 # Fields in which a base-model and an adapter evaluation may differ and still measure the same thing.
 EVAL_IDENTITY_FIELDS = frozenset({"adapter", "output_dir"}) | RUN_ONLY_FIELDS
+# What the card shows of the run's saved config: the loss, its target and the optimisation.
+CARD_TRAINING_FIELDS = (
+    "loss_level",
+    "loss_type",
+    "eta",
+    "reward_scale",
+    "gt_coef",
+    "no_answer_penalty",
+    "tail_bucket",
+    "tail_reward",
+    "fisher_at",
+    "anchor_coef",
+    "logprob_reduction",
+    "learning_rate",
+    "lr_scheduler_type",
+    "warmup_steps",
+    "max_steps",
+    "num_train_epochs",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "bf16",
+    "seed",
+)
 TABLE_ROWS = (
     ("mean@{k} (final)", "mean@k"),
     ("maj@{k} (final)", "maj@k"),
@@ -169,6 +195,29 @@ def eval_results(adapter: dict[str, Any]) -> list[EvalResult]:
     ]
 
 
+def training_config(checkpoint: Path) -> dict[str, Any] | None:
+    """The config the run ran with, as `icpo-train train` saved it (resolved: recipe and command line)
+    in the run directory: the checkpoint's parent, or the checkpoint itself for the final adapter."""
+    for directory in (checkpoint, checkpoint.parent):
+        if (directory / TRAINING_CONFIG_FILE).is_file():
+            return json.loads((directory / TRAINING_CONFIG_FILE).read_text())
+    return None
+
+
+def trajectories_summary(trajectories: str) -> str | None:
+    """One line on how the trajectories were built (their build_config.json), or None if not recorded."""
+    built = Path(trajectories) / TRAJECTORIES_CONFIG_FILE
+    if not built.is_file():
+        return None
+    config = json.loads(built.read_text())
+    return (
+        f"`icpo-train build-trajectories` with `{config['model']}` on `{config['dataset']}`: "
+        f"{config['rounds']} rounds, groups of {config['group_size']} at temperature "
+        f"{config['group_temperature']}, histories from {config['selection']} with {config['history_reward']} "
+        f"rewards"
+    )
+
+
 def build_card(
     checkpoint: Path,
     repo_id: str,
@@ -181,6 +230,10 @@ def build_card(
     adapter_config = read_adapter_config(checkpoint)
     state_file = checkpoint / "trainer_state.json"
     state = json.loads(state_file.read_text()) if state_file.is_file() else {}
+    ran = training_config(checkpoint)
+    if training_data is None and ran is not None:
+        training_data = ran["trajectories"]
+    built = trajectories_summary(training_data) if training_data else None
     data = ModelCardData(
         base_model=base_model,
         library_name="peft",
@@ -196,11 +249,22 @@ def build_card(
         f"- Base model: [{base_model}](https://huggingface.co/{base_model})",
         f"- LoRA: rank {adapter_config.get('r')}, alpha {adapter_config.get('lora_alpha')}, "
         f"dropout {adapter_config.get('lora_dropout')}, target modules {targets}",
-        f"- Training data: {training_data or 'not recorded'}",
+        f"- Training data: {training_data or 'not recorded'}" + (f" ({built})" if built else ""),
     ]
     if state.get("global_step") is not None:
         training.append(f"- Steps: {state['global_step']} (checkpoint `{checkpoint.name}`)")
-    if recipe is not None:
+    if ran is not None:
+        settings = {key: ran[key] for key in CARD_TRAINING_FIELDS if key in ran}
+        training += [
+            "",
+            f"Training settings, as the run saved them (`{TRAINING_CONFIG_FILE}`: the recipe with its "
+            "command-line overrides):",
+            "",
+            "```yaml",
+            yaml.safe_dump(settings, sort_keys=False).strip(),
+            "```",
+        ]
+    elif recipe is not None:
         training += ["", f"Recipe (`{recipe.name}`):", "", "```yaml", recipe.read_text().strip(), "```"]
     sections = [
         f"# {repo_id.split('/')[-1]}",

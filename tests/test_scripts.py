@@ -28,6 +28,7 @@ from icpo_train.callbacks import (
     CheckpointEvalCallback,
     CheckpointEvaluator,
 )
+from icpo_train.cli import main as icpo_train_main
 from icpo_train.trainer import ICPOConfig, ICPOTrainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -398,6 +399,29 @@ def test_publish_dry_run_lists_the_adapter_files_and_the_card(publish, evaluated
     delta = 100 * (adapter["mean@k"] - base["mean@k"])
     assert cells[1:] == [f"{100 * base['mean@k']:.1f}", f"{100 * adapter['mean@k']:.1f}", f"{delta:+.1f}"]
     assert "learning_rate: 1.0e-2" in card.text and "Steps: 2" in card.text
+
+
+def test_the_card_holds_what_ran_overrides_included_and_how_the_trajectories_were_built(
+    tiny_model_dir, dataset_file, tmp_path, capsys
+):
+    trajectories, run = tmp_path / "trajectories", tmp_path / "run"
+    build = ["build-trajectories", "--model", str(tiny_model_dir), "--dataset", str(dataset_file)]
+    build += ["--output", str(trajectories), "--rounds", "1", "--group-size", "3", "--max-new-tokens", "8"]
+    assert icpo_train_main([*build, "--device", "cpu", "--history-reward", "gt"]) == 0
+    args = ["--config", str(TRAIN_RECIPE), "--model_name_or_path", str(tiny_model_dir)]
+    args += ["--trajectories", str(trajectories), "--output_dir", str(run)]
+    assert (
+        icpo_train_main(["train", *args, "--max_steps", "2", "--save_steps", "2", "--learning_rate", "0.005"])
+        == 0
+    )
+    capsys.readouterr()
+    argv = ["--checkpoint", str(run / "checkpoint-2"), "--repo-id", "o/x", "--base-model", "o/b", "--dry-run"]
+    assert publish_adapter.main(argv) == 0
+    card = card_of(capsys.readouterr().out).text
+    assert "learning_rate: 0.005" in card and "max_steps: 2" in card  # the override, not the recipe's 1e-2
+    assert "learning_rate: 1.0e-2" not in card
+    assert f"- Training data: {trajectories} (`icpo-train build-trajectories` with `{tiny_model_dir}`" in card
+    assert "1 rounds, groups of 3 at temperature 1.0, histories from me-icpo with gt rewards" in card
 
 
 def test_publish_without_evaluation_says_so(publish):
