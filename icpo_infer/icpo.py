@@ -165,6 +165,12 @@ class InferConfig:
         None, "openai backend: local tokenizer (path or Hub id) of the served model (default: --model)."
     )
     max_concurrency: int = option(64, "openai backend: most requests in flight, over all servers.")
+    score_concurrency: int | None = option(
+        None,
+        "openai backend: most scoring requests in flight per server (default: no cap but --max-concurrency). "
+        "1 for vLLM's CPU build started with --enable-lora, whose prompt log-probs fail on two requests in "
+        "one engine step and take the server down.",
+    )
     trust_remote_code: bool = option(False, "Run the model repository's own code (only for repos you trust).")
     batch_questions: int = option(
         64,
@@ -188,6 +194,10 @@ class InferConfig:
             f"--base-url is for --backend openai; the {self.backend} backend loads the model itself.",
         )
         check(self.max_concurrency >= 1, f"max_concurrency={self.max_concurrency} is invalid; use 1 or more.")
+        check(
+            self.score_concurrency is None or self.score_concurrency >= 1,
+            f"score_concurrency={self.score_concurrency} is invalid; use 1 or more, or leave it out.",
+        )
         check(self.reward in REWARDS, f"reward '{self.reward}' is unknown; use one of {', '.join(REWARDS)}.")
         for name in (
             "rounds",
@@ -282,6 +292,7 @@ RUN_ONLY_FIELDS = frozenset(
         "base_url",
         "api_key_env",
         "max_concurrency",
+        "score_concurrency",
     }
 )
 

@@ -145,6 +145,7 @@ class TrajectoryConfig:
     api_key_env: str | None = option_like(InferConfig, "api_key_env")
     tokenizer: str | None = option_like(InferConfig, "tokenizer")
     max_concurrency: int = option_like(InferConfig, "max_concurrency")
+    score_concurrency: int | None = option_like(InferConfig, "score_concurrency")
     trust_remote_code: bool = option_like(InferConfig, "trust_remote_code")
     batch_questions: int = option_like(InferConfig, "batch_questions")
     overwrite: bool = option(False, "Start over in an output directory that holds trajectories.")

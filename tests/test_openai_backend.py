@@ -41,6 +41,8 @@ pytestmark = pytest.mark.vllm
 
 API_KEY_ENV = "ICPO_TEST_SERVER_KEY"
 API_KEY = "sk-icpo-test-4c1d9e"  # what the servers require; it must appear in no output file
+# The CPU servers run with --enable-lora: one scoring request at a time each (see OpenAIBackend.score).
+SERVED = {"api_key_env": API_KEY_ENV, "score_concurrency": 1}
 TINY_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "infer" / "tiny.yaml"
 
 
@@ -80,7 +82,7 @@ def offline(ending_vllm_engine) -> Backend:
 
 
 def served(model: Path | str, *servers: VLLMServer | FlakyProxy, **changes) -> Backend:
-    options = {"base_url": [s.url for s in servers], "api_key_env": API_KEY_ENV, **changes}
+    options = {"base_url": [s.url for s in servers], **SERVED, **changes}
     return make_backend("openai", BackendOptions(str(model), **options))
 
 
@@ -106,7 +108,7 @@ def dataset_file(tmp_path_factory) -> Path:
 def infer_config(
     model: Path, dataset: Path, output_dir: Path, *servers: VLLMServer, **changes
 ) -> InferConfig:
-    options = {**LOOP, "backend": "openai", "base_url": [s.url for s in servers], "api_key_env": API_KEY_ENV}
+    options = {**LOOP, "backend": "openai", "base_url": [s.url for s in servers], **SERVED}
     return InferConfig(
         model=str(model), dataset=str(dataset), output_dir=str(output_dir), **options | changes
     )
@@ -114,7 +116,13 @@ def infer_config(
 
 def offline_config(config: InferConfig, output_dir: Path) -> InferConfig:
     return dataclasses.replace(
-        config, backend="vllm", base_url=[], api_key_env=None, output_dir=str(output_dir), kv_cache_gb=1
+        config,
+        backend="vllm",
+        base_url=[],
+        api_key_env=None,
+        score_concurrency=None,
+        output_dir=str(output_dir),
+        kv_cache_gb=1,
     )
 
 
@@ -236,7 +244,7 @@ def test_a_server_gone_mid_run_fails_it_with_its_url_and_a_rerun_resumes(
                 "--backend",
                 "openai",
             ),
-            *("--base-url", server.url, "--api-key-env", API_KEY_ENV),
+            *("--base-url", server.url, "--api-key-env", API_KEY_ENV, "--score-concurrency", "1"),
         ]
 
     results = tmp_path / "resumed" / "results.jsonl"
@@ -353,7 +361,7 @@ def test_trajectories_built_through_the_server_carry_the_offline_engines_scores(
     loop = {k: v for k, v in LOOP.items() if k not in ("rounds", "final_k")}
     config = TrajectoryConfig(
         model=str(ending_model_dir), dataset=str(dataset_file), output=str(tmp_path / "traj"), backend="openai",
-        base_url=[s.url for s in servers], api_key_env=API_KEY_ENV, rounds=2, group_size=4, **loop,
+        base_url=[s.url for s in servers], **SERVED, rounds=2, group_size=4, **loop,
     )  # fmt: skip
     dataset = load_trajectories(build_trajectories(config))
     assert len(dataset) == 3 * 2
@@ -374,6 +382,7 @@ def test_eval_checkpoints_loads_each_checkpoint_into_the_running_server(
         *("--config", str(TINY_RECIPE), "--method", "random-icpo", "--model", str(ending_model_dir)),
         *("--dataset", str(dataset_file), "--dtype", "float32"),
         *("--backend", "openai", "--base-url", servers[0].url, "--api-key-env", API_KEY_ENV),
+        *("--score-concurrency", "1"),
     ]
     assert load_script("eval_checkpoints").main(["--run-dir", str(run_dir), *flags]) == 0
     rows = [json.loads(line) for line in (run_dir / "eval" / RESULTS_FILE).read_text().splitlines()]

@@ -183,6 +183,7 @@ class BackendOptions:
     api_key_env: str | None = None  # openai: the environment variable holding the API key
     tokenizer: str | None = None  # openai: the served model's tokenizer, loaded here (default: model)
     max_concurrency: int = 64  # openai: most requests in flight over all servers
+    score_concurrency: int | None = None  # openai: most scoring requests in flight per server; None: no cap
     extra: dict = field(default_factory=dict)
 
     @classmethod

@@ -51,12 +51,15 @@ RUNTIME_LORA = (
 
 
 class _Server:
-    def __init__(self, url: str, headers: dict[str, str]) -> None:
+    def __init__(self, url: str, headers: dict[str, str], score_concurrency: int | None = None) -> None:
         self.url = url.rstrip("/")
         self.client = httpx.Client(base_url=self.url, headers=headers, timeout=TIMEOUT)
         # Model and adapter names, each with its max_model_len (None where the server does not say).
         self.served: dict[str, int | None] = {}
-        self.scoring = threading.Lock()  # see OpenAIBackend.score
+        # Scoring requests in flight here: see OpenAIBackend.score.
+        self.scoring = (
+            threading.Semaphore(score_concurrency) if score_concurrency else contextlib.nullcontext()
+        )
         self.outstanding = 0
         self.requests = 0
 
@@ -123,9 +126,9 @@ class OpenAIBackend:
         # vLLM's CPU build, started with --enable-lora, fails on the prompt log-probs of an engine step
         # that holds two requests (its LoRA logits kernel maps adapters per request, not per prompt
         # token), adapter or not, and the failure kills the server. The API does not tell whether a
-        # server has LoRA enabled, so each server scores one request at a time: a scoring request is a
-        # single forward pass (prefill), which keeps a server busy even alone.
-        responses = self._complete_all(bodies, one_per_server=True)
+        # server has LoRA enabled: options.score_concurrency = 1 makes each server score one request at
+        # a time there.
+        responses = self._complete_all(bodies, scoring=True)
         self.usage.record_scoring(sum(response["usage"]["prompt_tokens"] for response in responses))
         return [
             score_from_prompt_logprobs(response["choices"][0].get("prompt_logprobs"), ids, len(prompt))
@@ -183,26 +186,24 @@ class OpenAIBackend:
                     f"{server.url} could not unload adapter '{adapter}' ({error_message(response)})"
                 )
 
-    def _complete_all(
-        self, bodies: list[dict[str, Any]], one_per_server: bool = False
-    ) -> list[dict[str, Any]]:
-        """The completions responses of all ``bodies``, requested concurrently (at most one in flight per
-        server with ``one_per_server``); the first failure stops the call (requests not yet sent are
-        dropped)."""
-        futures = [self._pool.submit(self._complete, body, one_per_server) for body in bodies]
+    def _complete_all(self, bodies: list[dict[str, Any]], scoring: bool = False) -> list[dict[str, Any]]:
+        """The completions responses of all ``bodies``, requested concurrently (``scoring`` requests at
+        most ``options.score_concurrency`` per server); the first failure stops the call (requests not yet
+        sent are dropped)."""
+        futures = [self._pool.submit(self._complete, body, scoring) for body in bodies]
         try:
             return [future.result() for future in futures]
         finally:
             for future in futures:
                 future.cancel()
 
-    def _complete(self, body: dict[str, Any], one_per_server: bool) -> dict[str, Any]:
+    def _complete(self, body: dict[str, Any], scoring: bool) -> dict[str, Any]:
         with self._lock:  # least outstanding requests
             server = min(self.servers, key=lambda s: s.outstanding)
             server.outstanding += 1
             server.requests += 1
         try:
-            with server.scoring if one_per_server else contextlib.nullcontext():
+            with server.scoring if scoring else contextlib.nullcontext():
                 response = self._post(server, "/completions", body)
         finally:
             with self._lock:
@@ -269,7 +270,7 @@ def connect(options: BackendOptions) -> list[_Server]:
             "servers' API key in it.",
         )
         headers["Authorization"] = f"Bearer {key}"
-    servers = [_Server(url, headers) for url in dict.fromkeys(options.base_url)]
+    servers = [_Server(url, headers, options.score_concurrency) for url in dict.fromkeys(options.base_url)]
     for server in servers:
         server.served = served_models(server)
         check(
