@@ -9,18 +9,25 @@ accuracy costs in generated tokens.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from matplotlib.figure import Figure
-from matplotlib.ticker import ScalarFormatter
+from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
 from icpo_infer.config import check
 from icpo_infer.icpo import ROUND_METHODS, accuracy_key
 from icpo_infer.results import METRICS_FILE, RESULTS_FILE, read_results
 
-ACCURACY_RANGE = (-0.02, 1.02)  # a little margin, so that points at 0 and 1 stay visible
+
+def accuracy_limits(values: Iterable[float | None]) -> tuple[float, float]:
+    """y limits for accuracies (fractions): the data's range with a margin, at least 0.2 wide, within
+    [0, 1] (plus a little, so that points at 0 and 1 stay visible): curves near 0.1 are not flattened."""
+    values = [v for v in values if v is not None]
+    low, high = (min(values), max(values)) if values else (0.0, 1.0)
+    pad = max(0.05, (0.2 - (high - low)) / 2)
+    return max(low - pad, -0.02), min(high + pad, 1.02)
 
 
 def accuracy_curve(metrics: dict[str, Any]) -> tuple[list[str], list[float], list[float]]:
@@ -35,21 +42,26 @@ def accuracy_curve(metrics: dict[str, Any]) -> tuple[list[str], list[float], lis
     )
 
 
-def plot_accuracy(metrics: dict[str, Any], path: str | Path) -> None:
-    """PNG of mean@k and maj@k against round for one run."""
+def plot_accuracy(metrics: dict[str, Any], path: str | Path) -> Figure:
+    """PNG of mean@k and maj@k against round for one run (a method without rounds: its two accuracies)."""
     labels, mean, maj = accuracy_curve(metrics)
     figure = Figure(figsize=(5, 3.5), layout="constrained")
     ax = figure.subplots()
     k = metrics["k"]
-    ax.plot(labels, mean, marker="o", label=f"mean@{k}")
-    ax.plot(labels, maj, marker="s", linestyle="--", label=f"maj@{k}")
     config = metrics["config"]
-    ax.set(xlabel="round", ylabel="accuracy", ylim=ACCURACY_RANGE)
+    if len(labels) > 1:
+        ax.plot(labels, mean, marker="o", label=f"mean@{k}")
+        ax.plot(labels, maj, marker="s", linestyle="--", label=f"maj@{k}")
+        ax.set(xlabel="round")
+        ax.legend()
+    else:  # no rounds: no round axis
+        ax.bar([f"mean@{k}", f"maj@{k}"], [mean[0], maj[0]], color=["C0", "C1"])
+    ax.set(ylabel="accuracy (fraction correct)", ylim=accuracy_limits([*mean, *maj, 0.0]))
     ax.set_title(
         f"{config['method']} on {Path(config['dataset']).name} ({metrics['num_questions']} questions)"
     )
-    ax.legend()
     figure.savefig(path, dpi=120)
+    return figure
 
 
 def load_metrics(directories: Sequence[str | Path]) -> list[dict[str, Any]]:
@@ -200,14 +212,28 @@ def self_reward_table(labels: Sequence[str], runs: Sequence[dict[str, Any]]) -> 
     return "\n".join([legend, header, "-" * len(header), *lines])
 
 
-def plot_comparison(labels: Sequence[str], runs: Sequence[dict[str, Any]], path: str | Path) -> None:
-    """PNG of mean@k against round for several runs; runs without rounds are horizontal lines."""
+def plot_comparison(labels: Sequence[str], runs: Sequence[dict[str, Any]], path: str | Path) -> Figure:
+    """PNG of mean@k against round for several runs; runs without rounds are horizontal lines, and
+    without any run with rounds, bars."""
     figure = Figure(figsize=(6, 4), layout="constrained")
     ax = figure.subplots()
     rounds = max((len(accuracy_curve(run)[0]) - 1 for run in runs), default=0)
     final = rounds + 1  # every run's final samples share one place, after the longest run's rounds
+    k = runs[0]["k"]
+    plotted = [0.0]
+    if not rounds:  # no round axis to draw
+        values = [run["mean@k"] for run in runs]
+        ax.bar(range(len(runs)), values, color=[f"C{i}" for i in range(len(runs))])
+        ax.set_xticks(
+            range(len(runs)),
+            [f"{label}\n({run['config']['method']})" for label, run in zip(labels, runs, strict=True)],
+        )
+        plotted += values
     for i, (label, run) in enumerate(zip(labels, runs, strict=True)):
+        if not rounds:
+            break
         x, mean, _ = accuracy_curve(run)
+        plotted += mean
         style = {"color": f"C{i}", "label": f"{label} ({run['config']['method']})"}
         if len(x) == 1:
             ax.axhline(mean[0], linestyle=":", **style)
@@ -215,14 +241,15 @@ def plot_comparison(labels: Sequence[str], runs: Sequence[dict[str, Any]], path:
             ax.plot([*range(1, len(x)), final], mean, marker="o", **style)
     if rounds:
         ax.set_xticks(range(1, final + 1), [*map(str, range(1, final)), "final"])
-    k = runs[0]["k"]
-    ax.set(xlabel="round", ylabel=f"mean@{k} (fraction correct)", ylim=ACCURACY_RANGE)
-    ax.set_title("accuracy against round")
-    ax.legend()
+        ax.set(xlabel="round")
+        ax.legend()
+    ax.set(ylabel=f"mean@{k} (fraction correct)", ylim=accuracy_limits(plotted))
+    ax.set_title(f"accuracy{' against round' if rounds else ''} on {Path(runs[0]['config']['dataset']).name}")
     figure.savefig(path, dpi=120)
+    return figure
 
 
-def plot_cost(labels: Sequence[str], runs: Sequence[dict[str, Any]], path: str | Path) -> None:
+def plot_cost(labels: Sequence[str], runs: Sequence[dict[str, Any]], path: str | Path) -> Figure:
     """PNG of each run's accuracy (as its method answers) against generated tokens per question."""
     figure = Figure(figsize=(6, 4), layout="constrained")
     ax = figure.subplots()
@@ -238,13 +265,16 @@ def plot_cost(labels: Sequence[str], runs: Sequence[dict[str, Any]], path: str |
         )
     if all(generated_per_question(run) > 0 for run in runs):
         ax.set_xscale("log")
-        for set_formatter in (ax.xaxis.set_major_formatter, ax.xaxis.set_minor_formatter):
-            set_formatter(ScalarFormatter())  # 30, 40 ... rather than 3x10^1
+        # Labels at 1, 2 and 5 of each decade, written 20, 50 ... rather than 2x10^1; none between them.
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set(
         xlabel="generated tokens per question",
         ylabel="accuracy (fraction correct)",
-        ylim=ACCURACY_RANGE,
-        title="accuracy against cost",
+        ylim=accuracy_limits([0.0, *map(accuracy, runs)]),
+        title=f"accuracy against cost on {Path(runs[0]['config']['dataset']).name}",
     )
     ax.legend()
     figure.savefig(path, dpi=120)
+    return figure

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.integrations import (
     get_available_reporting_integrations,
@@ -41,7 +42,7 @@ from icpo_infer.backends.base import ADAPTER_CONFIG, Backend, BackendOptions
 from icpo_infer.cli import run as icpo_infer_run
 from icpo_infer.config import check
 from icpo_infer.icpo import InferConfig
-from icpo_infer.report import ACCURACY_RANGE, load_metrics, plot_comparison
+from icpo_infer.report import accuracy_limits, load_metrics, plot_comparison
 from icpo_infer.results import append_line, read_results
 
 RESULTS_FILE = "results.jsonl"
@@ -223,25 +224,31 @@ class CheckpointEvaluator:
     def evaluate_pending(self, include_base: bool = True) -> list[dict[str, Any]]:
         return [self.evaluate(saved) for saved in self.pending(include_base)]
 
-    def plot(self) -> None:
-        """accuracy_vs_round.png (one curve per evaluated model) and accuracy_vs_step.png."""
+    def plot(self) -> Figure:
+        """accuracy_vs_round.png (one curve per evaluated model) and accuracy_vs_step.png (returned)."""
         rows = sorted(self.rows, key=lambda row: row["step"])
         runs = load_metrics([row["output_dir"] for row in rows])
         plot_comparison([f"step {row['step']}" for row in rows], runs, self.eval_dir / ROUND_PLOT)
 
         steps = [row["step"] for row in rows]
         k = rows[0]["k"]
-        figure = Figure(figsize=(9, 3.5), layout="constrained")
+        figure = Figure(figsize=(10, 3.8), layout="constrained")
         accuracy, improvement = figure.subplots(1, 2)
-        accuracy.plot(steps, [row["mean@k"] for row in rows], marker="o", label=f"mean@{k}")
-        accuracy.plot(steps, [row["maj@k"] for row in rows], marker="s", linestyle="--", label=f"maj@{k}")
-        accuracy.set(xlabel="training step", ylabel="accuracy (final round)", ylim=ACCURACY_RANGE)
+        mean, maj = [row["mean@k"] for row in rows], [row["maj@k"] for row in rows]
+        accuracy.plot(steps, mean, marker="o", label=f"mean@{k}")
+        accuracy.plot(steps, maj, marker="s", linestyle="--", label=f"maj@{k}")
+        accuracy.set(ylabel="accuracy", title="final round", ylim=accuracy_limits([*mean, *maj, 0.0]))
         accuracy.legend()
-        improvement.plot(steps, [row["self_improvement"] for row in rows], marker="o", color="C2")
+        gains = [100 * row["self_improvement"] for row in rows]
+        improvement.plot(steps, gains, marker="o", color="C2")
         improvement.axhline(0.0, color="grey", linewidth=0.8)
-        improvement.set(xlabel="training step", ylabel=f"self-improvement (mean@{k}, final - round 1)")
+        improvement.set(ylabel="points", title=f"self-improvement (mean@{k}, final - round 1)")
+        for ax in (accuracy, improvement):
+            ax.set(xlabel="training step")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         figure.suptitle(f"{self.config.method} on {Path(self.config.dataset).name}: {self.run_dir.name}")
         figure.savefig(self.eval_dir / STEP_PLOT, dpi=120)
+        return figure
 
 
 class CheckpointEvalCallback(TrainerCallback):

@@ -51,7 +51,7 @@ from icpo_infer.config import check, option, option_like, parse_config, to_dict
 from icpo_infer.data import load_problems
 from icpo_infer.icpo import InferConfig
 from icpo_infer.prompts import PromptTemplates
-from icpo_infer.report import ACCURACY_RANGE
+from icpo_infer.report import accuracy_limits
 from icpo_infer.results import METRICS_FILE, write_json_atomic
 from icpo_infer.run_log import run_log
 from icpo_infer.stats import difference_with_interval, paired_comparison
@@ -633,17 +633,21 @@ def questions_label(report: dict[str, Any]) -> str:
     return str(low) if low == high else f"{low} to {high}"
 
 
-def plot_report(report: dict[str, Any], path: str | Path) -> None:
+def plot_report(report: dict[str, Any], path: str | Path) -> Figure:
     """mean@k and maj@k of me-icpo against round for every model, mean and std over seeds."""
     figure = Figure(figsize=(9, 3.8), layout="constrained")
     axes = figure.subplots(1, 2, sharey=True)
     labels = [str(r) for r in range(1, report["rounds"] + 1)] + ["final"]
+    plotted = [0.0]
+    for values in report["models"].values():
+        for key in ("mean_per_round", "maj_per_round"):
+            plotted += values[key] or []
     for ax, key, title in zip(axes, ("mean_per_round", "maj_per_round"), ("mean@k", "maj@k"), strict=True):
         for i, (model, values) in enumerate(report["models"].items()):
             if values[key] is not None:
                 std = report["seeds"]["std"][model][key]
                 ax.errorbar(labels, values[key], yerr=std, marker="o", capsize=3, color=f"C{i}", label=model)
-        ax.set(xlabel="round", title=f"ME-ICPO {title} (k={report['k']})", ylim=ACCURACY_RANGE)
+        ax.set(xlabel="round", title=f"ME-ICPO {title} (k={report['k']})", ylim=accuracy_limits(plotted))
     axes[0].set_ylabel("accuracy")
     axes[0].legend()
     seeds = len(report["seeds"]["values"])
@@ -652,6 +656,7 @@ def plot_report(report: dict[str, Any], path: str | Path) -> None:
         f"mean ± std over {seeds} seed(s)"
     )
     figure.savefig(path, dpi=120)
+    return figure
 
 
 def format_report(report: dict[str, Any]) -> str:
