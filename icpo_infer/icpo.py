@@ -479,6 +479,7 @@ class _Run:
         # round (its ETA moves within a chunk), and the count of questions done.
         self.progress: tqdm | None = None
         self.finished = 0
+        self.in_flight = 0
 
     # -- prompts and engine calls -------------------------------------------------------------
 
@@ -558,8 +559,12 @@ class _Run:
         return generations
 
     def show(self, phase: str | None = None) -> None:
+        """The bar's text: questions finished, and the chunk in flight (its questions finish together,
+        at its last phase) with its phase."""
         done = f"{self.finished}/{self.progress.total} questions done"
-        self.progress.set_postfix_str(f"{done}, {phase}" if phase else done)
+        if phase:
+            done += f", {self.in_flight} in progress: {phase}"
+        self.progress.set_postfix_str(done)
 
     def finish_round(self, questions: list[_Question], r: int) -> None:
         """Save the chunk after its round ``r``: from here on an interruption does not lose it."""
@@ -850,8 +855,10 @@ def run_method(
     on_chunk: Callable[[list[QuestionResult]], None] | None = None,
     reward_model: RewardModel | None = None,
     state: ChunkState | None = None,
+    desc: str | None = None,
 ) -> list[QuestionResult]:
-    """Run ``config.method`` on the problems (unique ids) not in ``done_ids``.
+    """Run ``config.method`` on the problems (unique ids) not in ``done_ids``; ``desc`` names the
+    progress bar (default: the method).
 
     ``reward_model``: the model ``config.reward_model`` names, loaded (best-of-n).
 
@@ -895,9 +902,12 @@ def run_method(
     run.finished = finished
     initial = finished + len(restored) * rounds_done / (config.rounds + 1)
     bar = "{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}{postfix}]"
-    with tqdm(total=len(problems), initial=initial, desc=config.method, bar_format=bar) as run.progress:
+    with tqdm(
+        total=len(problems), initial=initial, desc=desc or config.method, bar_format=bar
+    ) as run.progress:
         run.show()
         for questions, start in chunks:
+            run.in_flight = len(questions)
             run.run(questions, start)
             chunk_results = [_result(q, config.method) for q in questions]
             if on_chunk is not None:

@@ -384,6 +384,9 @@ def build_trajectories(config: TrajectoryConfig, backend: Backend | None = None)
                     [by_id[r.id] for r in results], list(map(icpo_histories, results))
                 ),
                 state=ChunkState(Path(config.output) / STATE_FILE),
+                # The loop's rounds 1..R-1 build the histories H_2..H_R of the R rounds.
+                desc=f"{'history H_2' if config.rounds == 2 else f'histories H_2..H_{config.rounds}'} "
+                f"({SELECTIONS[config.selection]})",
             )
         write_dataset(config, [row for p in problems for row in done[p.id]], skipped)
     return Path(config.output)

@@ -353,7 +353,7 @@ def test_cli_builds_from_flags(boxed_model_dir, problems_file, tmp_path, capsys)
         "--output",
         str(tmp_path),
         "--rounds",
-        "1",
+        "2",
         "--group-size",
         "2",
         "--limit",
@@ -363,8 +363,11 @@ def test_cli_builds_from_flags(boxed_model_dir, problems_file, tmp_path, capsys)
     ]
     argv += [f"--{key.replace('_', '-')}={value}" for key, value in FAST.items()]
     assert icpo_train_main(argv) == 0
-    assert len(load_trajectories(tmp_path)) == 1
-    assert str(tmp_path) in capsys.readouterr().out
+    assert len(load_trajectories(tmp_path)) == 2
+    out, err = capsys.readouterr()
+    assert str(tmp_path) in out
+    # The progress bar names what its one loop round builds, and the question in flight.
+    assert "history H_2 (me-icpo)" in err and "0/1 questions done, 1 in progress: round 1/1" in err
     assert icpo_train_main([*argv[:-1], "--history-reward", "oracle"]) == 2
     assert "history_reward" in capsys.readouterr().err
 
