@@ -215,6 +215,15 @@ def compare(argv: Sequence[str]) -> None:
         comparisons.append((",".join(labels[i] for i in a), ",".join(labels[i] for i in b), comparison))
     if comparisons:
         print(f"\n{paired_table(comparisons)}")
+    for label_a, label_b, comparison in comparisons:
+        low, high = comparison["final_accuracy_diff_ci95"]
+        if low <= 0 <= high:
+            print(
+                f"note: {label_b} against {label_a}: {comparison['final_accuracy_diff']:+.1f} points of final "
+                f"accuracy, within the noise of {sum(comparison['questions'])} questions (95% interval "
+                f"[{low:+.1f}, {high:+.1f}] holds 0)",
+                file=sys.stderr,
+            )
     first = Path(dirs[0])
     output = args.output or first / "compare.png"
     cost_output = args.cost_output or first / "cost_accuracy.png"

@@ -204,6 +204,24 @@ def test_compare_table_shows_the_paired_differences_and_transitions(pair, capsys
     assert "  base: 2: 25.0 / 0.0, final: 0.0 / 0.0" in out
 
 
+def test_compare_says_when_a_difference_is_within_the_noise_of_its_questions(tmp_path, capsys):
+    ids = [f"q{i}" for i in range(20)]
+    a = constant_run(tmp_path / "a", ids, 0.0, 0.0)
+    noisy = write_run(
+        tmp_path / "noisy", {i: ([0.0, 0.0], float(n == 0), [0, 0], 0) for n, i in enumerate(ids)}
+    )
+    clear = constant_run(tmp_path / "clear", ids, 0.0, 0.5)
+    capsys.readouterr()
+    assert main(["compare", a, noisy, clear]) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note: ")]
+    low, high = paired_comparison(a, noisy)["final_accuracy_diff_ci95"]
+    assert low <= 0 <= high
+    assert notes == [
+        f"note: noisy against a: +5.0 points of final accuracy, within the noise of 20 questions "
+        f"(95% interval [{low:+.1f}, {high:+.1f}] holds 0)"
+    ]
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
