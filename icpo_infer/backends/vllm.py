@@ -45,6 +45,9 @@ class VLLMBackend:
     """
 
     def __init__(self, options: BackendOptions) -> None:
+        # vLLM prints dozens of INFO lines per engine start, here and in its engine process (which reads
+        # the variable when it starts): a run shows its warnings only, unless the user asks for more.
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         try:
             import vllm
             from vllm.platforms import current_platform
