@@ -26,8 +26,8 @@ def free_port() -> int:
 
 
 class VLLMServer:
-    def __init__(self, model: Path, log: Path, api_key: str | None = None) -> None:
-        self.model, self.log, self.api_key = model, log, api_key
+    def __init__(self, model: Path, log: Path, api_key: str | None = None, lora: bool = True) -> None:
+        self.model, self.log, self.api_key, self.lora = model, log, api_key, lora
         self.port = free_port()
         self.process: subprocess.Popen | None = None
 
@@ -52,7 +52,7 @@ class VLLMServer:
             # The CPU build cannot rewind the generator of a seeded request whose prefill was split over
             # engine steps ("CPU Generator does not use offset", fatal): whole prefills only.
             *("--no-enable-chunked-prefill", "--max-num-batched-tokens", "8192"),
-            *("--enable-lora", "--max-lora-rank", "64"),
+            *(("--enable-lora", "--max-lora-rank", "64") if self.lora else ()),
             *(("--api-key", self.api_key) if self.api_key else ()),
         ]
         env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", "OMP_NUM_THREADS": "1"}
