@@ -52,13 +52,20 @@ from icpo_infer.data import Problem, load_run_problems
 from icpo_infer.grading import extract_answer, is_equivalent
 from icpo_infer.icpo import RUN_ONLY_FIELDS, InferConfig, QuestionResult, derive_seed, in_chunks, run_method
 from icpo_infer.prompts import Attempt, PromptTemplates, answer_type_of, render_prompt
-from icpo_infer.results import STATE_FILE, ChunkState, append_line, prepare_resumable, read_results
+from icpo_infer.results import (
+    STATE_FILE,
+    TRAJECTORIES_CONFIG_FILE,
+    ChunkState,
+    append_line,
+    prepare_resumable,
+    read_results,
+)
 from icpo_infer.run_log import LOG_FILE, run_log
 from icpo_train import trajectory_data
 from icpo_train.trajectory_data import tokenizer_fingerprint
 
 PROGRESS_FILE = "progress.jsonl"
-CONFIG_FILE = trajectory_data.BUILD_CONFIG_FILE
+CONFIG_FILE = TRAJECTORIES_CONFIG_FILE
 PARQUET_FILE = "trajectories.parquet"
 CARD_FILE = "README.md"
 HISTORY_REWARDS = ("gt", "self")

@@ -49,7 +49,6 @@ REQUIRED_COLUMNS = (
     "tokenizer_fingerprint",
 )
 TEACHER_COLUMNS = ("teacher_topk_ids", "teacher_topk_logits", "teacher_logsumexp")
-BUILD_CONFIG_FILE = TRAJECTORIES_CONFIG_FILE  # the config that built a trajectories directory
 
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
@@ -88,7 +87,7 @@ def load_trajectories(path: str | Path) -> Dataset:
 def training_templates(trajectories: str | Path, templates: str | None) -> PromptTemplates | None:
     """The prompt templates to train with: ``templates``, which must be the ones the trajectories were
     built with when their directory records them; without ``templates``, the recorded ones."""
-    config_file = Path(trajectories) / BUILD_CONFIG_FILE
+    config_file = Path(trajectories) / TRAJECTORIES_CONFIG_FILE
     if not config_file.is_file():  # Parquet from elsewhere: the caller's word
         return PromptTemplates.from_yaml(templates) if templates else None
     recorded = json.loads(config_file.read_text()).get("templates")

@@ -27,7 +27,7 @@ from icpo_infer.data import load_problems
 from icpo_infer.grading import extract_answer, is_equivalent
 from icpo_infer.icpo import run_method
 from icpo_infer.prompts import Attempt, PromptTemplates, render_prompt
-from icpo_infer.results import STATE_FILE
+from icpo_infer.results import STATE_FILE, TRAJECTORIES_CONFIG_FILE
 from icpo_train.cli import main as icpo_train_main
 from icpo_train.trajectories import (
     FEATURES,
@@ -38,7 +38,6 @@ from icpo_train.trajectories import (
     icl_rewards,
 )
 from icpo_train.trajectory_data import (
-    BUILD_CONFIG_FILE,
     GROUP_COLUMNS,
     REQUIRED_COLUMNS,
     load_trajectories,
@@ -433,7 +432,7 @@ def test_training_takes_the_templates_the_trajectories_were_built_with(tmp_path,
     for name, templates in (("terse", str(terse)), ("default", None)):
         built_with[name] = tmp_path / name
         built_with[name].mkdir()
-        (built_with[name] / BUILD_CONFIG_FILE).write_text(json.dumps({"templates": templates}))
+        (built_with[name] / TRAJECTORIES_CONFIG_FILE).write_text(json.dumps({"templates": templates}))
 
     assert training_templates(built_with["terse"], None) == PromptTemplates.from_yaml(terse)
     assert str(terse) in capsys.readouterr().out  # said, not silent
