@@ -31,19 +31,16 @@ import torch
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
-from transformers.integrations import (
-    get_available_reporting_integrations,
-    get_reporting_integration_callbacks,
-)
+from transformers.integrations import get_reporting_integration_callbacks
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from icpo_infer.backends import make_backend
 from icpo_infer.backends.base import ADAPTER_CONFIG, Backend, BackendOptions
 from icpo_infer.cli import run as icpo_infer_run
-from icpo_infer.config import check
 from icpo_infer.icpo import InferConfig
 from icpo_infer.report import accuracy_limits, load_metrics, plot_comparison
 from icpo_infer.results import append_line, read_results
+from icpo_train.trainer import check_trackers
 
 RESULTS_FILE = "results.jsonl"
 ROUND_PLOT = "accuracy_vs_round.png"
@@ -82,13 +79,7 @@ class Trackers:
     losses, under the run directory (TensorBoard: ``RUN_DIR/runs/``)."""
 
     def __init__(self, run_dir: Path, report_to: list[str]) -> None:
-        available = get_available_reporting_integrations()
-        for tracker in report_to:
-            check(
-                tracker in available,
-                f"--report-to: {tracker} is not installed (or unknown); pip install {tracker}, or install "
-                "the trackers extra: pip install -e '.[trackers]'.",
-            )
+        check_trackers(report_to, "--report-to")
         self.args = TrainingArguments(output_dir=str(run_dir), report_to=report_to, run_name=run_dir.name)
         self.callbacks = [tracker() for tracker in get_reporting_integration_callbacks(report_to)]
         for callback in self.callbacks:

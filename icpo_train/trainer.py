@@ -36,6 +36,7 @@ import logging
 import math
 import os
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -99,6 +100,21 @@ LORA_MODULE_TYPES = (torch.nn.Linear, torch.nn.Embedding, Conv1D)
 def _deepspeed_requested(config: TrainingArguments) -> bool:
     """DeepSpeed comes from ``--deepspeed`` or from ``accelerate launch`` with a DeepSpeed config."""
     return bool(config.deepspeed) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+def check_trackers(report_to: Sequence[str], flag: str) -> None:
+    """Refuse a tracker transformers does not integrate, or one whose package is not installed."""
+    available = get_available_reporting_integrations()
+    for tracker in report_to:
+        check(
+            tracker == "none" or tracker in INTEGRATION_TO_CALLBACK,
+            f"{flag}: '{tracker}' is unknown; use none or one of {', '.join(INTEGRATION_TO_CALLBACK)}.",
+        )
+        check(
+            tracker == "none" or tracker in available,
+            f"{flag}: {tracker} is not installed; pip install {tracker} (or the trackers extra: pip install "
+            f"-e '.[trackers]'), or drop it from --{flag.lstrip('-')}.",
+        )
 
 
 @dataclass
@@ -289,17 +305,7 @@ class ICPOConfig(TrainingArguments):
         if self.use_cpu or not torch.accelerator.is_available():
             self.dataloader_pin_memory = False  # nothing to pin memory for; torch warns at every run
         super().__post_init__()
-        available = get_available_reporting_integrations()
-        for tracker in self.report_to:  # a list once the parent parsed it
-            check(
-                tracker == "none" or tracker in INTEGRATION_TO_CALLBACK,
-                f"report_to: '{tracker}' is unknown; use none or one of {', '.join(INTEGRATION_TO_CALLBACK)}.",
-            )
-            check(
-                tracker == "none" or tracker in available,
-                f"report_to: {tracker} is not installed; pip install {tracker} (or the trackers extra: pip install "
-                "-e '.[trackers]'), or drop it from --report_to.",
-            )
+        check_trackers(self.report_to, "report_to")  # a list once the parent parsed it
         checkpoint_kwargs = self.gradient_checkpointing_kwargs  # a dict once the parent parsed it
         check(
             not (

@@ -21,6 +21,7 @@ from icpo_infer.cli import run as icpo_infer_run
 from icpo_infer.config import parse_config
 from icpo_infer.icpo import InferConfig
 from icpo_train import callbacks
+from icpo_train import trainer as trainer_module
 from icpo_train.callbacks import (
     RESULTS_FILE,
     ROUND_PLOT,
@@ -336,7 +337,7 @@ def wandb_history(run_file: Path) -> list[dict]:
 def test_a_tracker_that_is_not_installed_is_a_one_line_error(
     evaluated_run, dataset_file, capsys, monkeypatch
 ):
-    monkeypatch.setattr(callbacks, "get_available_reporting_integrations", list)
+    monkeypatch.setattr(trainer_module, "get_available_reporting_integrations", list)
     argv = ["--run-dir", str(evaluated_run), "--config", str(INFER_RECIPE), "--dataset", str(dataset_file)]
     assert eval_checkpoints.main([*argv, *EVAL_ARGS, "--report-to", "wandb"]) == 2
     assert "--report-to: wandb is not installed" in capsys.readouterr().err
