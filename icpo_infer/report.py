@@ -128,8 +128,9 @@ def compare_table(labels: Sequence[str], runs: Sequence[dict[str, Any]]) -> str:
     lines = [header, "-" * len(header)]
     unfinished = []
     for label, run in zip(labels, runs, strict=True):
-        if incomplete(run):
-            unfinished.append(f"{label}: {incomplete(run)}")
+        done = incomplete(run)
+        if done:
+            unfinished.append(f"{label}: {done}")
             label = f"{label}*"
         line = f"{label:<{width}}  {run['config']['method']:<11}"
         for _, value in columns:
@@ -221,28 +222,26 @@ def plot_comparison(labels: Sequence[str], runs: Sequence[dict[str, Any]], path:
     final = rounds + 1  # every run's final samples share one place, after the longest run's rounds
     k = runs[0]["k"]
     plotted = [0.0]
-    if not rounds:  # no round axis to draw
+    if rounds:
+        for i, (label, run) in enumerate(zip(labels, runs, strict=True)):
+            x, mean, _ = accuracy_curve(run)
+            plotted += mean
+            style = {"color": f"C{i}", "label": f"{label} ({run['config']['method']})"}
+            if len(x) == 1:
+                ax.axhline(mean[0], linestyle=":", **style)
+            else:
+                ax.plot([*range(1, len(x)), final], mean, marker="o", **style)
+        ax.set_xticks(range(1, final + 1), [*map(str, range(1, final)), "final"])
+        ax.set(xlabel="round")
+        ax.legend()
+    else:  # no round axis to draw
         values = [run["mean@k"] for run in runs]
+        plotted += values
         ax.bar(range(len(runs)), values, color=[f"C{i}" for i in range(len(runs))])
         ax.set_xticks(
             range(len(runs)),
             [f"{label}\n({run['config']['method']})" for label, run in zip(labels, runs, strict=True)],
         )
-        plotted += values
-    for i, (label, run) in enumerate(zip(labels, runs, strict=True)):
-        if not rounds:
-            break
-        x, mean, _ = accuracy_curve(run)
-        plotted += mean
-        style = {"color": f"C{i}", "label": f"{label} ({run['config']['method']})"}
-        if len(x) == 1:
-            ax.axhline(mean[0], linestyle=":", **style)
-        else:
-            ax.plot([*range(1, len(x)), final], mean, marker="o", **style)
-    if rounds:
-        ax.set_xticks(range(1, final + 1), [*map(str, range(1, final)), "final"])
-        ax.set(xlabel="round")
-        ax.legend()
     ax.set(ylabel=f"mean@{k} (fraction correct)", ylim=accuracy_limits(plotted))
     ax.set_title(f"accuracy{' against round' if rounds else ''} on {Path(runs[0]['config']['dataset']).name}")
     figure.savefig(path, dpi=120)
