@@ -35,7 +35,8 @@ from transformers import AutoTokenizer
 
 from icpo_infer.backends.base import encode_completion
 from icpo_train.e2e.tiny_lm import init_tiny_llama, train_tokenizer
-from icpo_train.trainer import ICPOConfig, ICPOTrainer
+from icpo_train.icpo_config import ICPOConfig
+from icpo_train.trainer import ICPOTrainer
 from icpo_train.trajectory_data import tokenizer_fingerprint
 
 

@@ -40,7 +40,7 @@ from icpo_infer.cli import run as icpo_infer_run
 from icpo_infer.icpo import InferConfig
 from icpo_infer.report import accuracy_limits, load_metrics, plot_comparison
 from icpo_infer.results import append_line, read_results
-from icpo_train.trainer import check_trackers
+from icpo_train.icpo_config import check_trackers
 
 RESULTS_FILE = "results.jsonl"
 ROUND_PLOT = "accuracy_vs_round.png"

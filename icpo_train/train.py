@@ -30,7 +30,8 @@ from transformers.trainer_utils import get_last_checkpoint
 from icpo_infer.config import check, parse_config, to_dict
 from icpo_infer.results import TRAINING_CONFIG_FILE, refuse_foreign_output, write_json_atomic
 from icpo_infer.run_log import run_log
-from icpo_train.trainer import ICPOConfig, ICPOTrainer
+from icpo_train.icpo_config import ICPOConfig
+from icpo_train.trainer import ICPOTrainer
 
 CONFIG_FILE = TRAINING_CONFIG_FILE
 # The TrainingArguments most runs set, listed by `--help` after the ICPO fields.

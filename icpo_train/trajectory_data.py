@@ -12,7 +12,7 @@ the trainer:
 - ``tokenizer_fingerprint``: :func:`tokenizer_fingerprint` of the tokenizer that scored the group.
 
 Optional, for the token-level loss without a live teacher (written by
-:func:`icpo_train.trainer.add_teacher_topk`): per member and completion token, the teacher's top-k
+:func:`icpo_train.scoring.add_teacher_topk`): per member and completion token, the teacher's top-k
 token ids ``teacher_topk_ids`` and logits ``teacher_topk_logits``, and its full-vocabulary
 ``teacher_logsumexp`` (which turns the rest of the vocabulary into one tail bucket).
 """

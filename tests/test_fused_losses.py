@@ -12,13 +12,15 @@ from transformers import AutoTokenizer
 
 from icpo_infer.config import parse_config
 from icpo_train.e2e.tiny_lm import init_tiny_llama
+from icpo_train.icpo_config import ICPOConfig
 from icpo_train.losses import (
     fisher_weighted_logit_matching,
     fused_fisher_weighted_logit_matching,
     fused_sparse_fisher_weighted_logit_matching,
     sparse_fisher_weighted_logit_matching,
 )
-from icpo_train.trainer import ICPOConfig, ICPOTrainer, add_teacher_topk
+from icpo_train.scoring import add_teacher_topk
+from icpo_train.trainer import ICPOTrainer
 
 HIDDEN, VOCAB = 6, 23
 

@@ -17,7 +17,8 @@ from icpo_infer.backends.base import BackendOptions, SamplingParams
 from icpo_infer.backends.hf import HFBackend
 from icpo_infer.config import parse_config
 from icpo_infer.prompts import render_prompt
-from icpo_train.trainer import ICPOConfig, ICPOTrainer
+from icpo_train.icpo_config import ICPOConfig
+from icpo_train.trainer import ICPOTrainer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -21,7 +21,7 @@ from icpo_infer.cli import run as icpo_infer_run
 from icpo_infer.config import parse_config
 from icpo_infer.icpo import InferConfig
 from icpo_train import callbacks
-from icpo_train import trainer as trainer_module
+from icpo_train import icpo_config as icpo_config_module
 from icpo_train.callbacks import (
     RESULTS_FILE,
     ROUND_PLOT,
@@ -30,7 +30,8 @@ from icpo_train.callbacks import (
     CheckpointEvaluator,
 )
 from icpo_train.cli import main as icpo_train_main
-from icpo_train.trainer import ICPOConfig, ICPOTrainer
+from icpo_train.icpo_config import ICPOConfig
+from icpo_train.trainer import ICPOTrainer
 
 ROOT = Path(__file__).resolve().parents[1]
 INFER_RECIPE = ROOT / "recipes" / "infer" / "tiny.yaml"
@@ -337,7 +338,7 @@ def wandb_history(run_file: Path) -> list[dict]:
 def test_a_tracker_that_is_not_installed_is_a_one_line_error(
     evaluated_run, dataset_file, capsys, monkeypatch
 ):
-    monkeypatch.setattr(trainer_module, "get_available_reporting_integrations", list)
+    monkeypatch.setattr(icpo_config_module, "get_available_reporting_integrations", list)
     argv = ["--run-dir", str(evaluated_run), "--config", str(INFER_RECIPE), "--dataset", str(dataset_file)]
     assert eval_checkpoints.main([*argv, *EVAL_ARGS, "--report-to", "wandb"]) == 2
     assert "--report-to: wandb is not installed" in capsys.readouterr().err

@@ -14,14 +14,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2
 
 from icpo_infer.backends.base import encode_completion
 from icpo_infer.config import ConfigError, parse_config
-from icpo_train.trainer import (
-    ICPOConfig,
-    ICPOTrainer,
-    check_full_attention,
-    group_sequences,
-    prompt_states,
-    responses_on_prompt_logits,
-)
+from icpo_train.collation import group_sequences
+from icpo_train.icpo_config import ICPOConfig
+from icpo_train.scoring import check_full_attention, prompt_states, responses_on_prompt_logits
+from icpo_train.trainer import ICPOTrainer
 
 # Rows of three rounds (prompts of three lengths) and two group sizes (3 and 4 members).
 BATCH_ROWS = (0, 2, 4, 8)

@@ -23,8 +23,9 @@ from icpo_infer.grading import extract_answer
 from icpo_infer.prompts import Attempt, PromptTemplates, render_prompt, render_summary_prompt
 from icpo_train.e2e import smollm2
 from icpo_train.e2e.arithmetic import ArithmeticTaskConfig, generate_splits
+from icpo_train.icpo_config import ICPOConfig
 from icpo_train.train import main as train_main
-from icpo_train.trainer import ICPOConfig, ICPOTrainer
+from icpo_train.trainer import ICPOTrainer
 from icpo_train.trajectory_data import load_trajectories
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -20,17 +20,12 @@ from icpo_infer.backends.hf import HFBackend
 from icpo_infer.config import ConfigError, parse_config
 from icpo_infer.prompts import Attempt, render_prompt
 from icpo_train import cli, train
-from icpo_train import trainer as trainer_module
+from icpo_train import icpo_config as icpo_config_module
 from icpo_train.e2e.tiny_lm import init_tiny_llama
-from icpo_train.trainer import (
-    ICPOConfig,
-    ICPOTrainer,
-    NonFiniteLossError,
-    add_teacher_topk,
-    group_rewards,
-    response_losses,
-    tail_rewards,
-)
+from icpo_train.icpo_config import ICPOConfig
+from icpo_train.objective import group_rewards, response_losses, tail_rewards
+from icpo_train.scoring import add_teacher_topk
+from icpo_train.trainer import ICPOTrainer, NonFiniteLossError
 from icpo_train.trajectory_data import (
     GROUP_COLUMNS,
     load_trajectories,
@@ -593,7 +588,7 @@ def test_non_finite_loss_stops_training_naming_the_example(tiny_model_dir, traje
     ],
 )
 def test_bad_config_values(tiny_model_dir, trajectories_dir, tmp_path, overrides, message, monkeypatch):
-    monkeypatch.setattr(trainer_module, "get_available_reporting_integrations", list)  # none installed
+    monkeypatch.setattr(icpo_config_module, "get_available_reporting_integrations", list)  # none installed
     with pytest.raises(ConfigError, match=message):
         make_config(tiny_model_dir, trajectories_dir, tmp_path, *overrides)
 

@@ -11,7 +11,7 @@ from trajectory_fixtures import build_trajectories, write_trajectories
 from transformers import AutoTokenizer
 
 from icpo_train.e2e.tiny_lm import init_tiny_llama
-from icpo_train.trainer import add_teacher_topk
+from icpo_train.scoring import add_teacher_topk
 
 
 @pytest.fixture(scope="module")

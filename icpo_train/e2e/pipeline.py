@@ -59,7 +59,8 @@ from icpo_train.e2e import arithmetic, synthetic
 from icpo_train.e2e.arithmetic import ArithmeticTaskConfig
 from icpo_train.e2e.pretrain import PretrainConfig, pretrain
 from icpo_train.e2e.synthetic import SyntheticTaskConfig, write_splits
-from icpo_train.trainer import ICPOConfig, ICPOTrainer
+from icpo_train.icpo_config import ICPOConfig
+from icpo_train.trainer import ICPOTrainer
 from icpo_train.trajectories import PARQUET_FILE, TrajectoryConfig, build_trajectories
 
 TASKS = ("spelled-sums", "arithmetic")

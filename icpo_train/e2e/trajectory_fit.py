@@ -34,16 +34,9 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from icpo_infer.config import ConfigError, check
-from icpo_train.trainer import (
-    LOSS_TYPES,
-    REWARD_SCALES,
-    TAIL_REWARDS,
-    ICPOConfig,
-    ICPOTrainer,
-    group_rewards,
-    response_losses,
-    tail_rewards,
-)
+from icpo_train.icpo_config import LOSS_TYPES, REWARD_SCALES, TAIL_REWARDS, ICPOConfig
+from icpo_train.objective import group_rewards, response_losses, tail_rewards
+from icpo_train.trainer import ICPOTrainer
 from icpo_train.trajectories import CONFIG_FILE
 from icpo_train.trajectory_data import load_trajectories
 
