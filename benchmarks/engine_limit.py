@@ -36,7 +36,8 @@ from me_icpo_calls import SHARED_DATA, OneCallPerPrompt, build_model
 from icpo_infer.backends import make_backend
 from icpo_infer.backends.base import Backend, BackendOptions, Generation, encode_prompt
 from icpo_infer.data import Problem, load_problems
-from icpo_infer.icpo import InferConfig, run_method
+from icpo_infer.icpo import run_method
+from icpo_infer.infer_config import InferConfig
 from icpo_infer.prompts import answer_type_of, render_prompt
 
 

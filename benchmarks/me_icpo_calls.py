@@ -32,7 +32,8 @@ from boxed_model import teach_boxed_answers  # noqa: E402
 from icpo_infer.backends import make_backend, params_per_prompt  # noqa: E402
 from icpo_infer.backends.base import Backend, BackendOptions, Generation, SamplingParams, Usage  # noqa: E402
 from icpo_infer.data import Problem, load_problems  # noqa: E402
-from icpo_infer.icpo import InferConfig, run_method  # noqa: E402
+from icpo_infer.icpo import run_method  # noqa: E402
+from icpo_infer.infer_config import InferConfig  # noqa: E402
 from icpo_train.e2e.tiny_lm import init_tiny_llama, train_tokenizer  # noqa: E402
 
 

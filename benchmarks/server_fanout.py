@@ -30,7 +30,8 @@ from vllm_server import VLLMServer
 from icpo_infer.backends import make_backend
 from icpo_infer.backends.base import Backend, BackendOptions
 from icpo_infer.data import Problem, load_problems
-from icpo_infer.icpo import InferConfig, run_method
+from icpo_infer.icpo import run_method
+from icpo_infer.infer_config import InferConfig
 
 
 def measure(backend: Backend, problems: list[Problem], config: InferConfig) -> tuple[float, int, list]:

@@ -15,7 +15,9 @@ from icpo_infer.backends import make_backend, resolve_context_length
 from icpo_infer.backends.base import Backend, BackendOptions, ServerError, Usage
 from icpo_infer.config import ConfigError, check, interrupt_status, parse_config, stop_on_sigterm
 from icpo_infer.data import Problem, load_run_problems
-from icpo_infer.icpo import InferConfig, QuestionResult, run_method
+from icpo_infer.icpo import run_method
+from icpo_infer.infer_config import InferConfig
+from icpo_infer.records import QuestionResult
 from icpo_infer.report import (
     accuracy_curve,
     comparability_problems,

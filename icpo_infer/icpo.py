@@ -19,37 +19,33 @@ prompt's samples from that seed and the prompt alone. A question's results there
 on the questions run with it: any ``batch_questions`` and a resumed run reproduce them.
 
 The methods with rounds save the chunk in progress after every round (each question's history, rounds,
-self-refine chains and generator state, see :func:`_saved`); a resumed run restores it and goes on
+self-refine chains and generator state, see :meth:`icpo_infer.records.QuestionState.saved`); a resumed run restores it and goes on
 from the next round, so an interruption loses at most the round in progress.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import random
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
-from icpo_infer.backends import BACKENDS, resolve_context_length
+from icpo_infer.backends import resolve_context_length
 from icpo_infer.backends.base import (
     Backend,
     Generation,
-    SamplingParams,
-    adapter_problem,
     derive_seed,
     encode_prompt,
-    location_problem,
 )
-from icpo_infer.config import CollectRepeated, ConfigError, check, option
+from icpo_infer.config import check
 from icpo_infer.data import Problem
 from icpo_infer.grading import equivalence_classes, extract_answer, is_equivalent, vote
+from icpo_infer.infer_config import ICPO_METHODS, InferConfig
 from icpo_infer.prompts import (
     Attempt,
     PromptTemplates,
@@ -59,318 +55,15 @@ from icpo_infer.prompts import (
     render_refine_prompt,
     render_summary_prompt,
 )
+from icpo_infer.records import Pick, QuestionResult, QuestionState, RefineRound, RoundRecord, Samples
+from icpo_infer.results import ChunkState
 
 if (
     TYPE_CHECKING
 ):  # loading a reward model needs the hf backend's modules; only best-of-n's users pay for them
-    from icpo_infer.results import ChunkState
     from icpo_infer.reward_model import RewardModel
 
 logger = logging.getLogger(__name__)
-
-ICPO_METHODS = ("random-icpo", "me-icpo")
-METHODS = ("single", "majority", "best-of-n", "self-refine", *ICPO_METHODS)
-ROUND_METHODS = ("self-refine", *ICPO_METHODS)  # methods whose answers change over rounds
-
-
-def accuracy_key(method: str) -> str:
-    """The metrics.json key of a method's own accuracy: majority answers by its vote, best-of-n by its
-    pick, the others by the average of their final samples."""
-    return {"majority": "maj@k", "best-of-n": "best@k"}.get(method, "mean@k")
-
-
-REWARDS = ("self", "gt")
-
-
-@dataclass
-class InferConfig:
-    """Everything `icpo-infer run` takes; recipes in recipes/infer/ set these fields."""
-
-    model: str = field(metadata={"help": "Model path or Hub id."})
-    dataset: str = field(
-        metadata={"help": "Local .json/.jsonl/.parquet file, a Hub dataset id, or aime24, amc, math500."}
-    )
-    output_dir: str = field(metadata={"help": "Where results.jsonl, metrics.json and the plot go."})
-    adapter: str | None = option(None, "LoRA adapter path to apply to the model.")
-    merge_adapter: bool = option(
-        False,
-        "hf, vllm: run --adapter merged into the model's weights (written to a temporary directory) instead "
-        "of as LoRA: on the CPU vLLM engine a LoRA request costs several times the base model's time.",
-    )
-    split: str | None = option(None, "Dataset split (Hub datasets).")
-    limit: int | None = option(None, "Only the first N questions.")
-    problem_field: str = option("problem", "Dataset field holding the question.")
-    answer_field: str = option("answer", "Dataset field holding the gold answer.")
-    id_field: str = option("id", "Dataset field holding the question id (row index when absent).")
-    skip_invalid: bool = option(False, "Skip (and count) rows without a problem or answer.")
-    method: str = option("me-icpo", f"One of {', '.join(METHODS)}.")
-    reward_model: str | None = option(
-        None,
-        "best-of-n: a transformers sequence-classification model (path) that picks the sample "
-        "instead of the mean token log-probability.",
-    )
-    reward: str = option("self", "self: majority-vote pseudo-reward; gt: ground-truth reward (ablation).")
-    rounds: int = option(3, "Rounds of in-context refinement (self-refine: of feedback and refinement).")
-    k: int = option(
-        16,
-        "Responses sampled per question and round (single/majority/best-of-n: the samples; self-refine: the chains).",
-    )
-    entropy_k: int = option(16, "Responses sampled per probe prompt to score a candidate's entropy.")
-    final_k: int = option(16, "Responses sampled from the final prompt (mean@k, maj@k, pass@k).")
-    temperature: float = option(0.6, "Sampling temperature for answers and probes.")
-    top_p: float = option(0.95, "Nucleus sampling threshold.")
-    top_k: int = option(0, "Top-k filter (0: off).")
-    repetition_penalty: float = option(1.1, "Repetition penalty (1: off).")
-    max_new_tokens: int = option(5000, "Answer length: at most this many new tokens per response.")
-    context_length: int | None = option(
-        None,
-        "Prompt + response budget in tokens; history is trimmed to fit. Default: the model's limit (its "
-        "max_position_embeddings, or the servers' max_model_len); a larger value is an error.",
-    )
-    summary: bool = option(True, "Summarise candidates (--no-summary: use the truncated response).")
-    summary_max_tokens: int = option(500, "Summary length in tokens (also the truncation without summaries).")
-    summary_temperature: float = option(0.05, "Sampling temperature of the summaries.")
-    feedback_max_tokens: int = option(1024, "self-refine: length of a feedback in tokens.")
-    entropy_penalty: bool = option(True, "Add log2(entropy_k) * invalid fraction to a probe's entropy.")
-    epsilon: float = option(0.0, "me-icpo: probability of picking a random candidate instead.")
-    max_keep: int = option(5, "Most entries per bucket; an overfull bucket evicts one.")
-    templates: str | None = option(None, "YAML file overriding the prompt wording.")
-    seed: int = option(0, "Seed of every random choice and every sampling request.")
-    backend: str = option("hf", f"One of {', '.join(BACKENDS)}.")
-    dtype: str = option("auto", "Model dtype (auto: bf16 where supported).")
-    device: str = option("auto", "hf backend device.")
-    max_batch_tokens: int = option(16384, "hf backend: token budget of one generation batch.")
-    tensor_parallel_size: int = option(1, "vllm backend: tensor parallel size.")
-    data_parallel_size: int = option(1, "vllm backend: data parallel size.")
-    gpu_memory_utilization: float = option(0.9, "vllm backend: fraction of GPU memory to use.")
-    kv_cache_gb: float | None = option(
-        None,
-        "vllm backend: GiB of KV cache (default: what --gpu-memory-utilization leaves on a GPU, 4 on a CPU).",
-    )
-    enforce_eager: bool = option(
-        False, "vllm backend: no torch.compile or CUDA graphs: the engine starts in seconds, decodes slower."
-    )
-    base_url: list[str] = field(
-        default_factory=list,
-        metadata={
-            "help": "openai backend: URL of an OpenAI-compatible server (e.g. http://host:8000/v1); repeat "
-            "the flag to spread the requests over several servers.",
-            "action": CollectRepeated,
-        },
-    )
-    api_key_env: str | None = option(
-        None, "openai backend: environment variable holding the servers' API key (never written anywhere)."
-    )
-    tokenizer: str | None = option(
-        None, "openai backend: local tokenizer (path or Hub id) of the served model (default: --model)."
-    )
-    max_concurrency: int = option(64, "openai backend: most requests in flight, over all servers.")
-    score_concurrency: int | None = option(
-        None,
-        "openai backend: most scoring requests in flight per server (default: no cap but --max-concurrency). "
-        "1 for vLLM's CPU build started with --enable-lora, whose prompt log-probs fail on two requests in "
-        "one engine step and take the server down.",
-    )
-    trust_remote_code: bool = option(False, "Run the model repository's own code (only for repos you trust).")
-    batch_questions: int = option(
-        64,
-        "Questions per chunk (each phase is one engine call over a chunk). The samples do not depend on "
-        "it; an interrupted run keeps its finished questions and the finished rounds of the chunk in progress.",
-    )
-    overwrite: bool = option(False, "Start over in an output dir that holds results.")
-
-    def __post_init__(self) -> None:
-        check(self.method in METHODS, f"method '{self.method}' is unknown; use one of {', '.join(METHODS)}.")
-        check(
-            self.backend in BACKENDS,
-            f"backend '{self.backend}' is unknown; use one of {', '.join(BACKENDS)}.",
-        )
-        check(
-            self.backend != "openai" or self.base_url,
-            "--backend openai needs a server: pass --base-url http://HOST:PORT/v1 (repeat it for several).",
-        )
-        check(
-            self.backend == "openai" or not self.base_url,
-            f"--base-url is for --backend openai; the {self.backend} backend loads the model itself.",
-        )
-        check(self.max_concurrency >= 1, f"max_concurrency={self.max_concurrency} is invalid; use 1 or more.")
-        check(
-            self.score_concurrency is None or self.score_concurrency >= 1,
-            f"score_concurrency={self.score_concurrency} is invalid; use 1 or more, or leave it out.",
-        )
-        check(self.reward in REWARDS, f"reward '{self.reward}' is unknown; use one of {', '.join(REWARDS)}.")
-        for name in (
-            "rounds",
-            "k",
-            "entropy_k",
-            "final_k",
-            "max_new_tokens",
-            "summary_max_tokens",
-            "feedback_max_tokens",
-            "max_keep",
-            "batch_questions",
-        ):
-            check(getattr(self, name) >= 1, f"{name}={getattr(self, name)} is invalid; use {name} >= 1.")
-        check(
-            self.context_length is None or self.context_length >= 1,
-            f"context_length={self.context_length} is invalid; use context_length >= 1 or leave it out.",
-        )
-        check(
-            self.limit is None or self.limit >= 1,
-            f"limit={self.limit} is invalid; use limit >= 1 or leave it out.",
-        )
-        check(
-            self.method != "me-icpo" or self.entropy_k >= 2,
-            f"entropy_k={self.entropy_k}: one probe sample always has entropy 0; use entropy_k >= 2 for me-icpo.",
-        )
-        check(0 <= self.epsilon <= 1, f"epsilon={self.epsilon} is invalid; use 0 <= epsilon <= 1.")
-        check(
-            self.reward_model is None or self.method == "best-of-n",
-            f"reward_model is set but method is '{self.method}'; only best-of-n uses --reward-model.",
-        )
-        problem = self.reward_model and location_problem(self.reward_model)
-        check(
-            not problem,
-            f"reward_model '{self.reward_model}' {problem}; pass a sequence-classification model's path.",
-        )
-        for summary in (False, True):  # SamplingParams validates the sampling fields
-            self.sampling(n=1, max_new_tokens=1, seed=0, summary=summary)
-        if self.templates is not None:  # a bad templates file fails now, not after the model loads
-            PromptTemplates.from_yaml(self.templates)
-        check(
-            not self.merge_adapter or self.backend in ("hf", "vllm"),
-            f"merge_adapter applies to the hf and vllm backends, not '{self.backend}'; a server serves its "
-            "adapters as it was started.",
-        )
-        problem = adapter_problem(self.adapter)
-        check(
-            problem is None,
-            f"adapter '{self.adapter}' {problem}; --adapter takes a LoRA adapter of --model (a fully "
-            "fine-tuned model goes in --model, and --adapter is left out).",
-        )
-
-    @property
-    def eval_k(self) -> int:
-        """How many samples mean@k, maj@k and pass@k are taken over."""
-        return self.final_k if self.method in ICPO_METHODS else self.k
-
-    def sampling(self, n: int, max_new_tokens: int, seed: int, summary: bool = False) -> SamplingParams:
-        """Sampling parameters of one request (summaries use their own temperature)."""
-        try:
-            return SamplingParams(
-                n=n,
-                temperature=self.summary_temperature if summary else self.temperature,
-                top_p=self.top_p,
-                top_k=self.top_k,
-                max_new_tokens=max_new_tokens,
-                repetition_penalty=self.repetition_penalty,
-                seed=seed,
-            )
-        except ValueError as err:
-            options = (
-                f"--{'summary-' if summary else ''}temperature, --top-p, --top-k or --repetition-penalty"
-            )
-            raise ConfigError(f"{err} (set by {options})") from err
-
-
-# Options that change how a run executes but not what it measures: a run may resume with new values.
-RUN_ONLY_FIELDS = frozenset(
-    {
-        "limit",
-        "skip_invalid",
-        "output_dir",
-        "merge_adapter",
-        "overwrite",
-        "batch_questions",
-        "device",
-        "max_batch_tokens",
-        "tensor_parallel_size",
-        "data_parallel_size",
-        "gpu_memory_utilization",
-        "kv_cache_gb",
-        "enforce_eager",
-        "base_url",
-        "api_key_env",
-        "max_concurrency",
-        "score_concurrency",
-    }
-)
-
-
-@dataclass
-class Samples:
-    """Responses to one prompt, graded against the gold answer."""
-
-    texts: list[str]
-    answers: list[str | None]
-    correct: list[bool]
-    majority: str | None  # majority answer over equivalence classes (None: no valid answer)
-    majority_correct: bool
-
-    @property
-    def mean(self) -> float:
-        return sum(self.correct) / len(self.correct)
-
-
-@dataclass
-class RoundRecord:
-    """One round of one question, as results.jsonl stores it."""
-
-    round: int
-    history: list[Attempt]  # the history this round's prompt showed
-    samples: Samples
-    pseudo_label: str | None  # what rewards compare to: the majority (reward self) or the gold (gt)
-    rewards: list[int | None]  # per sample; None: no valid answer, so not a candidate
-    summaries: list[str | None]  # per sample: its history text (None: not a candidate)
-    entropies: list[float | None]  # per sample: probe score (None: not probed)
-    chosen: int | None = None  # index of the sample appended to the history
-    chosen_summary: str | None = None
-    evicted: Attempt | None = None
-    eviction_entropies: list[float] = field(default_factory=list)  # probe score without each bucket entry
-
-    def candidates(self) -> list[int]:
-        """Samples with a valid answer: only they get a reward and may enter the history."""
-        return [j for j, reward in enumerate(self.rewards) if reward is not None]
-
-    def attempt(self, j: int) -> Attempt:
-        return Attempt(text=self.summaries[j], answer=self.samples.answers[j], reward=self.rewards[j])
-
-
-@dataclass
-class RefineRound:
-    """One self-refine round of one question: each chain's response at the round's start and its feedback."""
-
-    round: int
-    samples: Samples
-    feedback: list[str | None]  # per chain; None: no room for the feedback, so the chain kept its response
-
-
-@dataclass
-class Pick:
-    """best-of-n: every sample's score and the sample picked (the best among those with an answer)."""
-
-    scorer: str  # "mean_logprob" or the reward model's path
-    scores: list[float]
-    chosen: int
-    correct: bool
-
-
-@dataclass
-class QuestionResult:
-    """Everything one question went through; one line of results.jsonl."""
-
-    id: str
-    problem: str
-    answer: str
-    answer_type: str
-    method: str
-    rounds: list[RoundRecord] | list[RefineRound]
-    history: list[Attempt]  # what the final prompt showed
-    final: Samples
-    # mean, maj, pass of the final samples; mean_per_round, maj_per_round; best (best-of-n);
-    # self_reward (ICPO methods: per round, the counts :func:`self_reward_counts` gives)
-    metrics: dict[str, Any]
-    pick: Pick | None = None
 
 
 def answer_entropy(answers: Sequence[str | None], invalid_penalty: bool = True) -> float:
@@ -389,60 +82,11 @@ def answer_entropy(answers: Sequence[str | None], invalid_penalty: bool = True) 
     return entropy
 
 
-@dataclass
-class _Question:
-    problem: Problem
-    answer_type: str
-    rng: random.Random
-    history: list[Attempt] = field(default_factory=list)
-    rounds: list[RoundRecord] | list[RefineRound] = field(default_factory=list)
-    final: Samples | None = None
-    pick: Pick | None = None
-    chains: list[str] = field(default_factory=list)  # self-refine: each chain's latest response
-
-
-def _saved(q: _Question) -> dict[str, Any]:
-    """What a question carries from one round to the next, as JSON."""
-    return {
-        "id": q.problem.id,
-        "rng": q.rng.getstate(),
-        "history": [dataclasses.asdict(a) for a in q.history],
-        "rounds": [dataclasses.asdict(record) for record in q.rounds],
-        "chains": q.chains,
-    }
-
-
-def _restored(problem: Problem, saved: dict[str, Any]) -> _Question:
-    """The question :func:`_saved` wrote, as it was after its last finished round."""
-    version, internal, gauss = saved["rng"]
-    rng = random.Random()
-    rng.setstate((version, tuple(internal), gauss))
-
-    def attempt(a: dict[str, Any] | None) -> Attempt | None:
-        return None if a is None else Attempt(**a)
-
-    def record(r: dict[str, Any]) -> RoundRecord | RefineRound:
-        samples = Samples(**r["samples"])
-        if "feedback" in r:
-            return RefineRound(**{**r, "samples": samples})
-        history = [attempt(a) for a in r["history"]]
-        return RoundRecord(**{**r, "samples": samples, "history": history, "evicted": attempt(r["evicted"])})
-
-    return _Question(
-        problem,
-        answer_type_of(problem.answer),
-        rng,
-        history=[attempt(a) for a in saved["history"]],
-        rounds=[record(r) for r in saved["rounds"]],
-        chains=saved["chains"],
-    )
-
-
 def _texts(generation: Generation) -> list[str]:
     return [c.text for c in generation.completions]
 
 
-def _grade(texts: list[str], q: _Question) -> Samples:
+def _grade(texts: list[str], q: QuestionState) -> Samples:
     """The question's responses with their answers, correctness and majority (ties: the question's rng)."""
     answers = [extract_answer(text) for text in texts]
     gold = q.problem.answer
@@ -486,7 +130,7 @@ class _Run:
     def prompt_tokens(self, prompt: str) -> int:
         return len(encode_prompt(self.tokenizer, prompt))
 
-    def fit(self, q: _Question, history: Sequence[Attempt]) -> tuple[str, list[Attempt], int]:
+    def fit(self, q: QuestionState, history: Sequence[Attempt]) -> tuple[str, list[Attempt], int]:
         """Render question + history, dropping the oldest entries until the prompt fits the context.
 
         Returns the prompt, the history it shows and the room left for new tokens.
@@ -509,7 +153,7 @@ class _Run:
             )
         return prompt, history, room
 
-    def bare_requests(self, questions: list[_Question]) -> list[tuple[_Question, str, int]]:
+    def bare_requests(self, questions: list[QuestionState]) -> list[tuple[QuestionState, str, int]]:
         """Each question's prompt without history, and its room for new tokens."""
         requests = []
         for q in questions:
@@ -517,7 +161,7 @@ class _Run:
             requests.append((q, prompt, room))
         return requests
 
-    def request(self, q: _Question, prompt: str, fallback: str) -> tuple[_Question, str, int] | None:
+    def request(self, q: QuestionState, prompt: str, fallback: str) -> tuple[QuestionState, str, int] | None:
         """(question, prompt, room), or None with a warning saying ``fallback`` when the prompt fills the context."""
         room = self.config.context_length - self.prompt_tokens(prompt)
         if room >= 1:
@@ -533,7 +177,7 @@ class _Run:
     def generate(
         self,
         phase: str,
-        requests: list[tuple[_Question, str, int]],
+        requests: list[tuple[QuestionState, str, int]],
         n: int,
         summary: bool = False,
         max_new_tokens: int | None = None,
@@ -566,15 +210,15 @@ class _Run:
             done += f", {self.in_flight} in progress: {phase}"
         self.progress.set_postfix_str(done)
 
-    def finish_round(self, questions: list[_Question], r: int) -> None:
+    def finish_round(self, questions: list[QuestionState], r: int) -> None:
         """Save the chunk after its round ``r``: from here on an interruption does not lose it."""
         if self.state is not None:
-            self.state.save({"round": r, "questions": [_saved(q) for q in questions]})
+            self.state.save({"round": r, "questions": [q.saved() for q in questions]})
         self.progress.update(len(questions) / (self.config.rounds + 1))
 
     # -- methods ------------------------------------------------------------------------------
 
-    def run(self, questions: list[_Question], rounds_done: int = 0) -> None:
+    def run(self, questions: list[QuestionState], rounds_done: int = 0) -> None:
         """The configured method on one chunk of questions, from the round after ``rounds_done``."""
         method = self.config.method
         if method in ICPO_METHODS:
@@ -586,14 +230,14 @@ class _Run:
         else:
             self.sample_only(questions)
 
-    def sample_only(self, questions: list[_Question]) -> list[tuple[_Question, str, int]]:
+    def sample_only(self, questions: list[QuestionState]) -> list[tuple[QuestionState, str, int]]:
         """single / majority / best-of-n: k samples with no history; returns the requests sent."""
         requests = self.bare_requests(questions)
         for q, generation in zip(questions, self.generate("samples", requests, self.config.k), strict=True):
             q.final = _grade(_texts(generation), q)
         return requests
 
-    def best_of_n(self, questions: list[_Question]) -> None:
+    def best_of_n(self, questions: list[QuestionState]) -> None:
         """k samples, then ONE scoring call over all of them; each question picks its highest-scored
         sample among those with an answer (an empty or answerless response is no pick), the first on ties."""
         requests = self.sample_only(questions)
@@ -620,7 +264,7 @@ class _Run:
             chosen = max(answered or range(len(own)), key=own.__getitem__)
             q.pick = Pick(scorer, own, chosen, q.final.correct[chosen])
 
-    def self_refine(self, questions: list[_Question], rounds_done: int = 0) -> None:
+    def self_refine(self, questions: list[QuestionState], rounds_done: int = 0) -> None:
         """k chains per question: an answer, then per round the model's feedback on it and a refined
         answer. Feedback and refinement are one engine call each over all chains of all questions; a
         chain whose prompt no longer fits the context keeps its response."""
@@ -672,7 +316,7 @@ class _Run:
         for q in questions:
             q.final = _grade(q.chains, q)
 
-    def icpo(self, questions: list[_Question], rounds_done: int = 0) -> None:
+    def icpo(self, questions: list[QuestionState], rounds_done: int = 0) -> None:
         config = self.config
         for r in range(rounds_done + 1, config.rounds + 1):
             phase = f"round {r}/{config.rounds}"
@@ -689,7 +333,7 @@ class _Run:
         for q, generation in zip(questions, self.generate("final", requests, config.final_k), strict=True):
             q.final = _grade(_texts(generation), q)
 
-    def sample_round(self, questions: list[_Question], r: int, phase: str) -> None:
+    def sample_round(self, questions: list[QuestionState], r: int, phase: str) -> None:
         requests = []
         for q in questions:
             prompt, q.history, room = self.fit(q, q.history)
@@ -706,7 +350,7 @@ class _Run:
             unset = [None] * len(rewards)
             q.rounds.append(RoundRecord(r, list(q.history), samples, label, rewards, unset, unset.copy()))
 
-    def summarise(self, questions: list[_Question], phase: str) -> None:
+    def summarise(self, questions: list[QuestionState], phase: str) -> None:
         """The history text of every candidate: a summary of its response, or the truncated response."""
         requests, owners = [], []
         for q in questions:
@@ -729,7 +373,7 @@ class _Run:
         for (record, j), generation in zip(owners, generations, strict=True):
             record.summaries[j] = generation.completions[0].text.strip()
 
-    def select(self, questions: list[_Question], phase: str) -> None:
+    def select(self, questions: list[QuestionState], phase: str) -> None:
         """Pick one candidate per question and append it to the history."""
         config = self.config
         probe = config.method == "me-icpo"
@@ -759,11 +403,11 @@ class _Run:
             record.chosen_summary = record.summaries[chosen]
             q.history.append(record.attempt(chosen))
 
-    def overfull(self, q: _Question) -> bool:
+    def overfull(self, q: QuestionState) -> bool:
         reward = q.history[-1].reward
         return sum(a.reward == reward for a in q.history) > self.config.max_keep
 
-    def evict(self, questions: list[_Question], phase: str) -> None:
+    def evict(self, questions: list[QuestionState], phase: str) -> None:
         """Remove one entry from each overfull bucket: the one whose removal leaves the lowest
         probe entropy (me-icpo; the oldest on ties), else the oldest."""
         requests, owners = [], []
@@ -792,7 +436,7 @@ class _Run:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
 
-def self_reward_counts(q: _Question) -> list[dict[str, Any]]:
+def self_reward_counts(q: QuestionState) -> list[dict[str, Any]]:
     """How the self-assessed rewards of each ICPO round compare with the gold answer.
 
     Per round: whether the pseudo-label is correct; among the candidates, how many there are, how many
@@ -822,7 +466,7 @@ def self_reward_counts(q: _Question) -> list[dict[str, Any]]:
     return counts
 
 
-def _result(q: _Question, method: str) -> QuestionResult:
+def _result(q: QuestionState, method: str) -> QuestionResult:
     per_round = [record.samples for record in q.rounds] or [q.final]
     metrics = {
         "mean": q.final.mean,
@@ -875,7 +519,11 @@ def run_method(
     by_id = {p.id: p for p in todo}
     # Questions of the saved chunk that are finished since (results written, state not yet cleared)
     # or no longer asked for (a smaller --limit) are left out.
-    restored = [_restored(by_id[q["id"]], q) for q in (saved or {}).get("questions", []) if q["id"] in by_id]
+    restored = [
+        QuestionState.restored(by_id[q["id"]], q)
+        for q in (saved or {}).get("questions", [])
+        if q["id"] in by_id
+    ]
     rounds_done = saved["round"] if restored else 0
     fresh = [p for p in todo if p.id not in {q.problem.id for q in restored}]
     run = _Run(backend, config, reward_model, state)
@@ -888,7 +536,7 @@ def run_method(
     chunks = [(restored, rounds_done)] if restored else []
     for chunk in in_chunks(fresh, config.batch_questions):
         questions = [
-            _Question(p, answer_type_of(p.answer), random.Random(derive_seed(config.seed, p.id)))
+            QuestionState(p, answer_type_of(p.answer), random.Random(derive_seed(config.seed, p.id)))
             for p in chunk
         ]
         chunks.append((questions, 0))

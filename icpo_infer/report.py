@@ -17,7 +17,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
 from icpo_infer.config import check
-from icpo_infer.icpo import ROUND_METHODS, accuracy_key
+from icpo_infer.infer_config import ROUND_METHODS, accuracy_key
 from icpo_infer.results import METRICS_FILE, RESULTS_FILE, read_results
 
 

@@ -20,7 +20,8 @@ from typing import Any
 
 from icpo_infer.backends.base import Usage
 from icpo_infer.config import check, to_dict
-from icpo_infer.icpo import RUN_ONLY_FIELDS, InferConfig, QuestionResult
+from icpo_infer.infer_config import RUN_ONLY_FIELDS, InferConfig
+from icpo_infer.records import QuestionResult
 from icpo_infer.run_log import LOG_FILE
 
 logger = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from icpo_infer.config import check
-from icpo_infer.icpo import ROUND_METHODS
+from icpo_infer.infer_config import ROUND_METHODS
 from icpo_infer.results import RESULTS_FILE, read_results
 
 RESAMPLES = 10_000

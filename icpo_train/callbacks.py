@@ -37,7 +37,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from icpo_infer.backends import make_backend
 from icpo_infer.backends.base import ADAPTER_CONFIG, Backend, BackendOptions
 from icpo_infer.cli import run as icpo_infer_run
-from icpo_infer.icpo import InferConfig
+from icpo_infer.infer_config import InferConfig
 from icpo_infer.report import accuracy_limits, load_metrics, plot_comparison
 from icpo_infer.results import append_line, read_results
 from icpo_train.icpo_config import check_trackers

@@ -45,13 +45,16 @@ from icpo_infer.backends.base import (
     BackendOptions,
     SamplingParams,
     adapter_problem,
+    derive_seed,
     encode_prompt,
 )
 from icpo_infer.config import ConfigError, check, option, option_like, parse_config, stop_on_sigterm, to_dict
 from icpo_infer.data import Problem, load_run_problems
 from icpo_infer.grading import extract_answer, is_equivalent
-from icpo_infer.icpo import RUN_ONLY_FIELDS, InferConfig, QuestionResult, derive_seed, in_chunks, run_method
+from icpo_infer.icpo import in_chunks, run_method
+from icpo_infer.infer_config import RUN_ONLY_FIELDS, InferConfig
 from icpo_infer.prompts import Attempt, PromptTemplates, answer_type_of, render_prompt
+from icpo_infer.records import QuestionResult
 from icpo_infer.results import (
     STATE_FILE,
     TRAJECTORIES_CONFIG_FILE,

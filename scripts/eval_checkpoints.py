@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from icpo_infer.config import ConfigError, check, parse_config
-from icpo_infer.icpo import InferConfig
+from icpo_infer.infer_config import InferConfig
 from icpo_train.callbacks import CheckpointEvaluator, Trackers, base_model_of, final_step
 
 PROG = "eval_checkpoints.py"

@@ -33,7 +33,7 @@ from huggingface_hub.utils import HFValidationError, filter_repo_objects, valida
 
 from icpo_infer.backends.base import ADAPTER_CONFIG
 from icpo_infer.config import ConfigError, check
-from icpo_infer.icpo import RUN_ONLY_FIELDS
+from icpo_infer.infer_config import RUN_ONLY_FIELDS
 from icpo_infer.report import load_metrics
 from icpo_infer.results import TRAINING_CONFIG_FILE, TRAJECTORIES_CONFIG_FILE
 

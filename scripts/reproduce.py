@@ -28,7 +28,7 @@ from icpo_infer.backends.base import BackendOptions
 from icpo_infer.cli import run
 from icpo_infer.config import ConfigError, check, load_recipe, parse_config
 from icpo_infer.data import BENCHMARKS, benchmark_name
-from icpo_infer.icpo import InferConfig
+from icpo_infer.infer_config import InferConfig
 
 PROG = "reproduce.py"
 TABLE_FILE = "table.md"

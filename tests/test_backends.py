@@ -28,7 +28,7 @@ from icpo_infer.backends.base import (
 from icpo_infer.backends.hf import _RowSampler
 from icpo_infer.cli import run
 from icpo_infer.config import ConfigError
-from icpo_infer.icpo import InferConfig
+from icpo_infer.infer_config import InferConfig
 from icpo_infer.results import read_results
 
 QUESTIONS = [

@@ -11,7 +11,7 @@ from conftest import benchmark_file
 
 from icpo_infer.config import ConfigError
 from icpo_infer.data import Problem, benchmark_name, load_problems, load_run_problems
-from icpo_infer.icpo import InferConfig
+from icpo_infer.infer_config import InferConfig
 
 
 def write_jsonl(path, rows):

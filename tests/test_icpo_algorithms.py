@@ -14,7 +14,8 @@ from scripted_backend import ScriptedBackend
 from icpo_infer.backends.base import encode_prompt
 from icpo_infer.config import ConfigError
 from icpo_infer.data import Problem
-from icpo_infer.icpo import InferConfig, answer_entropy, run_method
+from icpo_infer.icpo import answer_entropy, run_method
+from icpo_infer.infer_config import InferConfig
 from icpo_infer.prompts import Attempt, render_prompt
 from icpo_infer.results import summarize
 from icpo_train.e2e.tiny_lm import train_tokenizer

@@ -20,7 +20,8 @@ from icpo_infer import cli
 from icpo_infer.backends.hf import HFBackend
 from icpo_infer.cli import main
 from icpo_infer.config import parse_config
-from icpo_infer.icpo import ROUND_METHODS, InferConfig, run_method
+from icpo_infer.icpo import run_method
+from icpo_infer.infer_config import ROUND_METHODS, InferConfig
 from icpo_infer.results import RESULTS_FILE, STATE_FILE, ChunkState
 from icpo_infer.run_log import run_log
 from icpo_train.cli import main as icpo_train_main

@@ -12,7 +12,8 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassificat
 from icpo_infer.backends.base import encode_prompt
 from icpo_infer.config import ConfigError
 from icpo_infer.data import Problem
-from icpo_infer.icpo import InferConfig, run_method
+from icpo_infer.icpo import run_method
+from icpo_infer.infer_config import InferConfig
 from icpo_infer.prompts import render_prompt
 from icpo_infer.reward_model import RewardModel
 from icpo_train.e2e.tiny_lm import train_tokenizer

@@ -30,7 +30,7 @@ from icpo_infer.backends import context_limit, make_backend
 from icpo_infer.backends.base import Backend, BackendOptions, SamplingParams, ServerError
 from icpo_infer.cli import run
 from icpo_infer.config import ConfigError, parse_config
-from icpo_infer.icpo import METHODS, InferConfig
+from icpo_infer.infer_config import METHODS, InferConfig
 from icpo_infer.prompts import answer_type_of, render_prompt
 from icpo_infer.results import read_results
 from icpo_train.callbacks import RESULTS_FILE

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from icpo_infer.icpo import InferConfig
+from icpo_infer.infer_config import InferConfig
 from icpo_infer.report import accuracy_limits, plot_accuracy, plot_comparison, plot_cost
 from icpo_infer.results import METRICS_FILE, append_line
 from icpo_train.callbacks import RESULTS_FILE, SUMMARY_KEYS, CheckpointEvaluator

@@ -19,7 +19,7 @@ from icpo_infer.backends import make_backend
 from icpo_infer.backends import merged as merged_backend
 from icpo_infer.cli import run as icpo_infer_run
 from icpo_infer.config import parse_config
-from icpo_infer.icpo import InferConfig
+from icpo_infer.infer_config import InferConfig
 from icpo_train import callbacks
 from icpo_train import icpo_config as icpo_config_module
 from icpo_train.callbacks import (

@@ -25,7 +25,7 @@ from icpo_infer.backends import make_backend
 from icpo_infer.backends.base import Backend, BackendOptions
 from icpo_infer.cli import run
 from icpo_infer.config import parse_config
-from icpo_infer.icpo import ICPO_METHODS, METHODS, InferConfig
+from icpo_infer.infer_config import ICPO_METHODS, METHODS, InferConfig
 from icpo_infer.prompts import answer_type_of, render_prompt
 from icpo_infer.results import read_results
 from icpo_train.callbacks import RESULTS_FILE

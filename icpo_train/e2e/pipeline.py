@@ -49,7 +49,7 @@ from icpo_infer.backends.merged import merge_adapter
 from icpo_infer.cli import run as run_inference
 from icpo_infer.config import check, option, option_like, parse_config, to_dict
 from icpo_infer.data import load_problems
-from icpo_infer.icpo import InferConfig
+from icpo_infer.infer_config import InferConfig
 from icpo_infer.prompts import PromptTemplates
 from icpo_infer.report import accuracy_limits
 from icpo_infer.results import METRICS_FILE, write_json_atomic
