@@ -3,7 +3,8 @@ methods or models run on the same questions, and the per-round wrong-to-right / 
 transitions a self-correction paper reports (SCoRe, arXiv 2409.12917).
 
 Everything is read from results.jsonl, one row per question, whose ``metrics`` hold ``mean`` and
-``maj`` of the final samples and ``mean_per_round`` and ``maj_per_round``.
+``maj`` of the final samples and ``mean_per_round`` and ``maj_per_round``; how the samples answer (no
+answer, repeats of attempts tagged 0) is read from the samples themselves.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from icpo_infer.config import check
+from icpo_infer.grading import is_equivalent
 from icpo_infer.infer_config import ROUND_METHODS
 from icpo_infer.results import RESULTS_FILE, read_results
 
@@ -22,14 +24,46 @@ RESAMPLES = 10_000
 DIGITS = 6  # points are rounded to 1e-6: below any meaningful difference, above float noise
 
 
+def _answers(row: dict[str, Any]) -> dict[str, Any]:
+    """How one question's samples answer: per stage (each round, then the final samples; the final
+    samples alone for methods without rounds) the share with no answer the grader reads, and over every
+    prompt whose history shows attempts all tagged 0, how many samples it had and how many repeat one of
+    those attempts' answers."""
+    stages = [(record.get("history", []), record["samples"]) for record in row.get("rounds", [])]
+    if row["method"] in ROUND_METHODS or not stages:
+        stages.append((row.get("history", []), row["final"]))
+    no_answer, shown, repeats = [], 0, 0
+    for history, samples in stages:
+        answers = samples["answers"]
+        no_answer.append(sum(a is None for a in answers) / len(answers))
+        if history and all(attempt["reward"] == 0 for attempt in history):
+            shown += len(answers)
+            repeats += sum(any(is_equivalent(a, h["answer"]) for h in history) for a in answers)
+    return {"no_answer_per_stage": no_answer, "reward_0_samples": shown, "reward_0_repeats": repeats}
+
+
 def _read(directory: str | Path) -> dict[str, dict[str, Any]]:
-    """The per-question metrics of one run, keyed by question id (ids as results.jsonl writes them)."""
+    """The per-question metrics of one run and how its samples answer (:func:`_answers`), keyed by
+    question id (ids as results.jsonl writes them)."""
     path = Path(directory) / RESULTS_FILE
     rows = read_results(path)
     check(bool(rows), f"{path} has no finished questions; pass output directories of `icpo-infer run`.")
-    by_id = {str(row["id"]): {**row["metrics"], "method": row["method"]} for row in rows}
+    by_id = {str(row["id"]): {**row["metrics"], "method": row["method"], **_answers(row)} for row in rows}
     check(len(by_id) == len(rows), f"{path} holds some question ids twice; rerun with --overwrite.")
     return by_id
+
+
+def _answer_behaviour(run: dict[str, dict[str, Any]], ids: Sequence[str]) -> dict[str, float | None]:
+    """One run's round-1 accuracy (mean@k) and no-answer shares in round 1 and the final samples (means
+    over questions), and the share of samples shown only attempts tagged 0 that repeat one of them."""
+    shown = sum(run[i]["reward_0_samples"] for i in ids)
+    return {
+        "round_1_accuracy": float(np.mean([run[i]["mean_per_round"][0] for i in ids])),
+        "no_answer_round_1": float(np.mean([run[i]["no_answer_per_stage"][0] for i in ids])),
+        "no_answer_final": float(np.mean([run[i]["no_answer_per_stage"][-1] for i in ids])),
+        "reward_0_repeat_rate": sum(run[i]["reward_0_repeats"] for i in ids) / shown if shown else None,
+        "reward_0_samples": shown,
+    }
 
 
 def _correct_per_stage(run: dict[str, dict[str, Any]], ids: Sequence[str]) -> np.ndarray:
@@ -116,6 +150,11 @@ def paired_comparison(
     went wrong to right and right to wrong against the round before (counts over all seeds, and as a
     percentage of all their questions); methods without rounds have none.
 
+    How each side's samples answer (``*_a`` and ``*_b``, percent, means over seeds): ``round_1_accuracy``,
+    ``no_answer_round_1`` and ``no_answer_final`` (samples with no answer the grader reads) and
+    ``reward_0_repeat_rate`` (of the samples whose history shows attempts all tagged 0, those repeating one
+    of their answers); ``per_seed`` holds each seed's figures and counts.
+
     Raises :class:`~icpo_infer.config.ConfigError` for unequal numbers of seeds or a seed whose two runs
     ran other questions.
     """
@@ -125,7 +164,7 @@ def paired_comparison(
         f"a paired comparison needs one run directory per seed on each side, in the same seed order; got "
         f"{len(runs_a)} for A and {len(runs_b)} for B.",
     )
-    differences, correct_a, correct_b, values = [], [], [], []
+    differences, correct_a, correct_b, values, per_seed = [], [], [], [], []
     for dir_a, dir_b in zip(runs_a, runs_b, strict=True):
         a, b = _read(dir_a), _read(dir_b)
         only_a, only_b = sorted(set(a) - set(b)), sorted(set(b) - set(a))
@@ -145,6 +184,17 @@ def paired_comparison(
         differences.append(side[1] - side[0])
         correct_a.append(_correct_per_stage(a, ids))
         correct_b.append(_correct_per_stage(b, ids))
+        behaviour = {side: _answer_behaviour(r, ids) for side, r in (("a", a), ("b", b))}
+        per_seed.append(
+            {
+                "questions": len(ids),
+                **{
+                    f"final_accuracy_{s}": float(np.mean([r[i]["mean"] for i in ids]))
+                    for s, r in (("a", a), ("b", b))
+                },
+                **{f"{key}_{s}": value for s, figures in behaviour.items() for key, value in figures.items()},
+            }
+        )
 
     def points(x: Any) -> Any:
         return np.round(100 * np.asarray(x), DIGITS).tolist()
@@ -177,7 +227,29 @@ def paired_comparison(
         },
         "transitions": transitions(correct_b),
         "transitions_a": transitions(correct_a),
+        **{key: _seed_mean(per_seed, key) for key in BEHAVIOUR_KEYS},
+        "per_seed": [{key: _percent(key, value) for key, value in seed.items()} for seed in per_seed],
     }
+
+
+BEHAVIOUR_KEYS = [
+    f"{key}_{side}"
+    for key in ("round_1_accuracy", "no_answer_round_1", "no_answer_final", "reward_0_repeat_rate")
+    for side in ("a", "b")
+]
+
+
+def _percent(key: str, value: Any) -> Any:
+    """Shares in percent (rounded as the differences are); counts as they are."""
+    is_count = key == "questions" or key.startswith("reward_0_samples")
+    return value if is_count or value is None else round(100 * value, DIGITS)
+
+
+def _seed_mean(per_seed: list[dict[str, Any]], key: str) -> float | None:
+    """The mean over seeds of one figure in percent (None where no seed has it), each seed weighing the
+    same, as the final accuracy does."""
+    values = [seed[key] for seed in per_seed if seed[key] is not None]
+    return _percent(key, float(np.mean(values))) if values else None
 
 
 def difference_with_interval(comparison: dict[str, Any], key: str) -> str:

@@ -14,24 +14,40 @@ from icpo_infer.results import summarize
 from icpo_infer.stats import paired_comparison
 
 
-def write_run(directory: Path, questions: dict[str, tuple], method: str = "me-icpo") -> str:
+def write_run(
+    directory: Path, questions: dict[str, tuple], method: str = "me-icpo", samples: dict | None = None
+) -> str:
     """A finished run: per question id, (mean per round, final mean, maj per round, final maj); metrics.json
-    as `icpo-infer run` computes it from the rows."""
+    as `icpo-infer run` computes it from the rows. ``samples``: per question id, each stage's (history as
+    (answer, reward) pairs, sampled answers), the rounds' and then the final samples'; by default no history
+    and four samples answering "1"."""
     directory.mkdir(parents=True)
-    rows = [
-        {
-            "id": qid,
-            "method": method,
-            "metrics": {
-                "mean": mean,
-                "maj": float(maj),
-                "pass": float(mean > 0),
-                "mean_per_round": list(mean_per_round),
-                "maj_per_round": [float(m) for m in maj_per_round],
-            },
-        }
-        for qid, (mean_per_round, mean, maj_per_round, maj) in questions.items()
-    ]
+
+    def stage(history: list[tuple], answers: list) -> tuple[list[dict], dict]:
+        attempts = [{"text": f"answer {a}", "answer": a, "reward": r} for a, r in history]
+        return attempts, {"answers": answers}
+
+    rows = []
+    for qid, (mean_per_round, mean, maj_per_round, maj) in questions.items():
+        rounds = len(mean_per_round) if method != "single" else 0
+        default = [([], ["1"] * 4)] * (rounds + 1)
+        stages = [stage(*s) for s in (samples or {}).get(qid, default)]
+        rows.append(
+            {
+                "id": qid,
+                "method": method,
+                "rounds": [{"history": h, "samples": s} for h, s in stages[:-1]],
+                "history": stages[-1][0],
+                "final": stages[-1][1],
+                "metrics": {
+                    "mean": mean,
+                    "maj": float(maj),
+                    "pass": float(mean > 0),
+                    "mean_per_round": list(mean_per_round),
+                    "maj_per_round": [float(m) for m in maj_per_round],
+                },
+            }
+        )
     (directory / "results.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     rounds = len(next(iter(questions.values()))[0])
     metrics = {
@@ -160,6 +176,35 @@ def test_transitions_count_questions_whose_majority_answer_turns(pair, tmp_path)
         (4, 50.0),
         (2, 25.0),
     ]
+
+
+def test_round_1_no_answers_and_repeats_of_attempts_tagged_0_are_read_from_the_samples(pair, tmp_path):
+    samples = {
+        "q1": [
+            ([], [None, "3", "3", None]),
+            ([("3", 0)], ["3", "4", None, "3"]),  # shown only a 0: 2 of 4 repeat it
+            ([("3", 0), ("4", 0)], ["4", "5", "3", None]),  # 2 of 4 repeat one of them
+        ],
+        "q2": [
+            ([], ["7"] * 4),
+            ([("7", 1)], ["7"] * 4),  # an attempt tagged 1: not counted
+            ([("7", 1), ("2", 0)], ["2"] * 4),  # a mixed history: not counted
+        ],
+    }
+    questions = {"q1": ([0.25, 0.5], 0.5, [0, 1], 1), "q2": ([0.75, 1.0], 1.0, [1, 1], 1)}
+    a = write_run(tmp_path / "a", questions, samples=samples)
+    b = write_run(tmp_path / "b", questions)  # every sample answers, no history
+    result = paired_comparison(a, b)
+    assert (result["round_1_accuracy_a"], result["round_1_accuracy_b"]) == (50.0, 50.0)
+    assert (result["no_answer_round_1_a"], result["no_answer_final_a"]) == (25.0, 12.5)
+    assert (result["no_answer_round_1_b"], result["no_answer_final_b"]) == (0.0, 0.0)
+    assert (result["reward_0_repeat_rate_a"], result["reward_0_repeat_rate_b"]) == (50.0, None)
+    [seed] = result["per_seed"]
+    assert seed["questions"] == 2 and seed["reward_0_samples_a"] == 8 and seed["reward_0_samples_b"] == 0
+    assert (seed["final_accuracy_a"], seed["no_answer_round_1_a"]) == (75.0, 25.0)
+    # over seeds, each seed weighs the same
+    twice = paired_comparison([a, pair[0]], [b, pair[1]])
+    assert twice["no_answer_round_1_a"] == 12.5 and twice["round_1_accuracy_a"] == pytest.approx(37.5)
 
 
 def test_other_questions_or_unequal_seeds_are_clear_errors(pair, tmp_path):
