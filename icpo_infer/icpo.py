@@ -19,8 +19,8 @@ prompt's samples from that seed and the prompt alone. A question's results there
 on the questions run with it: any ``batch_questions`` and a resumed run reproduce them.
 
 The methods with rounds save the chunk in progress after every round (each question's history, rounds,
-self-refine chains and generator state, see :meth:`icpo_infer.records.QuestionState.saved`); a resumed run restores it and goes on
-from the next round, so an interruption loses at most the round in progress.
+self-refine chains and generator state: :meth:`icpo_infer.records.QuestionState.saved`); a resumed run
+restores it and goes on from the next round, so an interruption loses at most the round in progress.
 """
 
 from __future__ import annotations

@@ -1,38 +1,18 @@
-"""InferConfig: every option of `icpo-infer run`, checked when the config is built, and the method and
-reward names it accepts."""
+"""InferConfig: every option of `icpo-infer run`, checked when the config is built; the method and
+reward names it accepts; and the options that may change when a run resumes (:data:`RUN_ONLY_FIELDS`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from icpo_infer.backends import BACKENDS
-from icpo_infer.backends.base import (
-    SamplingParams,
-    adapter_problem,
-    location_problem,
-)
+from icpo_infer.backends.base import SamplingParams, adapter_problem, location_problem
 from icpo_infer.config import CollectRepeated, ConfigError, check, option
-from icpo_infer.prompts import (
-    PromptTemplates,
-)
-
-if (
-    TYPE_CHECKING
-):  # loading a reward model needs the hf backend's modules; only best-of-n's users pay for them
-    pass
+from icpo_infer.prompts import PromptTemplates
 
 ICPO_METHODS = ("random-icpo", "me-icpo")
 METHODS = ("single", "majority", "best-of-n", "self-refine", *ICPO_METHODS)
 ROUND_METHODS = ("self-refine", *ICPO_METHODS)  # methods whose answers change over rounds
-
-
-def accuracy_key(method: str) -> str:
-    """The metrics.json key of a method's own accuracy: majority answers by its vote, best-of-n by its
-    pick, the others by the average of their final samples."""
-    return {"majority": "maj@k", "best-of-n": "best@k"}.get(method, "mean@k")
-
-
 REWARDS = ("self", "gt")
 
 

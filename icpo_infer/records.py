@@ -7,18 +7,10 @@ from __future__ import annotations
 import dataclasses
 import random
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from icpo_infer.data import Problem
-from icpo_infer.prompts import (
-    Attempt,
-    answer_type_of,
-)
-
-if (
-    TYPE_CHECKING
-):  # loading a reward model needs the hf backend's modules; only best-of-n's users pay for them
-    pass
+from icpo_infer.prompts import Attempt, answer_type_of
 
 
 @dataclass
@@ -92,7 +84,7 @@ class QuestionResult:
     history: list[Attempt]  # what the final prompt showed
     final: Samples
     # mean, maj, pass of the final samples; mean_per_round, maj_per_round; best (best-of-n);
-    # self_reward (ICPO methods: per round, the counts :func:`self_reward_counts` gives)
+    # self_reward (ICPO methods: per round, the counts :func:`icpo_infer.icpo.self_reward_counts` gives)
     metrics: dict[str, Any]
     pick: Pick | None = None
 

@@ -17,8 +17,14 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
 from icpo_infer.config import check
-from icpo_infer.infer_config import ROUND_METHODS, accuracy_key
+from icpo_infer.infer_config import ROUND_METHODS
 from icpo_infer.results import METRICS_FILE, RESULTS_FILE, read_results
+
+
+def accuracy_key(method: str) -> str:
+    """The metrics.json key of a method's own accuracy: majority answers by its vote, best-of-n by its
+    pick, the others by the average of their final samples."""
+    return {"majority": "maj@k", "best-of-n": "best@k"}.get(method, "mean@k")
 
 
 def accuracy_limits(values: Iterable[float | None]) -> tuple[float, float]:

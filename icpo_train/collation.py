@@ -1,8 +1,11 @@
-"""Trajectory rows as token ids (:func:`tokenize_trajectories`) and as training batches
-(:class:`TrajectoryCollator`): every group member one left-padded sequence ``prompt + response``."""
+"""Trajectory rows as token ids (:func:`tokenize_trajectories`, which counts what it leaves out in a
+:class:`TrajectoryStats`) and as training batches (:class:`TrajectoryCollator`): every group member one
+left-padded sequence ``prompt + response``; :func:`group_sequences` reads a batch back into each row's
+prompt and responses."""
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import Counter
 from dataclasses import dataclass
@@ -15,6 +18,8 @@ from icpo_infer.backends.base import encode_completion, encode_prompt
 from icpo_infer.config import check
 from icpo_infer.prompts import PromptTemplates
 from icpo_train.trajectory_data import GROUP_COLUMNS, TEACHER_COLUMNS, trajectory_prompt
+
+logger = logging.getLogger(__name__)
 
 
 def _tokenize_row(
@@ -88,7 +93,8 @@ def tokenize_trajectories(
     max_length: int | None = None,
     tail_bucket: bool = False,
 ) -> tuple[Dataset, TrajectoryStats]:
-    """Token ids of every row and the valid members of its group; groups under 2 members are dropped.
+    """Token ids of every row and the valid members of its group; groups under 2 members are dropped
+    (with a warning that counts them), and none left is an error.
 
     ``tail_bucket``: members are the distinct responses, and one member (plus the tail) is a group.
     """
@@ -113,6 +119,21 @@ def tokenize_trajectories(
         skipped_groups=sum(size < min_members for size in sizes),
         skipped_members=sum(tokenized["num_responses"]) - sum(sizes),
         min_members=min_members,
+    )
+    if stats.skipped_groups or stats.skipped_members:
+        logger.warning(
+            "trajectories: skipped %d of %d groups with fewer than %d valid members; left out %d members "
+            "(non-finite ref_logp or reward, or longer than max_length=%s)",
+            stats.skipped_groups,
+            stats.rows,
+            min_members,
+            stats.skipped_members,
+            max_length,
+        )
+    check(
+        stats.skipped_groups < stats.rows,
+        f"--trajectories: none of the {stats.rows} groups has {min_members} valid members (finite ref_logps "
+        f"and rewards, prompt + response within max_length={max_length}); raise max_length or rebuild.",
     )
     kept = tokenized.select([i for i, size in enumerate(sizes) if size >= min_members])
     return kept.remove_columns(["num_responses", "num_members"]), stats

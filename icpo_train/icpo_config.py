@@ -1,5 +1,6 @@
 """ICPOConfig: every option of `icpo-train train`, transformers' TrainingArguments plus the ICPO
-fields, checked when the config is built."""
+fields, checked when the config is built (trackers by :func:`check_trackers`, which the checkpoint
+evaluation's ``--report-to`` shares)."""
 
 from __future__ import annotations
 

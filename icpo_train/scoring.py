@@ -1,6 +1,8 @@
-"""The policy's log-probabilities of trajectory responses, as the trainer computes them.
+"""The policy's logits of trajectory responses and their log-probabilities, as the trainer computes them.
 
-:func:`completion_logits` scores a collated batch, every member one left-padded sequence.
+:func:`completion_logits` runs a collated batch, every member one left-padded sequence (or returns the last
+hidden states, for the fused token-level loss, whose output layer :func:`check_plain_output_layer`
+checks); :func:`response_logps` turns logits into each response's log-probability.
 
 Shared prefix. A group's members share their prompt, by far the longer part once the history grows.
 :func:`prompt_states` runs the prompt once and records its keys and values, and
@@ -21,6 +23,7 @@ from datasets import Dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import Cache, DynamicLayer, get_layer_types_and_kwargs
 from transformers.modeling_layers import GradientCheckpointingLayer
+from trl.trainer.utils import selective_log_softmax
 
 from icpo_infer.backends.base import encode_completion, encode_prompt
 from icpo_infer.config import check
@@ -212,3 +215,15 @@ def add_teacher_topk(
         return columns
 
     return dataset.map(annotate, batched=True, batch_size=batch_size, desc="teacher top-k")
+
+
+def response_logps(
+    logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, reduction: str = "sum"
+) -> torch.Tensor:
+    """``log pi(response)`` of each response ``(n,)`` from the logits predicting its tokens ``(n, C, V)``:
+    the sum over its tokens (``mask``), or their mean with ``reduction="mean"``; in at least fp32."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    token_logps = selective_log_softmax(logits, targets).masked_fill(~mask, 0.0)
+    if reduction == "mean":
+        return token_logps.sum(-1) / mask.sum(-1)
+    return token_logps.sum(-1)

@@ -5,8 +5,8 @@ Response level (default). One example is one trajectory row: the prompt of round
 (:func:`icpo_train.trajectory_data.trajectory_prompt`, the exact inference prompt) and a group of
 responses y_j sampled from pi_ref given the bare question. Student logits are
 ``z_j = log pi_theta(y_j | prompt_t)`` (sum over the response tokens, or their mean); targets are
-``z*_j = ref_logps_j + eta * R_j`` with ``R_j = icl_rewards_j + gt_coef / eta * gold_rewards_j``;
-the loss is :func:`icpo_train.losses.group_fisher_weighted_loss`.
+``z*_j = ref_logps_j + eta * R_j``, the rewards R_j and the loss as :mod:`icpo_train.objective` composes
+them (:func:`icpo_train.losses.group_fisher_weighted_loss` by default).
 
 Token level. Every completion token is one FW-LM problem over the vocabulary: the student's
 next-token logits given prompt_t against a teacher's, computed by ``teacher_model`` on the same
@@ -28,7 +28,8 @@ of positions at a time (:func:`icpo_train.losses.fused_fisher_weighted_logit_mat
 the whole batch, V = 152k wide for Qwen2.5, never exist, in forward or backward.
 
 The parts: :mod:`icpo_train.icpo_config` (the options), :mod:`icpo_train.collation` (trajectory rows as
-token ids and batches), :mod:`icpo_train.scoring` (the policy's log-probabilities, shared prefix),
+token ids and batches), :mod:`icpo_train.scoring` (the policy's logits and log-probabilities of responses, shared prefix, a
+teacher's top-k),
 :mod:`icpo_train.objective` (rewards, targets and the per-group loss) and :mod:`icpo_train.losses` (the
 FW losses themselves).
 """
@@ -52,7 +53,6 @@ from transformers import (
     set_seed,
 )
 from transformers.pytorch_utils import Conv1D
-from trl.trainer.utils import selective_log_softmax
 
 from icpo_infer.backends import model_loading
 from icpo_infer.config import ConfigError, check
@@ -71,6 +71,7 @@ from icpo_train.scoring import (
     check_plain_output_layer,
     completion_logits,
     prompt_states,
+    response_logps,
     responses_on_prompt_logits,
 )
 from icpo_train.trajectory_data import load_trajectories, training_templates, validate_trajectories
@@ -166,23 +167,6 @@ class ICPOTrainer(Trainer):
             dataset, self.trajectory_stats = tokenize_trajectories(
                 trajectories, tokenizer, templates, args.max_length, args.tail_bucket
             )
-        stats = self.trajectory_stats
-        if stats.skipped_groups or stats.skipped_members:
-            logger.warning(
-                "trajectories: skipped %d of %d groups with fewer than %d valid members; left out %d members "
-                "(non-finite ref_logp or reward, or longer than max_length=%s)",
-                stats.skipped_groups,
-                stats.rows,
-                stats.min_members,
-                stats.skipped_members,
-                args.max_length,
-            )
-        check(
-            len(dataset) > 0,
-            f"--trajectories: none of the {stats.rows} groups has {stats.min_members} valid members (finite "
-            f"ref_logps and rewards, prompt + response within max_length={args.max_length}); raise max_length "
-            "or rebuild.",
-        )
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         super().__init__(
             model=model,
@@ -210,25 +194,29 @@ class ICPOTrainer(Trainer):
             return data.to(self.args.device)
         return super()._prepare_input(data)
 
-    # -- losses ---------------------------------------------------------------------------------
+    # -- the loss -------------------------------------------------------------------------------
 
-    def _logps(self, logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """z_j from the logits predicting each member's response tokens ``(n, C, V)``: ``(n,)``."""
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        token_logps = selective_log_softmax(logits, targets).masked_fill(~mask, 0.0)
-        if self.args.logprob_reduction == "mean":
-            return token_logps.sum(-1) / mask.sum(-1)
-        return token_logps.sum(-1)
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.args.loss_level == "token":
+            return self._token_loss(model, inputs)
+        if self.args.shared_prefix:
+            return self._group_loss(self._shared_prefix_logps(model, inputs), inputs)
+        return self._group_loss(self._policy_logps(model, inputs), inputs)
+
+    def _response_logps(
+        self, logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        return response_logps(logits, targets, mask, self.args.logprob_reduction)
 
     def _policy_logps(self, model: torch.nn.Module, inputs: dict, rows: slice = slice(None)) -> torch.Tensor:
         """z = log pi_theta(response | prompt_t) of the selected members, flat ``(n,)``."""
-        return self._logps(*completion_logits(model, inputs, rows))
+        return self._response_logps(*completion_logits(model, inputs, rows))
 
     def _shared_prefix_logps(self, model: torch.nn.Module, inputs: dict) -> torch.Tensor:
         """z of every member, flat ``(n,)``: each group's prompt runs once, its responses together on it."""
         return torch.cat(
             [
-                self._logps(
+                self._response_logps(
                     *responses_on_prompt_logits(model, prompt_states(model, prompt), prompt, responses)
                 )
                 for prompt, responses in group_sequences(inputs)
@@ -292,13 +280,6 @@ class ICPOTrainer(Trainer):
                 "Check that example's ref_logps and rewards, or lower learning_rate / eta."
             )
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if self.args.loss_level == "token":
-            return self._token_loss(model, inputs)
-        if self.args.shared_prefix:
-            return self._group_loss(self._shared_prefix_logps(model, inputs), inputs)
-        return self._group_loss(self._policy_logps(model, inputs), inputs)
-
     # -- memory-lean step -----------------------------------------------------------------------
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -308,6 +289,11 @@ class ICPOTrainer(Trainer):
         inputs = self._prepare_inputs(inputs)
         if self.args.shared_prefix:
             return self._memory_lean_shared_prefix_step(model, inputs)
+        return self._memory_lean_step(model, inputs)
+
+    def _memory_lean_step(self, model: torch.nn.Module, inputs: dict) -> torch.Tensor:
+        """Pass 1: every member's z without a graph; the loss and its coefficients dL/dz_j follow. Pass 2:
+        one member at a time, forward and backward of ``dL/dz_j * z_j``."""
         members = [slice(n, n + 1) for n in range(inputs["input_ids"].shape[0])]
         device = self.accelerator.device
         # Pass 1 runs in a forked RNG, so pass 2 replays the same dropout masks member by member.
@@ -368,7 +354,7 @@ class ICPOTrainer(Trainer):
                 for response in responses:
                     member_rng.append(rng_state())
                     logps.append(
-                        self._logps(*responses_on_prompt_logits(model, detached, prompt, [response]))
+                        self._response_logps(*responses_on_prompt_logits(model, detached, prompt, [response]))
                     )
         after_pass_1 = rng_state()
         loss, coefficients = self._loss_and_coefficients(torch.cat(logps), inputs)
@@ -392,7 +378,7 @@ class ICPOTrainer(Trainer):
                     logits = responses_on_prompt_logits(
                         model, states if last else on_leaves, prompt, [response]
                     )
-                    objective = (coefficients[n] * self._logps(*logits)).sum()
+                    objective = (coefficients[n] * self._response_logps(*logits)).sum()
                     if last:  # d objective / d state = the accumulated gradient: the prompt's one backward
                         objective = objective + sum(
                             (tensor * leaf.grad.to(tensor.dtype)).sum()

@@ -16,7 +16,7 @@ from icpo_infer.backends.base import encode_completion
 from icpo_infer.config import ConfigError, parse_config
 from icpo_train.collation import group_sequences
 from icpo_train.icpo_config import ICPOConfig
-from icpo_train.scoring import check_full_attention, prompt_states, responses_on_prompt_logits
+from icpo_train.scoring import check_full_attention, prompt_states, response_logps, responses_on_prompt_logits
 from icpo_train.trainer import ICPOTrainer
 
 # Rows of three rounds (prompts of three lengths) and two group sizes (3 and 4 members).
@@ -208,7 +208,7 @@ def test_memory_lean_replays_each_members_dropout(tiny_model_dir, trajectories, 
     for prompt, responses in group_sequences(batch):
         states = prompt_states(model, prompt)
         for response in responses:
-            logps.append(trainer._logps(*responses_on_prompt_logits(model, states, prompt, [response])))
+            logps.append(response_logps(*responses_on_prompt_logits(model, states, prompt, [response])))
     loss = trainer._group_loss(torch.cat(logps), batch)
     loss.backward()
     reference = (loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad})
