@@ -29,8 +29,9 @@ $(VENV)/.dev: $(VENV)/.core
 demo: $(VENV)/.core
 	$(VENV)/bin/icpo-train demo --output_dir $(DEMO_DIR)
 
+# One worker per core; the vLLM tests share one worker (tests/conftest.py), so each engine starts once.
 test: $(VENV)/.dev
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --dist loadgroup
 
 test-vllm: $(VENV)/.dev
 	$(PY) -m pytest -q -m vllm

