@@ -11,12 +11,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 from boxed_model import teach_boxed_answers
+from interruptions import signalled_run
 from script_modules import load_script
 from test_scripts import save_adapter, save_checkpoint
 from tiny_recipe import recipe_args
@@ -287,3 +290,24 @@ def test_the_command_line_runs_me_icpo_with_an_adapter_on_vllm(
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["config"]["backend"] == "vllm" and metrics["config"]["adapter"] == str(adapter_dir)
     assert metrics["engine_calls"] >= 1
+
+
+def test_ctrl_c_in_a_vllm_run_stops_every_engine_process(boxed_model_dir, dataset_file, tmp_path):
+    """Interrupted inside its first engine call, a run stops with one line and leaves no process of its
+    engine behind."""
+    block = tmp_path / "block"
+    block.touch()
+    args = [
+        *("run", "--config", str(ROOT / "recipes" / "infer" / "tiny.yaml"), "--model", str(boxed_model_dir)),
+        *("--dataset", str(dataset_file), "--output-dir", str(tmp_path / "run")),
+        *("--backend", "vllm", "--dtype", "float32", *ENGINE_FLAGS),
+    ]
+    engine = []
+    ended = signalled_run(block, "icpo-infer", args, signal.SIGINT, engine)
+    assert ended.returncode == 130, ended.stderr[-3000:]
+    assert ended.stderr.strip().splitlines()[-1].startswith("icpo-infer run: interrupted")
+    assert engine, "the run started no engine process"
+    _, alive = psutil.wait_procs(
+        [psutil.Process(pid) for pid in engine if psutil.pid_exists(pid)], timeout=10
+    )
+    assert not alive, [process.name() for process in alive]
