@@ -29,7 +29,7 @@ $(VENV)/.dev: $(VENV)/.core
 demo: $(VENV)/.core
 	$(VENV)/bin/icpo-train demo --output_dir $(DEMO_DIR)
 
-# One worker per core; the vLLM tests share one worker (tests/conftest.py), so each engine starts once.
+# One worker per core, a test module per worker at a time (tests/conftest.py): each engine starts once.
 test: $(VENV)/.dev
 	$(PY) -m pytest -q -n auto --dist loadgroup
 

