@@ -1,7 +1,7 @@
 """Runs interrupted on purpose: between two rounds in process, or by a signal inside a round.
 
-As a script, it runs `icpo-infer` or `icpo-train` with an hf or vLLM backend that blocks at its first
-engine call once a file exists, after printing "blocked": :func:`signalled_run` signals the process there.
+As a script, it runs `icpo-infer` or `icpo-train` with an hf backend that blocks at its first engine
+call once a file exists, after printing "blocked": :func:`signalled_run` signals the process there.
 
 usage: python tests/interruptions.py FILE icpo-infer|icpo-train ARGS...
 """
@@ -16,10 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
-
 from icpo_infer.backends.hf import HFBackend
-from icpo_infer.backends.vllm import VLLMBackend
 from icpo_infer.results import ChunkState
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,10 +38,9 @@ def interrupt_at_save(monkeypatch, n: int) -> None:
 
 
 def signalled_run(
-    file: Path, cli: str, args: list[str], signum: signal.Signals, children: list[int] | None = None
+    file: Path, cli: str, args: list[str], signum: signal.Signals
 ) -> subprocess.CompletedProcess:
-    """Run the CLI in a subprocess, send ``signum`` once it blocks, and return how it ended; ``children``
-    gets the pids of the processes it had started by then (a vLLM engine's)."""
+    """Run the CLI in a subprocess, send ``signum`` once it blocks, and return how it ended."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     command = [sys.executable, __file__, str(file), cli, *args]
     with subprocess.Popen(
@@ -55,8 +51,6 @@ def signalled_run(
             while lines[-1] not in ("blocked\n", ""):
                 lines.append(process.stdout.readline())
             if lines[-1]:
-                if children is not None:
-                    children += [child.pid for child in psutil.Process(process.pid).children(recursive=True)]
                 process.send_signal(signum)
             stdout, stderr = process.communicate(timeout=120)
         finally:
@@ -66,18 +60,15 @@ def signalled_run(
 
 def main() -> int:
     file, cli, *args = sys.argv[1:]
+    generate = HFBackend.generate
 
-    def blocking(generate):
-        def blocking_generate(self, *generate_args, **kwargs):
-            if Path(file).exists():
-                print("blocked", flush=True)
-                time.sleep(600)
-            return generate(self, *generate_args, **kwargs)
+    def blocking_generate(self, *generate_args, **kwargs):
+        if Path(file).exists():
+            print("blocked", flush=True)
+            time.sleep(600)
+        return generate(self, *generate_args, **kwargs)
 
-        return blocking_generate
-
-    HFBackend.generate = blocking(HFBackend.generate)
-    VLLMBackend.generate = blocking(VLLMBackend.generate)
+    HFBackend.generate = blocking_generate
     return importlib.import_module(CLIS[cli]).main(args)
 
 

@@ -8,10 +8,10 @@ same thing beside it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +19,6 @@ from pathlib import Path
 import psutil
 import pytest
 from boxed_model import teach_boxed_answers
-from interruptions import signalled_run
 from script_modules import load_script
 from test_scripts import save_adapter, save_checkpoint
 from tiny_recipe import recipe_args
@@ -27,6 +26,8 @@ from trajectory_fixtures import integer_problems
 
 from icpo_infer.backends import make_backend
 from icpo_infer.backends.base import Backend, BackendOptions
+from icpo_infer.backends.vllm import VLLMBackend
+from icpo_infer.cli import main as cli_main
 from icpo_infer.cli import run
 from icpo_infer.config import parse_config
 from icpo_infer.infer_config import ICPO_METHODS, METHODS, InferConfig
@@ -292,22 +293,32 @@ def test_the_command_line_runs_me_icpo_with_an_adapter_on_vllm(
     assert metrics["engine_calls"] >= 1
 
 
-def test_ctrl_c_in_a_vllm_run_stops_every_engine_process(boxed_model_dir, dataset_file, tmp_path):
-    """Interrupted inside its first engine call, a run stops with one line and leaves no process of its
-    engine behind."""
-    block = tmp_path / "block"
-    block.touch()
+def test_ctrl_c_in_a_vllm_run_stops_every_engine_process(
+    boxed_model_dir, dataset_file, tmp_path, monkeypatch
+):
+    """Interrupted (Ctrl-C) inside an engine call, a run stops with one line and leaves no process of the
+    engine it started behind."""
+    started = []
+    generate = VLLMBackend.generate
+
+    def interrupted(self, *args, **kwargs):
+        # The engine's processes name themselves VLLM::EngineCore and VLLM::Worker.
+        for process in psutil.Process().children(recursive=True):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                if process.name().startswith("VLLM"):
+                    started.append(process)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(VLLMBackend, "generate", interrupted)
+    before = {process.pid for process in psutil.Process().children(recursive=True)}  # the module's engine
     args = [
         *("run", "--config", str(ROOT / "recipes" / "infer" / "tiny.yaml"), "--model", str(boxed_model_dir)),
         *("--dataset", str(dataset_file), "--output-dir", str(tmp_path / "run")),
         *("--backend", "vllm", "--dtype", "float32", *ENGINE_FLAGS),
     ]
-    engine = []
-    ended = signalled_run(block, "icpo-infer", args, signal.SIGINT, engine)
-    assert ended.returncode == 130, ended.stderr[-3000:]
-    assert ended.stderr.strip().splitlines()[-1].startswith("icpo-infer run: interrupted")
+    assert cli_main(args) == 130
+    monkeypatch.setattr(VLLMBackend, "generate", generate)
+    engine = [process for process in started if process.pid not in before]
     assert engine, "the run started no engine process"
-    _, alive = psutil.wait_procs(
-        [psutil.Process(pid) for pid in engine if psutil.pid_exists(pid)], timeout=10
-    )
+    _, alive = psutil.wait_procs(engine, timeout=10)
     assert not alive, [process.name() for process in alive]
