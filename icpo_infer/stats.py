@@ -184,17 +184,11 @@ def paired_comparison(
         differences.append(side[1] - side[0])
         correct_a.append(_correct_per_stage(a, ids))
         correct_b.append(_correct_per_stage(b, ids))
-        behaviour = {side: _answer_behaviour(r, ids) for side, r in (("a", a), ("b", b))}
-        per_seed.append(
-            {
-                "questions": len(ids),
-                **{
-                    f"final_accuracy_{s}": float(np.mean([r[i]["mean"] for i in ids]))
-                    for s, r in (("a", a), ("b", b))
-                },
-                **{f"{key}_{s}": value for s, figures in behaviour.items() for key, value in figures.items()},
-            }
-        )
+        seed = {"questions": len(ids)}
+        for label, run, means in (("a", a, values[-1][0]), ("b", b, values[-1][1])):
+            figures = {"final_accuracy": float(means[0]), **_answer_behaviour(run, ids)}
+            seed.update({f"{key}_{label}": value for key, value in figures.items()})
+        per_seed.append(seed)
 
     def points(x: Any) -> Any:
         return np.round(100 * np.asarray(x), DIGITS).tolist()
