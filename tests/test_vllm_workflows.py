@@ -294,12 +294,11 @@ def test_the_command_line_runs_me_icpo_with_an_adapter_on_vllm(
 
 
 def test_ctrl_c_in_a_vllm_run_stops_every_engine_process(
-    boxed_model_dir, dataset_file, tmp_path, monkeypatch
+    boxed_model_dir, dataset_file, tmp_path, monkeypatch, capsys
 ):
     """Interrupted (Ctrl-C) inside an engine call, a run stops with one line and leaves no process of the
     engine it started behind."""
     started = []
-    generate = VLLMBackend.generate
 
     def interrupted(self, *args, **kwargs):
         # The engine's processes name themselves VLLM::EngineCore and VLLM::Worker.
@@ -310,14 +309,14 @@ def test_ctrl_c_in_a_vllm_run_stops_every_engine_process(
         raise KeyboardInterrupt
 
     monkeypatch.setattr(VLLMBackend, "generate", interrupted)
-    before = {process.pid for process in psutil.Process().children(recursive=True)}  # the module's engine
+    before = {process.pid for process in psutil.Process().children(recursive=True)}  # engines started earlier
     args = [
         *("run", "--config", str(ROOT / "recipes" / "infer" / "tiny.yaml"), "--model", str(boxed_model_dir)),
         *("--dataset", str(dataset_file), "--output-dir", str(tmp_path / "run")),
         *("--backend", "vllm", "--dtype", "float32", *ENGINE_FLAGS),
     ]
     assert cli_main(args) == 130
-    monkeypatch.setattr(VLLMBackend, "generate", generate)
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("icpo-infer run: interrupted")
     engine = [process for process in started if process.pid not in before]
     assert engine, "the run started no engine process"
     _, alive = psutil.wait_procs(engine, timeout=10)
