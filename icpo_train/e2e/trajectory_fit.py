@@ -35,7 +35,7 @@ from transformers import AutoModelForCausalLM
 
 from icpo_infer.config import ConfigError, check
 from icpo_train.icpo_config import LOSS_TYPES, REWARD_SCALES, TAIL_REWARDS, ICPOConfig
-from icpo_train.objective import group_rewards, response_losses, tail_rewards
+from icpo_train.objective import group_losses
 from icpo_train.trainer import ICPOTrainer
 from icpo_train.trajectories import CONFIG_FILE
 from icpo_train.trajectory_data import load_trajectories
@@ -82,18 +82,8 @@ def fit(
         # One trainer tokenizes and batches the rows once; every model is scored on the same batches.
         trainer = ICPOTrainer(config, train_dataset=trajectories)
         batches = [trainer._prepare_inputs(b) for b in trainer.get_eval_dataloader(trainer.train_dataset)]
-        for inputs in batches:
-            ref, rewards = inputs["ref_logps"], group_rewards(inputs, config)
-            ignoring = response_losses(
-                loss_type,
-                ref,
-                ref,
-                rewards,
-                eta,
-                inputs["group_mask"],
-                tail_bucket,
-                tail_rewards=tail_rewards(rewards, inputs, config),
-            )
+        for inputs in batches:  # a model that ignores the history: pi_ref itself
+            ignoring, _ = group_losses(inputs["ref_logps"], inputs, config)
             losses[IGNORE][int(inputs["round"][0])].append(ignoring.item())
         for model_name in models:
             if model_name == "base":
