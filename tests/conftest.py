@@ -49,8 +49,8 @@ def pytest_collection_modifyitems(config, items):
 
 
 # The test modules that take longest on 2 cores (engine starts, multi-process launches), longest first, as
-# `make test` measured them (--junitxml, summed per module). They are scheduled first (with --no-loadscope-reorder), so that
-# no worker starts one of them while the other has nothing left to run.
+# `make test --junitxml` measured them (summed per module). `make test` schedules them first
+# (--no-loadscope-reorder), so that no worker starts one while the other has nothing left to run.
 LONGEST_MODULES = (
     "test_backends",  # with test_openai_backend: the session's engine and the server
     "test_openai_backend",
